@@ -1,0 +1,1 @@
+"""siglip_jax: contrastive image-text pretraining (SigLIP / CLIP) in JAX."""
