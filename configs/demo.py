@@ -1,0 +1,36 @@
+"""A small SigLIP on the generated shapes data: trains on a laptop CPU in a few minutes.
+
+    python train.py --config configs/demo.py --workdir /tmp/demo
+"""
+from siglip_jax.config import default_config
+
+
+def get_config(arg: str | None = None):
+    config = default_config()
+    config.total_steps = 600
+    config.log_every_steps = 25
+    config.eval_every_steps = 200
+
+    config.model.image.variant = "mu/4"  # 32 px images in 4 px patches: 64 tokens
+    config.model.image.image_size = 32
+    config.model.image.width = 96
+    config.model.image.depth = 3
+    config.model.image.mlp_dim = 384
+    config.model.image.num_heads = 4
+    config.model.text.variant = "mu"
+    config.model.text.width = 96
+    config.model.text.depth = 2
+    config.model.text.mlp_dim = 384
+    config.model.text.num_heads = 4
+    config.model.text.vocab_size = 259  # the byte tokenizer's
+    config.model.text.max_len = 48  # the longest demo caption is 46 bytes, + EOS
+
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_steps = 50
+    config.optim.weight_decay = 1e-4
+
+    config.data.batch_size = 128
+    config.data.eval_batch_size = 128
+    config.data.train.size = 100_000
+    config.data.eval.size = 512
+    return config

@@ -1,0 +1,178 @@
+"""The configuration schema: every key, its default and what it means, and validation with errors
+that name the bad key and the valid ones. Recipes in configs/ start from `default_config()`."""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+LOSS_NAMES = ("sigmoid", "softmax")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axes. Parameters: "embed" is sharded over fsdp (ZeRO-3 style), MLP width,
+# heads and vocabulary over tensor. Activations: the batch over every data-parallel axis.
+DEFAULT_AXIS_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("embed_out", None),
+    ("length", None),
+    ("norm", None),
+)
+
+
+def _tower(kind: str, variant: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            kind=kind,  # an entry of models.two_towers.IMAGE_TOWERS / TEXT_TOWERS
+            variant=variant,  # size by name, e.g. "B/16" (see models/sizes.py)
+            width=0,  # 0: from the variant; otherwise overrides it
+            depth=0,
+            mlp_dim=0,
+            num_heads=0,
+        )
+    )
+
+
+def _source(kind: str, split: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            kind=kind,  # "demo" (generated), or a source kind of data/sources.py
+            split=split,  # split name or split-list file, meaning depends on the source
+            path="",  # dataset root (folder, glob of shards, tfds data_dir)
+            captions_file="",  # captions CSV/TSV/JSONL or COCO JSON, for caption sources
+            size=0,  # number of records for generated data; 0: the source's own length
+        )
+    )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key with its default. The returned config is locked: unknown keys are refused."""
+    image = _tower("vit", "B/16")
+    image.patch_size = 0  # 0: from the variant ("B/16" -> 16)
+    image.image_size = 224  # square input resolution in pixels
+    image.pooling = "map"  # "map" (SigLIP), "gap" or "tok"
+    text = _tower("transformer", "B")
+    text.vocab_size = 32_000
+    text.max_len = 64  # tokens per caption, EOS included
+
+    config = ml_collections.ConfigDict(
+        dict(
+            seed=0,  # parameters, data order and dropout all derive from it
+            total_steps=10_000,
+            log_every_steps=50,
+            eval_every_steps=1_000,  # 0: evaluate only at the end
+            model=dict(
+                image=image,
+                text=text,
+                embed_dim=0,  # 0: the image width, and no image head (SigLIP); else both towers project to it
+                dtype="float32",  # compute dtype: "bfloat16" on accelerators; parameters stay float32
+                remat_policy="none",  # "none", "full" or "dots_saveable"
+                temperature_init=10.0,  # t = log(temperature_init)
+                bias_init=-10.0,
+            ),
+            loss=dict(
+                name="sigmoid",  # "sigmoid" (SigLIP) or "softmax" (CLIP)
+                implementation="all_gather",  # how the global batch meets across devices, see losses.py
+                chunk_size=0,  # >0: logits computed in blocks of this many rows per device
+                bidirectional=False,  # ring only: pass blocks both ways, half the hops
+            ),
+            optim=dict(
+                name="adamw",  # "adamw" or "sgd"
+                learning_rate=1e-3,  # peak, after warmup
+                schedule="cosine",  # "cosine", "rsqrt", "linear" or "constant" after warmup
+                warmup_steps=1_000,
+                end_learning_rate_fraction=0.0,  # cosine/linear end value as a fraction of the peak
+                weight_decay=1e-4,  # decoupled; not applied to biases, norms, embeddings, t and b
+                b1=0.9,
+                b2=0.95,
+                eps=1e-8,
+                grad_clip_norm=1.0,  # global-norm clipping; 0 turns it off
+                mu_dtype="float32",  # first-moment dtype: "bfloat16" halves its memory
+            ),
+            mesh=dict(
+                axis_names=MESH_AXES,
+                shape=(-1, 1, 1),  # devices per axis; one -1 takes the remaining devices
+                axis_rules=DEFAULT_AXIS_RULES,
+            ),
+            data=dict(
+                train=_source("demo", "train"),
+                eval=_source("demo", "eval"),
+                batch_size=256,  # global batch, across all devices and processes
+                eval_batch_size=256,
+                tokenizer="byte",  # "byte", "sentencepiece" or "hf"
+                tokenizer_path="",  # the .model or tokenizer.json file for the latter two
+                lowercase=False,
+                num_workers=0,  # grain worker processes; 0 reads in the main process
+                prefetch_batches=2,
+                random_crop_scale=(1.0, 1.0),  # random-resized-crop area range in training; (1, 1): none
+                random_flip=False,
+            ),
+        )
+    )
+    config.lock()
+    return config
+
+
+def _check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, path: str) -> None:
+    for key in config.keys():
+        full = f"{path}{key}"
+        if key not in reference:
+            raise ValueError(
+                f"Unknown config key {full!r}. Valid keys at this level: {', '.join(sorted(reference.keys()))}."
+            )
+        value, expected = config[key], reference[key]
+        if isinstance(expected, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise TypeError(f"Config key {full!r} must be a group of keys, got {value!r}.")
+            _check_keys(value, expected, full + ".")
+        elif not _same_kind(value, expected):
+            raise TypeError(
+                f"Config key {full!r} must be of type {type(expected).__name__} (like its default "
+                f"{expected!r}), got {type(value).__name__} {value!r}."
+            )
+
+
+def _same_kind(value: Any, expected: Any) -> bool:
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(expected, bool)
+    if isinstance(expected, float):
+        return isinstance(value, (int, float))
+    if isinstance(expected, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(expected))
+
+
+def _check_choice(value: str, valid: tuple[str, ...], key: str) -> None:
+    if value not in valid:
+        raise ValueError(f"Config key {key!r} is {value!r}; valid values: {', '.join(valid)}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Refuses unknown keys, wrong types and out-of-range choices; returns the config."""
+    _check_keys(config, default_config(), "")
+    _check_choice(config.loss.name, LOSS_NAMES, "loss.name")
+    _check_choice(config.optim.name, OPTIMIZERS, "optim.name")
+    _check_choice(config.optim.schedule, SCHEDULES, "optim.schedule")
+    if not set(config.mesh.axis_names) <= set(MESH_AXES):
+        raise ValueError(f"mesh.axis_names {config.mesh.axis_names} must be drawn from {MESH_AXES}.")
+    if len(config.mesh.shape) != len(config.mesh.axis_names):
+        raise ValueError(
+            f"mesh.shape {tuple(config.mesh.shape)} has {len(config.mesh.shape)} entries but mesh.axis_names "
+            f"{tuple(config.mesh.axis_names)} has {len(config.mesh.axis_names)}; give one size per axis."
+        )
+    for key in ("total_steps", "data.batch_size", "data.eval_batch_size", "log_every_steps"):
+        value = config[key.split(".")[0]] if "." not in key else config.data[key.split(".")[1]]
+        if value <= 0:
+            raise ValueError(f"Config key {key!r} must be positive, got {value}.")
+    return config

@@ -1,0 +1,108 @@
+"""Metric writers (terminal with a progress bar, JSON lines) and throughput accounting."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import tqdm
+
+# Terminal columns: metric key -> (label, format).
+CONSOLE_COLUMNS = {
+    "loss": ("loss", "{:.4f}"),
+    "learning_rate": ("lr", "{:.2e}"),
+    "temperature": ("t", "{:.2f}"),
+    "bias": ("b", "{:.2f}"),
+    "examples_per_second": ("ex/s", "{:.1f}"),
+}
+
+
+def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Device scalars -> Python floats (one transfer for the whole dict)."""
+    host = jax.device_get(dict(metrics))
+    return {key: float(np.asarray(value)) for key, value in host.items()}
+
+
+class JsonlWriter:
+    """Appends one JSON object per call: {"step": N, **metrics}. Appending keeps earlier runs' lines."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        with open(self.path, "a") as stream:
+            stream.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+class ConsoleWriter:
+    """A progress bar over the training steps, with a line of the main metrics at each log step and a
+    table of evaluation results."""
+
+    def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, disable=None if enabled else True)  # None: off when not a terminal
+
+    def advance(self, step: int) -> None:
+        self.bar.update(step - self.bar.n)
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        parts = [f"step {step:>6d}"]
+        for key, (label, fmt) in CONSOLE_COLUMNS.items():
+            if key in metrics:
+                parts.append(f"{label} {fmt.format(metrics[key])}")
+        evals = {key: value for key, value in metrics.items() if "/" in key}
+        if evals:
+            parts.append("eval: " + ", ".join(f"{key} {value:.4g}" for key, value in sorted(evals.items())))
+        tqdm.tqdm.write(" | ".join(parts))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MultiWriter:
+    def __init__(self, writers: Sequence[Any]):
+        self.writers = list(writers)
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        for writer in self.writers:
+            writer.write(step, metrics)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+class Throughput:
+    """Examples per second between two calls of `measure`, from wall time (the caller syncs first)."""
+
+    def __init__(self, global_batch_size: int, num_devices: int):
+        self.global_batch_size = global_batch_size
+        self.num_devices = num_devices
+        self._time = time.perf_counter()
+        self._step: int | None = None
+
+    def reset(self, step: int) -> None:
+        self._time, self._step = time.perf_counter(), step
+
+    def measure(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        if self._step is None or step <= self._step:
+            self.reset(step)
+            return {}
+        steps, seconds = step - self._step, now - self._time
+        examples_per_second = steps * self.global_batch_size / seconds
+        self.reset(step)
+        return {
+            "examples_per_second": examples_per_second,
+            "examples_per_second_per_device": examples_per_second / self.num_devices,
+            "seconds_per_step": seconds / steps,
+        }

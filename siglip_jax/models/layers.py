@@ -1,0 +1,202 @@
+"""Transformer building blocks shared by both towers, with the parameter names of big_vision's ViT
+(so released checkpoints map over by renaming, not by reshaping) and logical axis names on every
+parameter and key activation (mapped to mesh axes by the rules in the config, see sharding.py).
+
+Logical names: parameters use "embed", "mlp", "heads", "kv", "vocab", "length", "norm"; activations use
+"act_batch", "act_length", "act_embed", "act_mlp", "act_heads", "act_kv".
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+LAYER_NORM_EPSILON = 1e-6  # SigLIP / big_vision ViT, and HF SiglipConfig.layer_norm_eps
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
+def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
+    return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, names)
+
+
+def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+    # Flax computes the statistics in float32 even for bf16 inputs, so no upcast is needed here.
+    return nn.LayerNorm(
+        epsilon=LAYER_NORM_EPSILON,
+        dtype=dtype,
+        scale_init=partitioned(nn.initializers.ones, ("norm",)),
+        bias_init=partitioned(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU (tanh approximation, as SigLIP) -> Dense. [batch, length, embed] -> same."""
+
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        # big_vision's init: xavier kernels, near-zero (not zero) biases.
+        bias_init = nn.initializers.normal(stddev=1e-6)
+        x = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+            bias_init=partitioned(bias_init, ("mlp",)),
+            name="Dense_0",
+        )(x)
+        x = constrain(x, ("act_batch", "act_length", "act_mlp"))
+        x = nn.gelu(x, approximate=True)
+        x = nn.Dense(
+            width,
+            dtype=self.dtype,
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+            bias_init=partitioned(bias_init, ("embed",)),
+            name="Dense_1",
+        )(x)
+        return x
+
+
+class HeadsProjection(nn.Module):
+    """A dense projection between [.., embed] and [.., heads, head_dim] with flax DenseGeneral's parameter
+    layout. Written out (rather than DenseGeneral) so the kernel is initialised in its final shape: flax
+    re-runs initialisers to check shapes, and a flattened kernel would not match its logical names."""
+
+    kernel_shape: tuple[int, ...]
+    kernel_names: tuple[str, ...]
+    bias_names: tuple[str, ...]
+    equation: str  # einsum of (inputs, kernel)
+    in_axes: tuple[int, ...]  # kernel axes that are fan-in for xavier initialisation
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_axes = tuple(axis for axis in range(len(self.kernel_shape)) if axis not in self.in_axes)
+        init = nn.initializers.xavier_uniform(in_axis=self.in_axes, out_axis=out_axes)
+        kernel = self.param("kernel", partitioned(init, self.kernel_names), self.kernel_shape)
+        bias_shape = tuple(self.kernel_shape[axis] for axis in out_axes)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, self.bias_names), bias_shape)
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head dot-product attention, with flax's MultiHeadDotProductAttention parameter layout
+    (query/key/value kernels [embed, heads, head_dim], out kernel [heads, head_dim, embed])."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array) -> jax.Array:
+        """[batch, q_length, embed], [batch, kv_length, embed] -> [batch, q_length, embed]."""
+        width = inputs_q.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(
+                f"Width {width} is not divisible by {self.num_heads} attention heads; choose a head "
+                "count that divides the width."
+            )
+        head_dim = width // self.num_heads
+
+        def projection(name: str) -> HeadsProjection:
+            return HeadsProjection(
+                (width, self.num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
+                "bld,dnh->blnh", in_axes=(0,), dtype=self.dtype, name=name,
+            )
+
+        heads_layout = ("act_batch", "act_length", "act_heads", "act_kv")
+        query = constrain(projection("query")(inputs_q), heads_layout)
+        key = constrain(projection("key")(inputs_kv), heads_layout)
+        value = constrain(projection("value")(inputs_kv), heads_layout)
+        # XLA's fused attention on CPU/TPU; cuDNN flash attention is chosen automatically on GPU.
+        attended = jax.nn.dot_product_attention(query, key, value)
+        attended = constrain(attended, heads_layout)
+        out = HeadsProjection(
+            (self.num_heads, head_dim, width), ("heads", "kv", "embed"), ("embed",),
+            "blnh,nhd->bld", in_axes=(0, 1), dtype=self.dtype, name="out",
+        )
+        return out(attended)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        y = layer_norm("LayerNorm_0", self.dtype)(x)
+        y = MultiHeadAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(y, y)
+        x = x + y
+        y = layer_norm("LayerNorm_1", self.dtype)(x)
+        y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
+        return constrain(x + y, ("act_batch", "act_length", "act_embed"))
+
+
+def _remat_block(policy: str) -> type[Encoder1DBlock]:
+    if policy == "none":
+        return Encoder1DBlock
+    if policy == "full":
+        return nn.remat(Encoder1DBlock)
+    if policy == "dots_saveable":
+        return nn.remat(Encoder1DBlock, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"Unknown remat policy {policy!r}; valid: {', '.join(REMAT_POLICIES)}.")
+
+
+class Encoder(nn.Module):
+    """A stack of `depth` blocks named encoderblock_{i}, then the final LayerNorm `encoder_norm`."""
+
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        block = _remat_block(self.remat_policy)
+        for layer in range(self.depth):
+            x = block(self.mlp_dim, self.num_heads, self.dtype, name=f"encoderblock_{layer}")(x)
+        return layer_norm("encoder_norm", self.dtype)(x)
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: a learned probe attends over the sequence. [b, l, d] -> [b, d]."""
+
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, _, width = x.shape
+        probe = self.param(
+            "probe", partitioned(nn.initializers.xavier_uniform(), (None, None, "embed")), (1, 1, width)
+        )
+        probe = jnp.tile(probe, (batch, 1, 1)).astype(self.dtype)
+        x = MultiHeadAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(probe, x)
+        y = layer_norm("LayerNorm_0", self.dtype)(x)
+        x = x + MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
+        return x[:, 0]
+
+
+def learned_position_embedding(module: nn.Module, name: str, length: int, width: int) -> jax.Array:
+    """[1, length, width] parameter, initialised N(0, 1/width) as big_vision's learned posemb."""
+    return module.param(
+        name,
+        partitioned(nn.initializers.normal(stddev=width**-0.5), (None, "length", "embed")),
+        (1, length, width),
+    )

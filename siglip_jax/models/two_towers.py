@@ -1,0 +1,132 @@
+"""SigLIP / CLIP two-tower model: image and text towers, L2-normalised embeddings, temperature t
+(stored as log t) and bias b, named `img`, `txt`, `t`, `b` as in big_vision.
+
+Adding a tower is one builder function plus one entry in IMAGE_TOWERS or TEXT_TOWERS.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from siglip_jax.models import sizes
+from siglip_jax.models.text import TextTransformer
+from siglip_jax.models.vit import VisionTransformer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _tower_size(tower_config: ml_collections.ConfigDict) -> tuple[sizes.TransformerSize, int | None]:
+    """The variant's size with any explicit overrides (0 means "from the variant")."""
+    size, patch = sizes.parse_variant(tower_config.variant)
+    overrides = {
+        field: tower_config[field] for field in ("width", "depth", "mlp_dim", "num_heads") if tower_config[field]
+    }
+    return sizes.TransformerSize(**{**size.__dict__, **overrides}), patch
+
+
+def embedding_width(model_config: ml_collections.ConfigDict) -> int:
+    """The shared embedding width: `embed_dim` if set, else the image tower's width (as SigLIP)."""
+    if model_config.embed_dim:
+        return model_config.embed_dim
+    return _tower_size(model_config.image)[0].width
+
+
+def build_vit(model_config: ml_collections.ConfigDict) -> nn.Module:
+    size, patch = _tower_size(model_config.image)
+    patch = model_config.image.patch_size or patch
+    if not patch:
+        raise ValueError(
+            f"No patch size for image variant {model_config.image.variant!r}: write it as e.g. 'B/16' or "
+            "set model.image.patch_size."
+        )
+    return VisionTransformer(
+        patch_size=patch,
+        width=size.width,
+        depth=size.depth,
+        mlp_dim=size.mlp_dim,
+        num_heads=size.num_heads,
+        pooling=model_config.image.pooling,
+        head_dim=model_config.embed_dim or None,
+        dtype=DTYPES[model_config.dtype],
+        remat_policy=model_config.remat_policy,
+    )
+
+
+def build_text_transformer(model_config: ml_collections.ConfigDict) -> nn.Module:
+    size, _ = _tower_size(model_config.text)
+    return TextTransformer(
+        vocab_size=model_config.text.vocab_size,
+        max_len=model_config.text.max_len,
+        width=size.width,
+        depth=size.depth,
+        mlp_dim=size.mlp_dim,
+        num_heads=size.num_heads,
+        head_dim=embedding_width(model_config),
+        dtype=DTYPES[model_config.dtype],
+        remat_policy=model_config.remat_policy,
+    )
+
+
+IMAGE_TOWERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {"vit": build_vit}
+TEXT_TOWERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {"transformer": build_text_transformer}
+
+
+def to_model_range(images: jax.Array) -> jax.Array:
+    """uint8 pixels -> float32 in [-1, 1], SigLIP's input range; float images pass unchanged. The data
+    pipeline ships uint8 so host-to-device copies are a quarter of float32's."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 127.5 - 1.0
+    return images
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class TwoTowers(nn.Module):
+    """(images [b, h, w, 3], token ids [b, l]) -> (image embeddings [b, d], text embeddings [b, d]),
+    both L2-normalised float32; `temperature_and_bias` returns the scalar parameters (log t, b)."""
+
+    img: nn.Module
+    txt: nn.Module
+    temperature_init: float = 10.0
+    bias_init: float = -10.0
+
+    def setup(self):
+        self.t = self.param("t", nn.with_logical_partitioning(
+            nn.initializers.constant(math.log(self.temperature_init)), ()), ())
+        self.b = self.param("b", nn.with_logical_partitioning(
+            nn.initializers.constant(self.bias_init), ()), ())
+
+    def embed_images(self, images: jax.Array) -> jax.Array:
+        return l2_normalize(self.img(to_model_range(images)))
+
+    def embed_texts(self, token_ids: jax.Array) -> jax.Array:
+        return l2_normalize(self.txt(token_ids))
+
+    def temperature_and_bias(self) -> tuple[jax.Array, jax.Array]:
+        return self.t, self.b
+
+    def __call__(self, images: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.embed_images(images), self.embed_texts(token_ids)
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> TwoTowers:
+    for field, table in (("image", IMAGE_TOWERS), ("text", TEXT_TOWERS)):
+        kind = model_config[field].kind
+        if kind not in table:
+            raise ValueError(f"Unknown model.{field}.kind {kind!r}; valid: {', '.join(table)}.")
+    if model_config.dtype not in DTYPES:
+        raise ValueError(f"Unknown model.dtype {model_config.dtype!r}; valid: {', '.join(DTYPES)}.")
+    return TwoTowers(
+        img=IMAGE_TOWERS[model_config.image.kind](model_config),
+        txt=TEXT_TOWERS[model_config.text.kind](model_config),
+        temperature_init=model_config.temperature_init,
+        bias_init=model_config.bias_init,
+    )

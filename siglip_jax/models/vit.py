@@ -1,0 +1,81 @@
+"""The image tower: a Vision Transformer as in SigLIP (big_vision `vit.py`, HF `SiglipVisionModel`)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from siglip_jax.models import layers
+
+POOLING_TYPES = ("map", "gap", "tok")
+
+
+class VisionTransformer(nn.Module):
+    """Images [batch, height, width, 3] in [-1, 1] -> embeddings [batch, width or head_dim].
+
+    Conv patch embedding, learned position embedding, pre-LN encoder with a final LayerNorm, then
+    pooling: "map" (multihead attention pooling, SigLIP's default), "gap" (mean over patches) or "tok"
+    (a learned class token). `head_dim` adds a final linear projection; SigLIP's image tower has none.
+    """
+
+    patch_size: int
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    pooling: str = "map"
+    head_dim: int | None = None
+    dtype: layers.Dtype = jnp.float32
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        if self.pooling not in POOLING_TYPES:
+            raise ValueError(f"Unknown pooling {self.pooling!r}; valid: {', '.join(POOLING_TYPES)}.")
+        _, height, width, _ = images.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Image size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
+                "resize the images or pick another patch size."
+            )
+        x = nn.Conv(
+            self.width,
+            kernel_size=(self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=layers.partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
+            name="embedding",
+        )(images.astype(self.dtype))
+        batch, grid_h, grid_w, channels = x.shape
+        x = jnp.reshape(x, (batch, grid_h * grid_w, channels))
+        posemb = layers.learned_position_embedding(self, "pos_embedding", grid_h * grid_w, self.width)
+        x = x + posemb.astype(self.dtype)
+
+        if self.pooling == "tok":
+            cls = self.param(
+                "cls", layers.partitioned(nn.initializers.zeros, (None, None, "embed")), (1, 1, self.width)
+            )
+            x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (batch, 1, 1)), x], axis=1)
+
+        x = layers.Encoder(
+            self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, name="Transformer"
+        )(x)
+
+        if self.pooling == "map":
+            x = layers.MAPHead(self.mlp_dim, self.num_heads, self.dtype, name="MAPHead_0")(x)
+        elif self.pooling == "gap":
+            x = jnp.mean(x, axis=1)
+        else:
+            x = x[:, 0]
+
+        if self.head_dim is not None:
+            x = nn.Dense(
+                self.head_dim,
+                dtype=self.dtype,
+                kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "embed_out")),
+                bias_init=layers.partitioned(nn.initializers.zeros, ("embed_out",)),
+                name="head",
+            )(x)
+        return x

@@ -1,0 +1,155 @@
+"""The training loop: builds mesh, data, model, optimizer and the compiled step from a config, then
+steps, with logging and evaluation hung off the loop as every-N-steps hooks. The only module that knows
+all the others."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec
+
+from siglip_jax import config as config_lib
+from siglip_jax import metrics as metrics_lib
+from siglip_jax import optim, sharding
+from siglip_jax.data import pipeline, tokenizers
+from siglip_jax.data.demo import DemoSource
+from siglip_jax.evaluation.runner import Embedder, RetrievalSet
+from siglip_jax.models import two_towers
+from siglip_jax.train_step import TrainState, create_train_state, train_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Hook:
+    """Runs `fn(step, state) -> metrics` every `every_steps` steps (0: never periodically) and at the end."""
+
+    every_steps: int
+    fn: Callable[[int, TrainState], dict[str, float]]
+    at_end: bool = True
+
+    def due(self, step: int, is_last: bool) -> bool:
+        return (is_last and self.at_end) or (self.every_steps > 0 and step % self.every_steps == 0)
+
+
+def build_source(source_config: ml_collections.ConfigDict, image_size: int, seed: int) -> Any:
+    if source_config.kind == "demo":
+        return DemoSource(source_config.split, source_config.size or 50_000, image_size, seed)
+    raise ValueError(f"Unknown data source kind {source_config.kind!r}; valid: demo.")
+
+
+def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
+    if config.data.tokenizer == "byte":
+        tokenizer = tokenizers.ByteTokenizer(config.model.text.max_len, config.data.lowercase)
+    else:
+        raise ValueError(f"Unknown data.tokenizer {config.data.tokenizer!r}; valid: byte.")
+    if tokenizer.vocab_size > config.model.text.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocab_size} ids but model.text.vocab_size is "
+            f"{config.model.text.vocab_size}; set model.text.vocab_size >= {tokenizer.vocab_size}."
+        )
+    return tokenizer
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains per `config`, writing metrics to `workdir`; returns the last logged metrics."""
+    config = config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    is_lead = jax.process_index() == 0
+
+    # ---- Mesh ------------------------------------------------------------------------------------
+    mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axis_names)
+    axis_rules = sharding.rules_as_tuples(config.mesh.axis_rules)
+    sharding.check_batch_size(config.data.batch_size, mesh, axis_rules)
+    batch_sharding = sharding.batch_sharding(mesh, axis_rules)
+    batch_axes = sharding.batch_axes(mesh, axis_rules)
+
+    # ---- Input -----------------------------------------------------------------------------------
+    image_size = config.model.image.image_size
+    tokenizer = build_tokenizer(config)
+    local_batch_size = config.data.batch_size // jax.process_count()
+    batches = pipeline.train_batches(
+        build_source(config.data.train, image_size, config.seed),
+        tokenizer=tokenizer,
+        options=pipeline.ImageOptions(image_size, tuple(config.data.random_crop_scale), config.data.random_flip),
+        local_batch_size=local_batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_workers=config.data.num_workers,
+        prefetch_batches=config.data.prefetch_batches,
+    )
+
+    # ---- Model and optimizer ---------------------------------------------------------------------
+    model = two_towers.build_model(config.model)
+    schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
+    optimizer = optim.build_optimizer(config.optim, config.total_steps)
+    state, state_shardings = create_train_state(
+        model,
+        optimizer,
+        image_size=image_size,
+        text_length=config.model.text.max_len,
+        mesh=mesh,
+        axis_rules=axis_rules,
+        rng=jax.random.key(config.seed),
+    )
+
+    # ---- The step: one jit site ------------------------------------------------------------------
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            loss_config=config.loss,
+            axis_rules=axis_rules,
+            mesh=mesh,
+            batch_axes=batch_axes,
+        ),
+        in_shardings=(state_shardings, batch_sharding),  # (state, batch)
+        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),  # (state, scalar metrics)
+        donate_argnums=0,  # the old state's buffers are reused for the new one
+    )
+
+    # ---- Evaluation hooks ------------------------------------------------------------------------
+    embedder = Embedder(model, mesh, axis_rules, config.data.eval_batch_size, state_shardings.params)
+    retrieval_set = RetrievalSet(build_source(config.data.eval, image_size, config.seed), tokenizer, image_size)
+
+    def evaluate(step: int, state: TrainState) -> dict[str, float]:
+        return {f"eval/{key}": value for key, value in retrieval_set.evaluate(embedder, state.params).items()}
+
+    hooks = [Hook(config.eval_every_steps, evaluate)]
+
+    # ---- Loop ------------------------------------------------------------------------------------
+    writers = [metrics_lib.ConsoleWriter(config.total_steps, int(state.step), enabled=is_lead)]
+    if is_lead:
+        writers.append(metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+    writer = metrics_lib.MultiWriter(writers)
+    throughput = metrics_lib.Throughput(config.data.batch_size, mesh.size)
+    last_metrics: dict[str, float] = {}
+    first_step = int(state.step)
+    throughput.reset(first_step)
+    for step in range(first_step + 1, config.total_steps + 1):
+        batch = sharding.host_local_to_global(next(batches), batch_sharding)
+        with jax.set_mesh(mesh):
+            state, step_metrics = step_fn(state, batch)
+        is_last = step == config.total_steps
+        logged: dict[str, float] = {}
+        if step % config.log_every_steps == 0 or is_last or step == first_step + 1:
+            logged.update(metrics_lib.to_python(step_metrics))  # syncs with the device
+            logged.update(throughput.measure(step))
+        for hook in hooks:
+            if hook.due(step, is_last):
+                logged.update(hook.fn(step, state))
+                throughput.reset(step)  # evaluation time is not training throughput
+        if logged:
+            writer.write(step, logged)
+            last_metrics.update(logged)
+        writers[0].advance(step)
+    writer.close()
+    return last_metrics

@@ -1,0 +1,31 @@
+"""Small configs shared by tests: tiny towers so every compile takes seconds on two CPU cores."""
+from siglip_jax.config import default_config
+
+
+def tiny_config(**overrides):
+    config = default_config()
+    config.total_steps = 4
+    config.log_every_steps = 1
+    config.eval_every_steps = 0
+    config.model.image.variant = "mu/4"
+    config.model.image.image_size = 16
+    config.model.image.width = 32
+    config.model.image.num_heads = 2
+    config.model.image.depth = 2
+    config.model.text.variant = "mu"
+    config.model.text.vocab_size = 259
+    config.model.text.max_len = 12
+    config.model.text.depth = 2
+    config.optim.warmup_steps = 1
+    config.optim.learning_rate = 1e-3
+    config.data.batch_size = 16
+    config.data.eval_batch_size = 16
+    config.data.train.size = 256
+    config.data.eval.size = 24
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config

@@ -1,0 +1,123 @@
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from siglip_jax.config import default_config
+from siglip_jax.models import sizes, two_towers
+from tests.helpers import tiny_config
+
+
+def _abstract_params(config):
+    model = two_towers.build_model(config.model)
+    size, length = config.model.image.image_size, config.model.text.max_len
+    variables = jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)
+    )
+    return nn.unbox(variables)["params"]
+
+
+def _count(tree):
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def test_siglip_b16_parameter_counts():
+    config = default_config()  # B/16, 224 px, vocab 32,000, 64 tokens
+    params = _abstract_params(config)
+    assert _count(params["img"]) == 92_884_224
+    assert _count(params["txt"]) == 110_271_744
+    assert _count(params) == 203_155_970
+    assert params["t"].shape == () and params["b"].shape == ()
+
+
+def test_so400m_parameter_count():
+    config = default_config()
+    config.model.image.variant = "So400m/14"
+    config.model.text.variant = "So400m"
+    config.model.text.max_len = 16
+    assert _count(_abstract_params(config)) == 877_360_306
+
+
+def test_b16_parameter_layout_matches_big_vision_names():
+    params = _abstract_params(default_config())
+    block = params["img"]["Transformer"]["encoderblock_0"]
+    attention = block["MultiHeadDotProductAttention_0"]
+    assert attention["query"]["kernel"].shape == (768, 12, 64)
+    assert attention["out"]["kernel"].shape == (12, 64, 768)
+    assert block["MlpBlock_0"]["Dense_0"]["kernel"].shape == (768, 3072)
+    assert params["img"]["embedding"]["kernel"].shape == (16, 16, 3, 768)
+    assert params["img"]["pos_embedding"].shape == (1, 196, 768)
+    assert params["img"]["MAPHead_0"]["probe"].shape == (1, 1, 768)
+    assert "head" not in params["img"]  # SigLIP's image tower has no projection
+    assert params["txt"]["Embed_0"]["embedding"].shape == (32_000, 768)
+    assert params["txt"]["pos_embedding"].shape == (1, 64, 768)
+    assert params["txt"]["head"]["kernel"].shape == (768, 768)
+
+
+@pytest.mark.parametrize("pooling", ["map", "gap", "tok"])
+def test_embeddings_are_unit_norm_for_every_pooling(pooling):
+    config = tiny_config(**{"model.image.pooling": pooling})
+    model = two_towers.build_model(config.model)
+    images = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3), minval=-1, maxval=1)
+    tokens = jax.random.randint(jax.random.key(2), (3, 12), 0, 259)
+    variables = model.init(jax.random.key(0), images, tokens)
+    image_embeddings, text_embeddings = model.apply(variables, images, tokens)
+    assert image_embeddings.shape == (3, 32) and text_embeddings.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(image_embeddings, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(text_embeddings, axis=-1), 1.0, rtol=1e-5)
+    params = nn.unbox(variables)["params"]
+    np.testing.assert_allclose(params["t"], np.log(10.0), rtol=1e-6)
+    np.testing.assert_allclose(params["b"], -10.0)
+
+
+def test_uint8_images_are_mapped_to_minus_one_one():
+    config = tiny_config()
+    model = two_towers.build_model(config.model)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+    tokens = jnp.ones((2, 12), jnp.int32)
+    variables = model.init(jax.random.key(0), pixels, tokens)
+    from_uint8 = model.apply(variables, pixels, method=model.embed_images)
+    from_float = model.apply(variables, pixels.astype(np.float32) / 127.5 - 1, method=model.embed_images)
+    np.testing.assert_allclose(from_uint8, from_float, rtol=1e-6, atol=1e-6)
+
+
+def test_text_tower_pools_the_last_position():
+    """Changing any token but the last still changes the output (attention is unmasked), and the
+    pooled vector is the last position's: equal inputs at that position are not enough."""
+    config = tiny_config()
+    model = two_towers.build_model(config.model)
+    tokens = jnp.ones((1, 12), jnp.int32)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), tokens)
+    base = model.apply(variables, tokens, method=model.embed_texts)
+    changed_first = model.apply(variables, tokens.at[0, 0].set(50), method=model.embed_texts)
+    assert not np.allclose(base, changed_first)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    config = tiny_config(**{"model.dtype": "bfloat16"})
+    model = two_towers.build_model(config.model)
+    variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), jnp.ones((2, 12), jnp.int32))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nn.unbox(variables)))
+    image_embeddings, _ = model.apply(variables, jnp.zeros((2, 16, 16, 3)), jnp.ones((2, 12), jnp.int32))
+    assert image_embeddings.dtype == jnp.float32  # normalised in float32
+
+
+def test_unknown_size_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="Valid sizes: mu, Ti, S, M, B, L, So400m, g"):
+        sizes.parse_variant("XL/16")
+
+
+def test_variant_without_patch_size_is_refused():
+    config = tiny_config(**{"model.image.variant": "mu"})
+    with pytest.raises(ValueError, match="No patch size"):
+        two_towers.build_model(config.model)
+
+
+def test_image_size_not_multiple_of_patch_is_refused():
+    config = tiny_config()
+    model = two_towers.build_model(config.model)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 4"):
+        model.init(jax.random.key(0), jnp.zeros((1, 18, 18, 3)), jnp.ones((1, 12), jnp.int32))

@@ -1,0 +1,86 @@
+"""One train step on sharded meshes equals the same step on one device."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from siglip_jax import optim, sharding
+from siglip_jax.models import two_towers
+from siglip_jax.train_step import create_train_state, train_step
+from tests.helpers import tiny_config
+
+
+def _run_one_step(config, mesh_shape, batch):
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    mesh = sharding.create_mesh(mesh_shape, ("data", "fsdp", "tensor"), devices)
+    rules = sharding.rules_as_tuples(config.mesh.axis_rules)
+    model = two_towers.build_model(config.model)
+    optimizer = optim.build_optimizer(config.optim, config.total_steps)
+    schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
+    state, shardings = create_train_state(
+        model, optimizer, image_size=16, text_length=12, mesh=mesh, axis_rules=rules, rng=jax.random.key(0)
+    )
+    initial_params = jax.device_get(state.params)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    step = jax.jit(
+        functools.partial(
+            train_step, model=model, optimizer=optimizer, schedule=schedule, loss_config=config.loss,
+            axis_rules=rules, mesh=mesh, batch_axes=sharding.batch_axes(mesh, rules),
+        ),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+    global_batch = jax.device_put(batch, batch_sharding)
+    with jax.set_mesh(mesh):
+        new_state, metrics = step(state, global_batch)
+    return jax.device_get(new_state.params), float(metrics["loss"]), new_state, (model, initial_params)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    return {
+        "images": rng.integers(0, 256, (16, 16, 16, 3)).astype(np.uint8),
+        "tokens": rng.integers(3, 259, (16, 12)).astype(np.int32),
+    }
+
+
+@pytest.fixture(scope="module")
+def single_device_result(batch):
+    # A larger learning rate makes the parameter update visible well above float32 noise.
+    return _run_one_step(tiny_config(**{"optim.learning_rate": 1e-2}), (1, 1, 1), batch)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (4, 2, 1)], ids=["data8", "data4xfsdp2"])
+def test_sharded_step_equals_single_device(mesh_shape, batch, single_device_result):
+    reference_params, reference_loss, _, _ = single_device_result
+    params, loss, new_state, _ = _run_one_step(tiny_config(**{"optim.learning_rate": 1e-2}), mesh_shape, batch)
+    assert loss == pytest.approx(reference_loss, rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, reference_params)
+    if mesh_shape[1] > 1:  # FSDP really shards: the token embedding's width is split over fsdp
+        embedding = new_state.params["txt"]["Embed_0"]["embedding"]
+        assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp") or "fsdp" in str(embedding.sharding.spec)
+        assert embedding.addressable_shards[0].data.shape == (259, 16)
+
+
+def test_step_loss_matches_numpy_sigmoid_loss_of_the_initial_embeddings(batch, single_device_result):
+    _, loss, new_state, (model, initial_params) = single_device_result
+    image_embeddings, text_embeddings = model.apply({"params": initial_params}, batch["images"], batch["tokens"])
+    logits = np.exp(np.float64(initial_params["t"])) * np.asarray(image_embeddings, np.float64) @ np.asarray(
+        text_embeddings, np.float64
+    ).T + np.float64(initial_params["b"])
+    signs = 2 * np.eye(16) - 1
+    expected = np.sum(np.logaddexp(0.0, -signs * logits)) / 16  # -log sigmoid(z) = log(1 + e^-z)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert int(new_state.step) == 1
+    assert not np.allclose(new_state.params["t"], initial_params["t"])  # t is trained
+
+
+def test_batch_not_divisible_by_data_parallel_devices_says_by_how_much():
+    mesh = sharding.create_mesh((8, 1, 1), ("data", "fsdp", "tensor"))
+    rules = sharding.rules_as_tuples(tiny_config().mesh.axis_rules)
+    with pytest.raises(ValueError, match=r"data.batch_size=20 is not divisible by the 8 data-parallel devices .*4 too many. Use 16 or 24"):
+        sharding.check_batch_size(20, mesh, rules)
