@@ -41,7 +41,7 @@ def _read_delimited(path: str, delimiter: str | None) -> list[tuple[str, str]]:
     if not rows:
         return []
     header = [cell.strip().lower() for cell in rows[0]]
-    if any(name in header for name in _IMAGE_COLUMNS):
+    if any(name in header for name in _IMAGE_COLUMNS + _CAPTION_COLUMNS):
         image_column = _pick_column(header, _IMAGE_COLUMNS, path, "image")
         caption_column = _pick_column(header, _CAPTION_COLUMNS, path, "caption")
         body = rows[1:]

@@ -2,7 +2,7 @@
 
 A sample is the tar members sharing a key (the member path up to the first "." of its file name):
 `key.jpg|jpeg|png|webp` plus `key.txt` (the caption) and/or `key.json` (with "caption", or
-"captions" as a list). We index each uncompressed shard once (tar headers only, no image data is
+"captions" as a list, which takes precedence so several captions per image survive). We index each uncompressed shard once (tar headers only, no image data is
 read) and then read a member with one seek, which is what grain's global shuffle needs.
 """
 from __future__ import annotations
@@ -140,25 +140,34 @@ class WebDatasetSource:
         file.seek(member.offset)
         return file.read(member.size)
 
-    def _captions(self, sample: _Sample) -> list[str]:
-        if sample.text is not None:
-            text = self._read(sample.text).decode("utf-8", errors="replace").strip()
-            return [text]
+    def _metadata(self, sample: _Sample) -> dict:
+        if sample.json is None:
+            return {}
         try:
             metadata = json.loads(self._read(sample.json))
-        except json.JSONDecodeError:
-            return [""]
-        captions = metadata.get("captions") or metadata.get("caption") or ""
-        if isinstance(captions, str):
-            return [captions.strip()]
-        return [str(caption).strip() for caption in captions] or [""]
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return metadata if isinstance(metadata, dict) else {}
+
+    def _captions(self, sample: _Sample, metadata: dict) -> list[str]:
+        """A json "captions" list (all of an image's captions, as tools/convert.py writes), else
+        the .txt caption, else the json "caption"."""
+        captions = metadata.get("captions")
+        if isinstance(captions, list) and captions:
+            return [str(caption).strip() for caption in captions]
+        if sample.text is not None:
+            return [self._read(sample.text).decode("utf-8", errors="replace").strip()]
+        caption = metadata.get("caption")
+        return [caption.strip()] if isinstance(caption, str) else [""]
 
     def __getitem__(self, index: int) -> dict:
+        """{"image": bytes, "captions": [...], "id": the json "id" if any, else the tar key}."""
         if not -len(self._samples) <= index < len(self._samples):
             raise IndexError(f"Index {index} out of range for a source of {len(self)} records.")
         sample = self._samples[index]
-        return {"image": self._read(sample.image), "captions": self._captions(sample),
-                "id": sample.key}
+        metadata = self._metadata(sample)
+        return {"image": self._read(sample.image), "captions": self._captions(sample, metadata),
+                "id": str(metadata.get("id", sample.key))}
 
     def __getstate__(self) -> dict:
         # Open file handles cannot cross into grain's worker processes; each reopens its own.
