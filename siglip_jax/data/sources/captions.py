@@ -183,6 +183,8 @@ class CaptionFolderSource(_FileCaptionSource):
                     f"caption in {os.fspath(captions_file)!r}, e.g. {uncaptioned[:3]}; the split "
                     "and the captions file do not belong together.")
         self.names, self.missing_images = _drop_missing(self.image_dir, names, on_missing)
+        # Keep only this split's captions: grain pickles the source into every worker.
+        self.captions_by_name = {name: self.captions_by_name[name] for name in self.names}
 
 
 class CocoCaptionsSource(_FileCaptionSource):
