@@ -2,17 +2,19 @@
 
     python train.py --config configs/demo.py --workdir /tmp/demo
 """
-from siglip_jax.config import default_config
+from siglip_jax.config import default_config, eval_config, source_config
+
+IMAGE_SIZE = 32
 
 
 def get_config(arg: str | None = None):
     config = default_config()
     config.total_steps = 600
     config.log_every_steps = 25
-    config.eval_every_steps = 200
+    config.eval_every_steps = 200  # held-out retrieval at steps 200, 400 and the end
 
     config.model.image.variant = "mu/4"  # 32 px images in 4 px patches: 64 tokens
-    config.model.image.image_size = 32
+    config.model.image.image_size = IMAGE_SIZE
     config.model.image.width = 96
     config.model.image.depth = 3
     config.model.image.mlp_dim = 384
@@ -27,10 +29,10 @@ def get_config(arg: str | None = None):
 
     config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 50
-    config.optim.weight_decay = 1e-4
 
+    config.data.train = source_config("demo", split="train", size=100_000, image_size=IMAGE_SIZE)
     config.data.batch_size = 128
     config.data.eval_batch_size = 128
-    config.data.train.size = 100_000
-    config.data.eval.size = 512
+    # 512 held-out images with 5 captions each: chance Recall@5 is about 1% (image->text) and 1% (text->image).
+    config.evals.demo = eval_config("retrieval", source_config("demo", split="eval", size=512, image_size=IMAGE_SIZE))
     return config

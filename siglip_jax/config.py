@@ -44,16 +44,32 @@ def _tower(kind: str, variant: str) -> ml_collections.ConfigDict:
     )
 
 
-def _source(kind: str, split: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            kind=kind,  # "demo" (generated), or a source kind of data/sources.py
-            split=split,  # split name or split-list file, meaning depends on the source
-            path="",  # dataset root (folder, glob of shards, tfds data_dir)
-            captions_file="",  # captions CSV/TSV/JSONL or COCO JSON, for caption sources
-            size=0,  # number of records for generated data; 0: the source's own length
-        )
-    )
+def source_config(kind: str, **args: Any) -> ml_collections.ConfigDict:
+    """A data source by kind ("demo" or a kind of data/sources) with that kind's own arguments, which
+    the source checks by its signature (so `args` is free-form here)."""
+    return ml_collections.ConfigDict(dict(kind=kind, args=ml_collections.ConfigDict(args)))
+
+
+def eval_config(kind: str, source: ml_collections.ConfigDict, **options: Any) -> ml_collections.ConfigDict:
+    """One entry of `config.evals`: kind "retrieval" or "classification" over a source."""
+    entry = ml_collections.ConfigDict(dict(EVAL_DEFAULTS))
+    entry.kind = kind
+    entry.source = source
+    for key, value in options.items():
+        if key not in EVAL_DEFAULTS:
+            raise ValueError(f"Unknown eval option {key!r}; valid: {', '.join(EVAL_DEFAULTS)}.")
+        entry[key] = value
+    return entry
+
+
+EVAL_KINDS = ("retrieval", "classification")
+EVAL_DEFAULTS = dict(
+    kind="retrieval",  # "retrieval" (image<->text Recall@K) or "classification" (zero-shot)
+    source=None,  # source_config(...) of the eval data
+    templates="imagenet",  # classification prompts: "imagenet" (CLIP's 80) or a file, one "{}" template a line
+    class_names="",  # classification: a file of class names, one a line; "": the source's own names
+    max_items=0,  # evaluate only the first N records; 0: all
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -71,7 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
             seed=0,  # parameters, data order and dropout all derive from it
             total_steps=10_000,
             log_every_steps=50,
-            eval_every_steps=1_000,  # 0: evaluate only at the end
+            eval_every_steps=1_000,  # evals below run every N steps and at the end; 0: only at the end
+            evals={},  # name -> eval_config(...); free-form names, each entry checked by validate()
             model=dict(
                 image=image,
                 text=text,
@@ -106,8 +123,7 @@ def default_config() -> ml_collections.ConfigDict:
                 axis_rules=DEFAULT_AXIS_RULES,
             ),
             data=dict(
-                train=_source("demo", "train"),
-                eval=_source("demo", "eval"),
+                train=source_config("demo", split="train"),
                 batch_size=256,  # global batch, across all devices and processes
                 eval_batch_size=256,
                 tokenizer="byte",  # "byte", "sentencepiece" or "hf"
@@ -121,12 +137,20 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
     config.lock()
+    # Free-form groups: recipes add their own names and source arguments.
+    config.evals.unlock()
+    config.data.train.args.unlock()
     return config
+
+
+FREE_FORM_KEYS = ("args", "evals")  # checked elsewhere: source arguments by the source, evals below
 
 
 def _check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, path: str) -> None:
     for key in config.keys():
         full = f"{path}{key}"
+        if key in FREE_FORM_KEYS:
+            continue
         if key not in reference:
             raise ValueError(
                 f"Unknown config key {full!r}. Valid keys at this level: {', '.join(sorted(reference.keys()))}."
@@ -161,6 +185,9 @@ def _check_choice(value: str, valid: tuple[str, ...], key: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Refuses unknown keys, wrong types and out-of-range choices; returns the config."""
     _check_keys(config, default_config(), "")
+    for name, entry in config.evals.items():
+        _check_keys(entry, ml_collections.ConfigDict({**EVAL_DEFAULTS, "source": source_config("demo")}), f"evals.{name}.")
+        _check_choice(entry.kind, EVAL_KINDS, f"evals.{name}.kind")
     _check_choice(config.loss.name, LOSS_NAMES, "loss.name")
     _check_choice(config.optim.name, OPTIMIZERS, "optim.name")
     _check_choice(config.optim.schedule, SCHEDULES, "optim.schedule")

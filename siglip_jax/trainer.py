@@ -16,9 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from siglip_jax import config as config_lib
 from siglip_jax import metrics as metrics_lib
 from siglip_jax import optim, sharding
-from siglip_jax.data import pipeline, tokenizers
-from siglip_jax.data.demo import DemoSource
-from siglip_jax.evaluation.runner import Embedder, RetrievalSet
+from siglip_jax.data import pipeline, sources, tokenizers
+from siglip_jax.evaluation import runner
 from siglip_jax.models import two_towers
 from siglip_jax.train_step import TrainState, create_train_state, train_step
 
@@ -37,17 +36,17 @@ class Hook:
         return (is_last and self.at_end) or (self.every_steps > 0 and step % self.every_steps == 0)
 
 
-def build_source(source_config: ml_collections.ConfigDict, image_size: int, seed: int) -> Any:
-    if source_config.kind == "demo":
-        return DemoSource(source_config.split, source_config.size or 50_000, image_size, seed)
-    raise ValueError(f"Unknown data source kind {source_config.kind!r}; valid: demo.")
+def build_source(source: ml_collections.ConfigDict) -> Any:
+    return sources.make_source(source.kind, **source.args.to_dict())
 
 
 def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
-    if config.data.tokenizer == "byte":
-        tokenizer = tokenizers.ByteTokenizer(config.model.text.max_len, config.data.lowercase)
-    else:
-        raise ValueError(f"Unknown data.tokenizer {config.data.tokenizer!r}; valid: byte.")
+    tokenizer = tokenizers.make_tokenizer(
+        config.data.tokenizer,
+        max_len=config.model.text.max_len,
+        lowercase=config.data.lowercase,
+        path=config.data.tokenizer_path or None,
+    )
     if tokenizer.vocab_size > config.model.text.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but model.text.vocab_size is "
@@ -74,7 +73,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     tokenizer = build_tokenizer(config)
     local_batch_size = config.data.batch_size // jax.process_count()
     batches = pipeline.train_batches(
-        build_source(config.data.train, image_size, config.seed),
+        build_source(config.data.train),
         tokenizer=tokenizer,
         options=pipeline.ImageOptions(image_size, tuple(config.data.random_crop_scale), config.data.random_flip),
         local_batch_size=local_batch_size,
@@ -117,13 +116,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
 
     # ---- Evaluation hooks ------------------------------------------------------------------------
-    embedder = Embedder(model, mesh, axis_rules, config.data.eval_batch_size, state_shardings.params)
-    retrieval_set = RetrievalSet(build_source(config.data.eval, image_size, config.seed), tokenizer, image_size)
+    embedder = runner.Embedder(model, mesh, axis_rules, config.data.eval_batch_size, state_shardings.params)
+    evaluators = runner.build_evaluators(config, tokenizer, build_source)
 
     def evaluate(step: int, state: TrainState) -> dict[str, float]:
-        return {f"eval/{key}": value for key, value in retrieval_set.evaluate(embedder, state.params).items()}
+        return runner.run_evaluators(evaluators, embedder, state.params)
 
-    hooks = [Hook(config.eval_every_steps, evaluate)]
+    hooks = [Hook(config.eval_every_steps, evaluate)] if evaluators else []
 
     # ---- Loop ------------------------------------------------------------------------------------
     writers = [metrics_lib.ConsoleWriter(config.total_steps, int(state.step), enabled=is_lead)]
@@ -135,7 +134,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     first_step = int(state.step)
     throughput.reset(first_step)
     for step in range(first_step + 1, config.total_steps + 1):
-        batch = sharding.host_local_to_global(next(batches), batch_sharding)
+        local_batch = next(batches)
+        num_skipped = int(local_batch.pop("num_skipped"))
+        batch = sharding.host_local_to_global(local_batch, batch_sharding)
         with jax.set_mesh(mesh):
             state, step_metrics = step_fn(state, batch)
         is_last = step == config.total_steps
@@ -143,6 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if step % config.log_every_steps == 0 or is_last or step == first_step + 1:
             logged.update(metrics_lib.to_python(step_metrics))  # syncs with the device
             logged.update(throughput.measure(step))
+            logged["data/num_skipped"] = float(num_skipped)  # this process's running count
         for hook in hooks:
             if hook.due(step, is_last):
                 logged.update(hook.fn(step, state))

@@ -1,5 +1,5 @@
 """Small configs shared by tests: tiny towers so every compile takes seconds on two CPU cores."""
-from siglip_jax.config import default_config
+from siglip_jax.config import default_config, source_config
 
 
 def tiny_config(**overrides):
@@ -20,8 +20,7 @@ def tiny_config(**overrides):
     config.optim.learning_rate = 1e-3
     config.data.batch_size = 16
     config.data.eval_batch_size = 16
-    config.data.train.size = 256
-    config.data.eval.size = 24
+    config.data.train = source_config("demo", split="train", size=256, image_size=16)
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")

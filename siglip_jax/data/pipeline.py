@@ -1,69 +1,97 @@
-"""grain input pipelines: records from a source -> one sampled caption -> image transform -> token ids
--> per-process batches. Training is index-based and seeded end to end (shuffle, caption choice, crops),
-so a position in the stream is a small iterator state that checkpoints can save and restore.
+"""grain input pipelines: records from a source -> one sampled caption -> decoded, transformed image
+-> token ids -> per-process batches. Training is index-based and seeded end to end (shuffle, caption
+choice, crops), so a position in the stream is a small iterator state that checkpoints save and restore.
+
+A record that cannot be used (an unreadable image, no non-empty caption) is skipped, named in the log
+and counted in each batch's "num_skipped" (the running total of this process), never a crash.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Iterator
 
 import grain
 import numpy as np
-from PIL import Image
+
+from siglip_jax.data import images
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageOptions:
     image_size: int
-    random_crop_scale: tuple[float, float] = (1.0, 1.0)  # area fraction range; (1, 1) = no crop
+    random_crop_scale: tuple[float, float] = (1.0, 1.0)  # area fraction range; (1, 1) = whole image
     random_flip: bool = False
 
 
-def _as_uint8_rgb(image: Any) -> np.ndarray:
-    """Records hold either a decoded uint8 array or encoded image bytes."""
-    if isinstance(image, np.ndarray):
-        return image
-    from siglip_jax.data import images  # the decoder lives with the image transforms
-
-    return images.decode_image(image)
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC, reducing_gap=None))
-
-
-def _random_resized_crop(image: np.ndarray, options: ImageOptions, rng: np.random.Generator) -> np.ndarray:
-    low, high = options.random_crop_scale
-    if (low, high) != (1.0, 1.0):
-        height, width = image.shape[:2]
-        area = rng.uniform(low, high) * height * width
-        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        crop_h = int(min(height, round(np.sqrt(area / aspect))))
-        crop_w = int(min(width, round(np.sqrt(area * aspect))))
-        top = rng.integers(0, height - crop_h + 1)
-        left = rng.integers(0, width - crop_w + 1)
-        image = image[top : top + crop_h, left : left + crop_w]
-    image = _resize(image, options.image_size)
-    if options.random_flip and rng.random() < 0.5:
-        image = image[:, ::-1]
-    return np.ascontiguousarray(image)
-
-
 class TrainExample(grain.transforms.RandomMap):
-    """Record -> {"images": uint8 [s, s, 3], "tokens": int32 [l]} with one caption drawn at random (a
-    different one each epoch, since the random stream is seeded by the element's global index)."""
+    """Record -> {"images": uint8 [s, s, 3], "tokens": int32 [l]}, one non-empty caption drawn at random
+    (a different one each epoch: the random stream is seeded by the element's global index), or
+    {"skipped": reason} when the record is unusable."""
 
     def __init__(self, tokenizer: Callable, options: ImageOptions):
         self.tokenizer = tokenizer
         self.options = options
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-        captions = record["captions"]
+        record_id = record.get("id", "?")
+        captions = [caption for caption in record.get("captions", ()) if caption and caption.strip()]
+        if not captions:
+            return {"skipped": f"record {record_id}: no non-empty caption"}
         caption = captions[rng.integers(len(captions))]
-        image = _random_resized_crop(_as_uint8_rgb(record["image"]), self.options, rng)
+        try:
+            image = images.decode_image(record["image"])
+        except images.DecodeError as error:
+            return {"skipped": f"record {record_id}: {error}"}
+        scale = tuple(self.options.random_crop_scale)
+        ratio = (1.0, 1.0) if scale == (1.0, 1.0) else (3 / 4, 4 / 3)
+        image = images.train_transform(
+            image, self.options.image_size, rng, scale=scale, ratio=ratio, flip=self.options.random_flip
+        )
         return {"images": image, "tokens": self.tokenizer([caption])[0]}
+
+
+class _SkipAndBatchIterator(grain.DatasetIterator):
+    """Drops skipped examples (logging each), stacks the rest into batches of `batch_size` and adds the
+    running count of skipped examples. Its state is the parent's plus that count."""
+
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
+        self._num_skipped = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        examples = []
+        while len(examples) < self._batch_size:
+            example = next(self._parent)
+            if "skipped" in example:
+                self._num_skipped += 1
+                logger.warning("Skipped a training example (%d so far): %s", self._num_skipped, example["skipped"])
+                continue
+            examples.append(example)
+        return {
+            "images": np.stack([example["images"] for example in examples]),
+            "tokens": np.stack([example["tokens"] for example in examples]),
+            "num_skipped": np.int64(self._num_skipped),
+        }
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "num_skipped": self._num_skipped}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._num_skipped = int(state["num_skipped"])
+
+
+class _SkipAndBatch(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, batch_size: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
+
+    def __iter__(self) -> _SkipAndBatchIterator:
+        return _SkipAndBatchIterator(self._parent.__iter__(), self._batch_size)
 
 
 def train_batches(
@@ -78,10 +106,11 @@ def train_batches(
     num_workers: int = 0,
     prefetch_batches: int = 2,
 ) -> grain.DatasetIterator:
-    """An endless iterator of this process's batches; `get_state()`/`set_state()` save its position.
+    """An endless iterator of this process's batches {"images", "tokens", "num_skipped"};
+    `get_state()` / `set_state()` save and restore its position.
 
-    Each process reads the records `process_index::process_count` of a globally shuffled order, so the
-    processes together see every record once per epoch.
+    Each process reads the elements `process_index::process_count` of one global, per-epoch reshuffled
+    order, so together the processes see every record once per epoch.
     """
     if len(source) < process_count * local_batch_size:
         raise ValueError(
@@ -91,15 +120,25 @@ def train_batches(
     dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     dataset = dataset[process_index::process_count]
     dataset = dataset.random_map(TrainExample(tokenizer, options), seed=seed)
-    dataset = dataset.batch(local_batch_size, drop_remainder=True)
-    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch_batches))
+    iterable = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch_batches * local_batch_size)
+    )
     if num_workers > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter(iterable)
+    return iter(_SkipAndBatch(iterable, local_batch_size))
 
 
-def eval_records(source: Any, image_size: int) -> Iterator[tuple[np.ndarray, list[str], str]]:
-    """(image uint8 [s, s, 3], captions, id) for every record, in order."""
-    for index in range(len(source)):
+def eval_records(
+    source: Any, image_size: int, num_records: int | None = None
+) -> Iterator[tuple[np.ndarray, list[str], dict]]:
+    """(image uint8 [s, s, 3], non-empty captions, record) for each usable record of the first
+    `num_records` (default all), in order; unreadable images are logged and left out."""
+    for index in range(len(source) if num_records is None else num_records):
         record = source[index]
-        yield _resize(_as_uint8_rgb(record["image"]), image_size), list(record["captions"]), record["id"]
+        try:
+            image = images.eval_transform(images.decode_image(record["image"]), image_size)
+        except images.DecodeError as error:
+            logger.warning("Skipped eval record %s: %s", record.get("id", index), error)
+            continue
+        captions = [caption for caption in record.get("captions", ()) if caption and caption.strip()]
+        yield image, captions, record

@@ -2,16 +2,20 @@
 mesh, then computes the metrics. Hooks for the trainer and the engine of eval.py."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from siglip_jax import sharding
 from siglip_jax.data import pipeline
 from siglip_jax.evaluation import retrieval
+
+logger = logging.getLogger(__name__)
 
 
 class Embedder:
@@ -63,14 +67,19 @@ class Embedder:
 class RetrievalSet:
     """A source's images and all their captions, preprocessed once and kept for repeated evals."""
 
-    def __init__(self, source: Any, tokenizer: Callable, image_size: int):
+    def __init__(self, source: Any, tokenizer: Callable, image_size: int, max_items: int = 0):
         images, captions, caption_image_ids = [], [], []
-        for image_index, (image, image_captions, _) in enumerate(pipeline.eval_records(source, image_size)):
+        self.num_records = min(len(source), max_items) if max_items else len(source)
+        for image, image_captions, record in pipeline.eval_records(source, image_size, self.num_records):
             if not image_captions:
-                raise ValueError(f"Retrieval record {image_index} has no caption; every image needs at least one.")
+                logger.warning("Skipped retrieval record %s: it has no caption.", record.get("id"))
+                continue
+            caption_image_ids.extend([len(images)] * len(image_captions))
             images.append(image)
             captions.extend(image_captions)
-            caption_image_ids.extend([image_index] * len(image_captions))
+        if not images:
+            raise ValueError(f"The retrieval source {source!r} has no usable image with a caption.")
+        self.num_skipped = self.num_records - len(images)
         self.images = np.stack(images)
         self.tokens = tokenizer(captions)
         self.caption_image_ids = np.asarray(caption_image_ids, np.int32)
@@ -78,4 +87,29 @@ class RetrievalSet:
     def evaluate(self, embedder: Embedder, params: Any) -> dict[str, float]:
         image_embeddings = embedder.images(params, self.images)
         text_embeddings = embedder.texts(params, self.tokens)
-        return retrieval.retrieval_metrics(image_embeddings, text_embeddings, self.caption_image_ids)
+        metrics = retrieval.retrieval_metrics(image_embeddings, text_embeddings, self.caption_image_ids)
+        return {**metrics, "num_images": float(len(self.images)), "num_skipped": float(self.num_skipped)}
+
+
+def build_evaluators(
+    config: ml_collections.ConfigDict, tokenizer: Callable, build_source: Callable
+) -> dict[str, Any]:
+    """name -> evaluator for each entry of `config.evals`."""
+    evaluators = {}
+    image_size = config.model.image.image_size
+    for name, entry in config.evals.items():
+        source = build_source(entry.source)
+        if entry.kind == "retrieval":
+            evaluators[name] = RetrievalSet(source, tokenizer, image_size, entry.max_items)
+        else:
+            raise ValueError(f"Eval {name!r} has kind {entry.kind!r}; valid kinds: retrieval.")
+    return evaluators
+
+
+def run_evaluators(evaluators: dict[str, Any], embedder: Embedder, params: Any) -> dict[str, float]:
+    """Runs every evaluator; metric keys are "<eval name>/<metric>"."""
+    results = {}
+    for name, evaluator in evaluators.items():
+        for key, value in evaluator.evaluate(embedder, params).items():
+            results[f"{name}/{key}"] = value
+    return results

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Iterable, Iterator, Sequence
 
+from siglip_jax.data.demo import DemoSource
 from siglip_jax.data.sources.arrayrecord import (ArrayRecordSource, TfdsSource, decode_record,
                                                  encode_record)
 from siglip_jax.data.sources.captions import (CaptionFolderSource, CocoCaptionsSource, coco2017,
@@ -17,6 +18,7 @@ from siglip_jax.data.sources.webdataset import (WebDatasetSource, expand_shard_p
                                                 shard_paths_for)
 
 SOURCES: dict[str, Callable] = {
+    "demo": DemoSource,                     # split in train/eval, size, image_size, seed (generated)
     "caption_folder": CaptionFolderSource,  # image_dir, captions_file, split_file, on_missing
     "coco_captions": CocoCaptionsSource,    # image_dir, annotations_json, on_missing
     "flickr8k": flickr8k,                   # path, split in train/dev/test/all

@@ -1,0 +1,90 @@
+import glob
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+from ml_collections import config_flags  # noqa: F401  (the CLI's override path is exercised below)
+
+from siglip_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_recipe(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))), ids=os.path.basename)
+def test_every_shipped_recipe_loads_and_validates(path):
+    config_lib.validate(_load_recipe(path))
+
+
+def test_unknown_key_is_refused_with_the_valid_keys():
+    config = config_lib.default_config()
+    with pytest.raises(AttributeError, match="does not exist"):
+        config.optim.learnig_rate = 1e-3
+    unlocked = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+    unlocked.optim.learnig_rate = 1e-3
+    with pytest.raises(ValueError, match=r"Unknown config key 'optim.learnig_rate'.*learning_rate"):
+        config_lib.validate(unlocked)
+
+
+def test_wrong_type_is_refused():
+    config = config_lib.default_config()
+    with pytest.raises(TypeError):
+        config.total_steps = "many"
+    unlocked = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+    unlocked.model.dtype = 16
+    with pytest.raises(TypeError, match=r"'model.dtype' must be of type str"):
+        config_lib.validate(unlocked)
+
+
+def test_bad_choice_lists_valid_values():
+    config = config_lib.default_config()
+    config.loss.name = "hinge"
+    with pytest.raises(ValueError, match="valid values: sigmoid, softmax"):
+        config_lib.validate(config)
+
+
+def test_eval_entries_are_checked():
+    config = config_lib.default_config()
+    config.evals.broken = config_lib.eval_config("retrieval", config_lib.source_config("demo"))
+    config.evals.broken.kind = "captioning"
+    with pytest.raises(ValueError, match="valid values: retrieval, classification"):
+        config_lib.validate(config)
+    with pytest.raises(ValueError, match="Unknown eval option 'topk'"):
+        config_lib.eval_config("retrieval", config_lib.source_config("demo"), topk=5)
+
+
+def test_command_line_overrides_and_typos(tmp_path):
+    """`--config.key=value` overrides apply; a mistyped key stops the CLI with the key named."""
+    script = (
+        "import sys\n"
+        "from absl import app\n"
+        "from ml_collections import config_flags\n"
+        "C = config_flags.DEFINE_config_file('config')\n"
+        "def main(_):\n"
+        "    print(C.value.total_steps, C.value.optim.learning_rate)\n"
+        "app.run(main)\n"
+    )
+    (tmp_path / "cli.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    demo = os.path.join(REPO, "configs", "demo.py")
+    ok = subprocess.run(
+        [sys.executable, str(tmp_path / "cli.py"), f"--config={demo}", "--config.total_steps=7", "--config.optim.learning_rate=0.5"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split() == ["7", "0.5"]
+    typo = subprocess.run(
+        [sys.executable, str(tmp_path / "cli.py"), f"--config={demo}", "--config.total_stepz=7"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert typo.returncode != 0 and "total_stepz" in typo.stderr

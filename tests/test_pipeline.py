@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+
+from siglip_jax.data import pipeline
+from siglip_jax.data.demo import COLOURS, POSITIONS, SHAPES, DemoSource
+from siglip_jax.data.tokenizers import ByteTokenizer
+
+OPTIONS = pipeline.ImageOptions(image_size=16)
+
+
+def test_demo_records_are_deterministic_and_splits_differ():
+    train, again = DemoSource("train", 50, 16), DemoSource("train", 50, 16)
+    held_out = DemoSource("eval", 50, 16)
+    for index in (0, 7, 49):
+        np.testing.assert_array_equal(train[index]["image"], again[index]["image"])
+        assert train[index]["captions"] == again[index]["captions"]
+    assert not any(np.array_equal(train[i]["image"], held_out[i]["image"]) for i in range(50))
+
+
+def test_demo_captions_describe_the_picture():
+    record = DemoSource("train", 10, 32)[3]
+    assert len(record["captions"]) == 5
+    first = record["captions"][0]
+    assert any(colour in first for colour in COLOURS) and any(shape in first for shape in SHAPES)
+    assert any(position in first for position in POSITIONS)
+    image = record["image"]
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    # The shape is drawn in its colour: the brightest pixels are far from the dark background.
+    assert image.max() > 150
+
+
+def test_demo_refuses_unknown_split():
+    with pytest.raises(ValueError, match="valid: train, eval"):
+        DemoSource("test")
+
+
+def _batches(source, **kwargs):
+    return pipeline.train_batches(source, tokenizer=ByteTokenizer(12), options=OPTIONS, local_batch_size=4, seed=3, **kwargs)
+
+
+def test_batches_have_shapes_and_resume_from_state():
+    iterator = _batches(DemoSource("train", 40, 16))
+    first = next(iterator)
+    assert first["images"].shape == (4, 16, 16, 3) and first["images"].dtype == np.uint8
+    assert first["tokens"].shape == (4, 12) and first["tokens"].dtype == np.int32
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(12)]  # crosses an epoch boundary (40 records / 4)
+    resumed = _batches(DemoSource("train", 40, 16))
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["images"], want["images"])
+        np.testing.assert_array_equal(got["tokens"], want["tokens"])
+
+
+def test_processes_read_disjoint_shares_of_each_epoch():
+    source = DemoSource("train", 16, 16)
+    seen = []
+    for process in range(2):
+        iterator = _batches(source, process_index=process, process_count=2)
+        seen.append({bytes(image) for batch in (next(iterator), next(iterator)) for image in batch["images"]})
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 16  # together, one full epoch
+
+
+class _WithBadRecords:
+    """The demo data with every fifth image corrupt and record 3 without captions."""
+
+    def __init__(self):
+        self.inner = DemoSource("train", 40, 16)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        record = dict(self.inner[index])
+        if index % 5 == 0:
+            record["image"] = b"\xff\xd8\xff not really a jpeg"
+        if index == 3:
+            record["captions"] = ["", "  "]
+        return record
+
+
+def test_corrupt_images_and_empty_captions_are_skipped_and_counted():
+    iterator = _batches(_WithBadRecords())
+    batches = [next(iterator) for _ in range(10)]  # 40 examples of good records need > 1 epoch
+    assert all(batch["images"].shape == (4, 16, 16, 3) for batch in batches)
+    # Per epoch 8 corrupt images + 1 captionless record are dropped: 31 good of 40.
+    drawn = 40 + int(batches[-1]["num_skipped"])
+    assert int(batches[-1]["num_skipped"]) >= 9
+    assert drawn - int(batches[-1]["num_skipped"]) == 40
+
+
+def test_too_small_source_is_refused():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        _batches(DemoSource("train", 3, 16))

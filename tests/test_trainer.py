@@ -1,0 +1,30 @@
+"""A short end-to-end run of the trainer on the demo data."""
+import json
+
+import pytest
+
+from siglip_jax import trainer
+from siglip_jax.config import eval_config, source_config
+from tests.helpers import tiny_config
+
+
+@pytest.mark.slow
+def test_short_demo_run_loss_falls_and_logs(tmp_path):
+    config = tiny_config()
+    config.total_steps = 40
+    config.log_every_steps = 10
+    config.eval_every_steps = 20
+    config.optim.learning_rate = 3e-3
+    config.optim.warmup_steps = 5
+    config.evals.shapes = eval_config("retrieval", source_config("demo", split="eval", size=32, image_size=16))
+    final = trainer.train(config, str(tmp_path))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [line["loss"] for line in lines if "loss" in line]
+    assert losses[-1] < losses[0] - 1.0, losses
+    steps = [line["step"] for line in lines]
+    assert steps[0] == 1 and steps[-1] == 40
+    evals = [line for line in lines if "shapes/image_to_text/recall@5" in line]
+    assert [line["step"] for line in evals] == [20, 40]
+    for key in ("learning_rate", "temperature", "bias", "examples_per_second"):
+        assert key in lines[-1]
+    assert 0.0 <= final["shapes/text_to_image/recall@1"] <= 1.0
