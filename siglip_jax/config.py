@@ -85,6 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(
         dict(
             seed=0,  # parameters, data order and dropout all derive from it
+            accum_steps=1,  # >1: the global batch in this many microbatches, loss still exact (GradCache)
             total_steps=10_000,
             log_every_steps=50,
             eval_every_steps=1_000,  # evals below run every N steps and at the end; 0: only at the end
@@ -116,6 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
                 eps=1e-8,
                 grad_clip_norm=1.0,  # global-norm clipping; 0 turns it off
                 mu_dtype="float32",  # first-moment dtype: "bfloat16" halves its memory
+                frozen=(),  # parameter groups left untrained, e.g. ("img",) for LiT
             ),
             mesh=dict(
                 axis_names=MESH_AXES,

@@ -70,4 +70,15 @@ def build_optimizer(optim_config: ml_collections.ConfigDict, total_steps: int) -
         # Decoupled decay scaled by the learning rate, as optax.adamw does.
         chain.append(optax.add_decayed_weights(optim_config.weight_decay, mask=weight_decay_mask))
     chain.append(optax.scale_by_learning_rate(schedule))
-    return optax.chain(*chain)
+    optimizer = optax.chain(*chain)
+    frozen = tuple(optim_config.frozen)
+    if not frozen:
+        return optimizer
+    # Frozen groups (e.g. ("img",) for LiT) get zero updates and no optimizer moments.
+    def labels(params: Any) -> dict[str, str]:
+        unknown = sorted(set(frozen) - set(params))
+        if unknown:
+            raise ValueError(f"optim.frozen names {unknown}, which are not parameter groups; valid: {sorted(params)}.")
+        return {name: ("frozen" if name in frozen else "trained") for name in params}
+
+    return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)

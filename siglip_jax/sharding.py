@@ -138,6 +138,19 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, rules: AxisRules, what:
         )
 
 
+def check_accumulation(global_batch_size: int, accum_steps: int, mesh: Mesh, rules: AxisRules) -> None:
+    """Each device's rows must split evenly into `accum_steps` microbatches."""
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be at least 1, got {accum_steps}.")
+    per_device = global_batch_size // data_parallel_size(mesh, rules)
+    if per_device % accum_steps:
+        raise ValueError(
+            f"accum_steps={accum_steps} does not divide the per-device batch of {per_device} "
+            f"(data.batch_size={global_batch_size} over {data_parallel_size(mesh, rules)} devices); pick a "
+            f"divisor of {per_device}."
+        )
+
+
 def host_local_to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Builds global arrays from each process's share of the batch (its rows, in process order)."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

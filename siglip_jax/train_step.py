@@ -1,6 +1,7 @@
 """The train state and the pure train step; no I/O. The trainer jit-compiles `train_step` once."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -29,22 +30,29 @@ class TrainState:
         return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
 
 
-def compute_loss(
-    params: Any,
-    batch: dict[str, jax.Array],
+def embed(params: Any, batch: dict[str, jax.Array], model: nn.Module, frozen: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array]:
+    """(image embeddings [b, d], text embeddings [b, d]) of {"images": [b, h, w, 3], "tokens": [b, l]}.
+    Frozen towers (e.g. ("img",) for LiT) get no gradient, so their backward pass is never computed."""
+    params = {name: jax.lax.stop_gradient(value) if name in frozen else value for name, value in params.items()}
+    return model.apply({"params": params}, batch["images"], batch["tokens"])
+
+
+def embedding_loss(
+    image_embeddings: jax.Array,
+    text_embeddings: jax.Array,
+    log_temperature: jax.Array,
+    bias: jax.Array,
     *,
-    model: nn.Module,
     loss_config: ml_collections.ConfigDict,
     mesh: Mesh | None,
     batch_axes: tuple[str, ...],
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Contrastive loss of a global batch {"images": [b, h, w, 3], "tokens": [b, l]}."""
-    image_embeddings, text_embeddings = model.apply({"params": params}, batch["images"], batch["tokens"])
-    loss = losses.contrastive_loss(
+) -> jax.Array:
+    """The configured contrastive loss of a global batch of embeddings."""
+    return losses.contrastive_loss(
         image_embeddings,
         text_embeddings,
-        params["t"],
-        params["b"],
+        log_temperature,
+        bias,
         name=loss_config.name,
         implementation=loss_config.implementation,
         mesh=mesh,
@@ -52,7 +60,69 @@ def compute_loss(
         chunk_size=loss_config.chunk_size,
         bidirectional=loss_config.bidirectional,
     )
-    return loss, {"loss": loss}
+
+
+def _split_microbatches(x: jax.Array, num_microbatches: int) -> jax.Array:
+    """[b, ...] -> [k, b/k, ...] where microbatch i holds rows i, i+k, i+2k, ...: every device's
+    contiguous block of rows holds its share of every microbatch, so the split moves no data."""
+    x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    return nn.with_logical_constraint(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+
+
+def _merge_microbatches(x: jax.Array) -> jax.Array:
+    """Inverse of _split_microbatches: [k, b/k, ...] -> [b, ...] in the original row order."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def loss_and_grads(
+    params: Any,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    loss_config: ml_collections.ConfigDict,
+    mesh: Mesh | None,
+    batch_axes: tuple[str, ...],
+    accum_steps: int = 1,
+    frozen: tuple[str, ...] = (),
+) -> tuple[jax.Array, Any]:
+    """Loss of the global batch and its gradient with respect to all parameters.
+
+    With accum_steps = k > 1 the contrastive loss stays exact (every image still meets every caption of
+    the global batch) while activations are kept for only b/k examples at a time (GradCache, Gao et al.
+    2021): embed all k microbatches without keeping activations, take the loss and its gradient with
+    respect to the embeddings once, then re-encode each microbatch and back-propagate its slice of
+    those embedding gradients, summing the parameter gradients.
+    """
+    loss_fn = functools.partial(embedding_loss, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes)
+    if accum_steps == 1:
+        def full_loss(params):
+            image_embeddings, text_embeddings = embed(params, batch, model, frozen)
+            return loss_fn(image_embeddings, text_embeddings, params["t"], params["b"])
+
+        return jax.value_and_grad(full_loss)(params)
+
+    microbatches = jax.tree.map(lambda x: _split_microbatches(x, accum_steps), batch)
+    # Pass 1: embeddings only. lax.map compiles one microbatch and keeps nothing for a backward pass.
+    image_embeddings, text_embeddings = jax.lax.map(lambda micro: embed(params, micro, model, frozen), microbatches)
+    loss, (image_grads, text_grads, t_grad, b_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3))(
+        _merge_microbatches(image_embeddings), _merge_microbatches(text_embeddings), params["t"], params["b"]
+    )
+    image_grads = _split_microbatches(image_grads, accum_steps)
+    text_grads = _split_microbatches(text_grads, accum_steps)
+
+    # Pass 2: re-encode each microbatch and pull its embedding gradients back to the parameters.
+    def accumulate(grads: Any, inputs: tuple) -> tuple[Any, None]:
+        micro, image_grad, text_grad = inputs
+        _, pull_back = jax.vjp(lambda params: embed(params, micro, model, frozen), params)
+        (micro_grads,) = pull_back((image_grad, text_grad))
+        return jax.tree.map(jnp.add, grads, micro_grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(accumulate, zeros, (microbatches, image_grads, text_grads))
+    # The towers do not read t and b; their gradients come from the loss alone.
+    grads = {**grads, "t": grads["t"] + t_grad, "b": grads["b"] + b_grad}
+    return loss, grads
 
 
 def train_step(
@@ -66,21 +136,32 @@ def train_step(
     axis_rules: Any,
     mesh: Mesh | None,
     batch_axes: tuple[str, ...],
+    accum_steps: int = 1,
+    frozen: tuple[str, ...] = (),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on one global batch; returns the new state and scalar metrics."""
+    """One optimizer update on one global batch; returns the new state and scalar metrics.
+
+    A step whose loss or gradient is not finite leaves parameters and optimizer state unchanged (the
+    step counter still advances, as the batch was consumed) and reports "nonfinite" = 1.
+    """
     with nn.logical_axis_rules(axis_rules):
-        grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-        (_, metrics), grads = grad_fn(
-            state.params, batch, model=model, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes
+        loss, grads = loss_and_grads(
+            state.params, batch, model=model, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes,
+            accum_steps=accum_steps, frozen=frozen,
         )
-    new_state = state.apply_gradients(grads, optimizer)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = state.apply_gradients(grads, optimizer)
+    skipped = state.replace(step=state.step + 1)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, skipped)
     metrics = {
-        **metrics,
+        "loss": loss,
         "learning_rate": schedule(state.step),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
         "param_norm": optax.global_norm(state.params),
         "temperature": jnp.exp(new_state.params["t"]),
         "bias": new_state.params["b"],
+        "nonfinite": 1 - finite.astype(jnp.int32),
     }
     return new_state, metrics
 

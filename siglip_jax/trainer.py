@@ -65,6 +65,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axis_names)
     axis_rules = sharding.rules_as_tuples(config.mesh.axis_rules)
     sharding.check_batch_size(config.data.batch_size, mesh, axis_rules)
+    sharding.check_accumulation(config.data.batch_size, config.accum_steps, mesh, axis_rules)
     batch_sharding = sharding.batch_sharding(mesh, axis_rules)
     batch_axes = sharding.batch_axes(mesh, axis_rules)
 
@@ -109,6 +110,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             axis_rules=axis_rules,
             mesh=mesh,
             batch_axes=batch_axes,
+            accum_steps=config.accum_steps,
+            frozen=tuple(config.optim.frozen),
         ),
         in_shardings=(state_shardings, batch_sharding),  # (state, batch)
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),  # (state, scalar metrics)

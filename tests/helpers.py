@@ -16,7 +16,7 @@ def tiny_config(**overrides):
     config.model.text.vocab_size = 259
     config.model.text.max_len = 12
     config.model.text.depth = 2
-    config.optim.warmup_steps = 1
+    config.optim.warmup_steps = 0  # a nonzero first learning rate, so one step moves the parameters
     config.optim.learning_rate = 1e-3
     config.data.batch_size = 16
     config.data.eval_batch_size = 16
