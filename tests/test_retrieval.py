@@ -263,3 +263,9 @@ def test_bad_ks_k_and_shapes(small_set):
         retrieval.top_k_search(images, texts, k=7)
     with pytest.raises(ValueError, match="2-D array"):
         retrieval.retrieval_metrics(images[0], texts, ids)
+
+
+def test_balanced_block_size_pads_at_most_one_row_per_block():
+    assert retrieval.balanced_block_size(1000, 671) == 500  # 2 blocks of 500, not 671 + 329 padded
+    assert retrieval.balanced_block_size(23, 7) == 6  # 4 blocks, 24 rows: one padded row
+    assert retrieval.balanced_block_size(5, 64) == 5

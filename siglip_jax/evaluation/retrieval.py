@@ -83,6 +83,16 @@ def auto_block_size(gallery_size: int) -> int:
     return int(max(1, min(_MAX_AUTO_BLOCK_SIZE, rows)))
 
 
+def balanced_block_size(num_rows: int, max_block_size: int) -> int:
+    """The smallest block that covers num_rows in as few blocks as max_block_size does.
+
+    1,000 queries in blocks of at most 671 become 2 blocks of 500 rather than 671 + 329 padded to
+    671, so the padding that buys a single compile wastes at most one row per block.
+    """
+    num_blocks = math.ceil(num_rows / max_block_size)
+    return math.ceil(num_rows / num_blocks)
+
+
 def _check_block_size(name: str, block_size: int) -> int:
     if not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(f"{name} must be a positive integer; got {block_size!r}.")
@@ -167,15 +177,16 @@ def positive_ranks(query_embeddings, query_targets, gallery_embeddings, gallery_
       gallery_embeddings: [gallery_size, width], placed on device whole.
       gallery_owners: [gallery_size] int, the id of each gallery item. Every query should have at
         least one gallery item with its id (callers check this with a message for their setting).
-      block_size: queries per block; None picks one keeping a block of scores under 256 MiB.
-        The last block is zero-padded so every block has the same shape and compiles once.
+      block_size: most queries per block; None picks one keeping a block of scores under 256 MiB.
+        Blocks are evened out and the last one zero-padded, so every block has one shape and
+        compiles once.
       normalize: L2-normalise both sides first (cosine similarity).
     Returns:
       ranks: [num_queries] int32, 1-based; ties count against the query.
     """
     num_queries = query_embeddings.shape[0]
     block_size = auto_block_size(gallery_embeddings.shape[0]) if block_size is None else block_size
-    block_size = min(_check_block_size("block_size", block_size), num_queries)
+    block_size = balanced_block_size(num_queries, _check_block_size("block_size", block_size))
     gallery = jnp.asarray(gallery_embeddings)
     _raise_if_not_finite(gallery_name, _all_finite(gallery))
     if normalize:
@@ -320,7 +331,7 @@ def top_k_search(query_embeddings, gallery_embeddings, k: int, block_size: int =
       query_embeddings: [num_queries, width], host or device; sent to device per block.
       gallery_embeddings: [gallery_size, width], placed on device whole (float32 or bfloat16).
       k: results per query, 1 <= k <= gallery_size.
-      block_size: queries per block (the last block is zero-padded: one compile).
+      block_size: most queries per block (evened out, last one zero-padded: one compile).
       gallery_block_size: gallery rows scored at a time; raised to k if smaller.
       normalize: cosine similarity (True) or raw dot product (False).
     Returns:
@@ -333,7 +344,7 @@ def top_k_search(query_embeddings, gallery_embeddings, k: int, block_size: int =
     gallery_size, num_queries = gallery_embeddings.shape[0], query_embeddings.shape[0]
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= gallery_size:
         raise ValueError(f"k must be an integer in [1, {gallery_size}] (the gallery size); got {k!r}.")
-    block_size = min(_check_block_size("block_size", block_size), num_queries)
+    block_size = balanced_block_size(num_queries, _check_block_size("block_size", block_size))
     gallery_block_size = _check_block_size("gallery_block_size", gallery_block_size)
     gallery_block_size = min(max(gallery_block_size, int(k)), gallery_size)
 
