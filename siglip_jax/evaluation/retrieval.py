@@ -114,6 +114,35 @@ def l2_normalize(embeddings: jax.Array) -> jax.Array:
     return (as_float32 / jnp.maximum(norms, 1e-12)).astype(embeddings.dtype)
 
 
+def to_device(embeddings) -> jax.Array:
+    """Puts host embeddings on the default device once; device arrays pass through untouched.
+
+    jax.device_put costs one copy; jnp.asarray of a numpy array briefly holds two, 6 GiB more
+    at the peak for a 1M x 768 float32 gallery.
+    """
+    if isinstance(embeddings, jax.Array):
+        return embeddings
+    embeddings = np.asarray(embeddings)
+    if embeddings.dtype == np.float64:  # JAX computes in float32 unless x64 is enabled
+        embeddings = embeddings.astype(np.float32)
+    return jax.device_put(embeddings)
+
+
+@jax.jit
+def _inverse_norms(embeddings: jax.Array) -> jax.Array:
+    """[n, width] -> [n] float32 1 / |row|; an all-zero row gets a huge factor times a zero score."""
+    norms = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1)
+    return 1.0 / jnp.maximum(norms, 1e-12)
+
+
+def _gallery_scales(gallery: jax.Array, normalize: bool) -> jax.Array:
+    # Cosine similarity as (query . item) / |item|: scaling the scores, not the gallery, avoids a
+    # normalised copy of the gallery (3 GiB at 1M x 768 float32).
+    if normalize:
+        return _inverse_norms(gallery)
+    return jnp.ones((gallery.shape[0],), jnp.float32)
+
+
 @jax.jit
 def _all_finite(embeddings: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(embeddings))
@@ -139,19 +168,21 @@ def _pad_rows(block, num_rows: int):
 # Ranks of the correct items
 # ---------------------------------------------------------------------------------------------
 @jax.jit
-def _block_positive_ranks(query_block, query_targets, gallery, gallery_owners):
+def _block_positive_ranks(query_block, query_targets, gallery, gallery_scales, gallery_owners):
     """Pessimistic 1-based rank of each query's best correct gallery item.
 
     Args:
       query_block: [block, width] queries (already normalised if wanted).
       query_targets: [block] int, the id each query is looking for.
       gallery: [gallery_size, width].
+      gallery_scales: [gallery_size] float32 factor per item's score (1 / |item| for cosine).
       gallery_owners: [gallery_size] int, the id each gallery item belongs to; item g is correct for
         query q when gallery_owners[g] == query_targets[q].
     Returns:
       ranks: [block] int32, and whether the query block was all finite (a scalar bool).
     """
     scores = jnp.einsum("qd,gd->qg", query_block, gallery, preferred_element_type=jnp.float32)
+    scores = scores * gallery_scales[None, :]
     is_correct = gallery_owners[None, :] == query_targets[:, None]
     # Taking the correct score from the same matmul as the others keeps exact ties exact.
     best_correct = jnp.max(jnp.where(is_correct, scores, -jnp.inf), axis=1, keepdims=True)
@@ -187,10 +218,12 @@ def positive_ranks(query_embeddings, query_targets, gallery_embeddings, gallery_
     num_queries = query_embeddings.shape[0]
     block_size = auto_block_size(gallery_embeddings.shape[0]) if block_size is None else block_size
     block_size = balanced_block_size(num_queries, _check_block_size("block_size", block_size))
-    gallery = jnp.asarray(gallery_embeddings)
+    check_embeddings(query_name, query_embeddings)
+    check_embeddings(gallery_name, gallery_embeddings)
+    check_same_width(query_name, query_embeddings, gallery_name, gallery_embeddings)
+    gallery = to_device(gallery_embeddings)
     _raise_if_not_finite(gallery_name, _all_finite(gallery))
-    if normalize:
-        gallery = _normalize_on_device(gallery)
+    gallery_scales = _gallery_scales(gallery, normalize)
     gallery_owners = jnp.asarray(gallery_owners, dtype=jnp.int32)
     query_targets = np.asarray(query_targets, dtype=np.int32)
 
@@ -201,7 +234,7 @@ def positive_ranks(query_embeddings, query_targets, gallery_embeddings, gallery_
         queries = jnp.asarray(queries, dtype=gallery.dtype)
         if normalize:
             queries = _normalize_on_device(queries)
-        ranks, finite = _block_positive_ranks(queries, targets, gallery, gallery_owners)
+        ranks, finite = _block_positive_ranks(queries, targets, gallery, gallery_scales, gallery_owners)
         block_ranks.append(ranks)
         block_finite.append(finite)
     # Reading results only after every block is dispatched lets the device run ahead of the host.
@@ -284,8 +317,8 @@ def retrieval_metrics(image_embeddings, text_embeddings, caption_image_ids,
 # ---------------------------------------------------------------------------------------------
 # Top-k search
 # ---------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("k", "gallery_block_size", "normalize"))
-def _block_top_k(query_block, gallery, k, gallery_block_size, normalize):
+@functools.partial(jax.jit, static_argnames=("k", "gallery_block_size"))
+def _block_top_k(query_block, gallery, gallery_scales, k, gallery_block_size):
     """[block, width] queries x [gallery_size, width] -> (scores [block, k] f32, indices [block, k] i32).
 
     Walks the gallery in blocks, merging each block's top k into a running top k, so memory is
@@ -302,10 +335,9 @@ def _block_top_k(query_block, gallery, k, gallery_block_size, normalize):
         # rows it shares with the previous block are masked so none is counted twice.
         start = jnp.minimum(intended_start, gallery_size - gallery_block_size)
         block = jax.lax.dynamic_slice_in_dim(gallery, start, gallery_block_size)
-        if normalize:
-            # Per block, so a 1M-item gallery is never copied whole.
-            block = l2_normalize(block)
+        scales = jax.lax.dynamic_slice_in_dim(gallery_scales, start, gallery_block_size)
         scores = jnp.einsum("qd,gd->qg", query_block, block, preferred_element_type=jnp.float32)
+        scores = scores * scales[None, :]
         indices = start + jnp.arange(gallery_block_size, dtype=jnp.int32)
         scores = jnp.where(indices[None, :] >= intended_start, scores, -jnp.inf)
         block_scores, block_positions = jax.lax.top_k(scores, k)
@@ -348,15 +380,16 @@ def top_k_search(query_embeddings, gallery_embeddings, k: int, block_size: int =
     gallery_block_size = _check_block_size("gallery_block_size", gallery_block_size)
     gallery_block_size = min(max(gallery_block_size, int(k)), gallery_size)
 
-    gallery = jnp.asarray(gallery_embeddings)
+    gallery = to_device(gallery_embeddings)
     _raise_if_not_finite("gallery_embeddings", _all_finite(gallery))
+    gallery_scales = _gallery_scales(gallery, normalize)
     block_results = []
     for start in range(0, num_queries, block_size):
         queries = jnp.asarray(_pad_rows(query_embeddings[start:start + block_size], block_size),
                               dtype=gallery.dtype)
         if normalize:
             queries = _normalize_on_device(queries)
-        block_results.append(_block_top_k(queries, gallery, int(k), gallery_block_size, normalize))
+        block_results.append(_block_top_k(queries, gallery, gallery_scales, int(k), gallery_block_size))
     _raise_if_not_finite("query_embeddings", all(bool(finite) for _, _, finite in block_results))
     scores = np.concatenate([np.asarray(s) for s, _, _ in block_results])[:num_queries]
     indices = np.concatenate([np.asarray(i) for _, i, _ in block_results])[:num_queries]
