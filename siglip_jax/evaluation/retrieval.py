@@ -215,12 +215,17 @@ def positive_ranks(query_embeddings, query_targets, gallery_embeddings, gallery_
     Returns:
       ranks: [num_queries] int32, 1-based; ties count against the query.
     """
-    num_queries = query_embeddings.shape[0]
-    block_size = auto_block_size(gallery_embeddings.shape[0]) if block_size is None else block_size
-    block_size = balanced_block_size(num_queries, _check_block_size("block_size", block_size))
     check_embeddings(query_name, query_embeddings)
     check_embeddings(gallery_name, gallery_embeddings)
     check_same_width(query_name, query_embeddings, gallery_name, gallery_embeddings)
+    num_queries = query_embeddings.shape[0]
+    if np.shape(query_targets) != (num_queries,) or np.shape(gallery_owners) != (gallery_embeddings.shape[0],):
+        raise ValueError(
+            f"query_targets must have shape ({num_queries},) and gallery_owners shape "
+            f"({gallery_embeddings.shape[0]},), one id per row; got {np.shape(query_targets)} and "
+            f"{np.shape(gallery_owners)}.")
+    block_size = auto_block_size(gallery_embeddings.shape[0]) if block_size is None else block_size
+    block_size = balanced_block_size(num_queries, _check_block_size("block_size", block_size))
     gallery = to_device(gallery_embeddings)
     _raise_if_not_finite(gallery_name, _all_finite(gallery))
     gallery_scales = _gallery_scales(gallery, normalize)
