@@ -1,0 +1,60 @@
+"""SigLIP match probabilities: how likely an image and a text belong together.
+
+The SigLIP loss trains sigmoid(t * x.y + b) with t = exp(t') to be 1 for a matching pair and 0
+otherwise (Zhai et al. 2023, eq. 1), so the same expression read at evaluation time is a calibrated
+per-pair probability, independent of the other items in the batch (unlike a softmax over CLIP logits).
+Both functions are pure and jit-able; pass the embeddings the model returns (already L2-normalised
+by the model) and its learned log temperature t' and bias b.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def _check_pair_inputs(image_embeddings, text_embeddings) -> None:
+    if image_embeddings.ndim != 2 or text_embeddings.ndim != 2:
+        raise ValueError(
+            f"image_embeddings and text_embeddings must be 2-D [num_items, width]; got shapes "
+            f"{image_embeddings.shape} and {text_embeddings.shape}. Add a leading axis for one item.")
+    if image_embeddings.shape[1] != text_embeddings.shape[1]:
+        raise ValueError(
+            f"image_embeddings width {image_embeddings.shape[1]} != text_embeddings width "
+            f"{text_embeddings.shape[1]}; both must come from the same two-tower model.")
+
+
+def _siglip_probability(dots, log_temperature, bias):
+    temperature = jnp.exp(jnp.asarray(log_temperature, jnp.float32))
+    return jax.nn.sigmoid(temperature * dots + jnp.asarray(bias, jnp.float32))
+
+
+def pair_probabilities(image_embeddings, text_embeddings, log_temperature, bias) -> jax.Array:
+    """Probability that image i matches text i: sigmoid(exp(t') x_i . y_i + b).
+
+    Args:
+      image_embeddings: [num_pairs, width].
+      text_embeddings: [num_pairs, width], row i paired with image row i.
+      log_temperature: scalar t' (the model stores the log so that t = exp(t') stays positive).
+      bias: scalar b.
+    Returns:
+      [num_pairs] float32 in (0, 1).
+    """
+    image_embeddings, text_embeddings = jnp.asarray(image_embeddings), jnp.asarray(text_embeddings)
+    _check_pair_inputs(image_embeddings, text_embeddings)
+    if image_embeddings.shape[0] != text_embeddings.shape[0]:
+        raise ValueError(
+            f"pair_probabilities scores row i against row i, so both need the same number of rows; got "
+            f"{image_embeddings.shape[0]} images and {text_embeddings.shape[0]} texts. "
+            "Use match_probabilities for every image against every text.")
+    dots = jnp.einsum("nd,nd->n", image_embeddings, text_embeddings, preferred_element_type=jnp.float32)
+    return _siglip_probability(dots, log_temperature, bias)
+
+
+def match_probabilities(image_embeddings, text_embeddings, log_temperature, bias) -> jax.Array:
+    """Every image against every text: [num_images, width] x [num_texts, width] -> [num_images, num_texts].
+
+    Builds the full matrix, so it is for small sets (a demo, a re-ranking shortlist); use
+    retrieval.top_k_search for galleries.
+    """
+    image_embeddings, text_embeddings = jnp.asarray(image_embeddings), jnp.asarray(text_embeddings)
+    _check_pair_inputs(image_embeddings, text_embeddings)
+    dots = jnp.einsum("nd,md->nm", image_embeddings, text_embeddings, preferred_element_type=jnp.float32)
+    return _siglip_probability(dots, log_temperature, bias)
