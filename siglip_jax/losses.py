@@ -6,21 +6,22 @@ logits live:
 * `all_gather`: each device gathers the other side's embeddings ([global_batch, embed]) and scores
   its own rows against all of them. Simple; memory grows with the number of devices.
 * `ring`: each device keeps its own rows and passes blocks of the other side's embeddings around a
-  ring with `jax.lax.ppermute` (n-1 hops, or about n/2 with `bidirectional`). Holds at most two
-  blocks at a time, so memory does not depend on the number of devices.
+  ring with `jax.lax.ppermute` (n-1 hops, or n/2 with `bidirectional`). It holds the block being
+  scored and the one arriving (twice that, and their gradients, in the backward pass and when
+  bidirectional), so memory does not depend on the number of devices.
 * `chunk_size > 0` ("chunked"): within a device the logits are computed `chunk_size` columns at a
   time, so no [per_device_batch, block] logits matrix is materialised. Combines with both.
 
-Both losses are written as a sum over "query" rows scored against all "key" rows, with the positive
-key of query i being key i:
+Both losses are written as a sum over "query" rows scored against all "key" rows, the positive of
+query i being key i:
     sigmoid: sum_i sum_j softplus(-z_ij l_ij),        queries = images, keys = texts
     softmax: sum_i logsumexp_j(l_ij) - l_ii,         once images->texts, once texts->images
 with l_ij = exp(t) q_i.k_j + b. The column direction of CLIP is the row direction with the roles of
 the towers swapped, so no device ever needs a column of the global matrix.
 
-Autodiff through a ring loop would save every hop's block for the backward pass (memory growing with
-the number of devices), so the blockwise sum has a custom VJP: the backward pass runs the ring again,
-recomputing each logits block and sending the key gradients around with the keys.
+Autodiff through a ring loop would save every hop's block for the backward pass (memory growing
+with the number of devices), so the blockwise sum has a custom VJP: the backward pass runs the ring
+again, recomputing each logits block and sending the key gradients around with the keys.
 """
 import functools
 from typing import NamedTuple
@@ -82,7 +83,7 @@ def _block_forward(name, queries, keys, scale, bias, row_ids, column_ids, row_ls
 
 
 def _block_backward(name, queries, keys, scale, bias, row_ids, column_ids, row_lse, cotangent):
-    """Gradient of the block's share of the loss sum; returns (d_queries, d_keys, d_scale, d_bias)."""
+    """Gradient of the block's share of the loss sum: (d_queries, d_keys, d_scale, d_bias)."""
     dots = jnp.matmul(queries, keys.T, precision=_PRECISION)
     logits = scale * dots + bias
     positive = row_ids[:, None] == column_ids[None, :]
@@ -113,15 +114,15 @@ def _shard_index(layout):
 
 
 def _per_shard(layout, value):
-    """A fresh constant typed as differing per shard, as loop carries that become per-shard must be."""
+    """A fresh constant typed as varying per shard, as carries of per-shard loops must be."""
     return jax.lax.pcast(value, layout.axes, to="varying") if layout.axes else value
 
 
 def _after(block, previous_result):
     """`block`, made to depend on the previous block's scalar result so blocks are scored in turn.
 
-    XLA unrolls rings of one or two hops and would then compute all their logits at once (the CPU
-    backend also drops optimization barriers). Adding 0 * x costs one pass over [block, embed],
+    XLA unrolls loops of one hop and would then compute all their logits at once (the CPU backend
+    also drops optimization barriers); with all_gather there is one block and nothing to order. Adding 0 * x costs one pass over [block, embed],
     small beside the [rows, block] matmul; it is not folded away because 0 * inf is not 0.
     """
     return block + 0.0 * previous_result
@@ -145,7 +146,7 @@ def _hops(layout):
 
 
 def _chunks(layout, keys):
-    """[block, embed] -> [num_chunks, chunk, embed]; the chunk loop bounds the logits to [rows, chunk]."""
+    """[block, embed] -> [num_chunks, chunk, embed]; the chunk loop keeps logits [rows, chunk]."""
     chunk = layout.chunk_size or keys.shape[0]
     return keys.reshape(keys.shape[0] // chunk, chunk, keys.shape[1])
 
@@ -161,7 +162,7 @@ def _blocks_forward(layout, queries, keys, scale, bias):
     row_ids = _shard_index(layout) * queries.shape[0] + jnp.arange(queries.shape[0])
 
     def visit(carry, block, hop):
-        block = _after(block, carry[0])
+        block = _after(block, carry[0]) if layout.ring else block
 
         def chunk_step(carry, chunk_and_ids):
             loss, row_lse = carry
@@ -189,7 +190,8 @@ def _blocks_forward(layout, queries, keys, scale, bias):
     state = (carry, keys, keys if backward_hops else None)
     if backward_hops:
         state = jax.lax.fori_loop(1, backward_hops + 1, both_ways, state)
-    (loss, row_lse), _, _ = jax.lax.fori_loop(backward_hops + 1, forward_hops + 1, ahead_only, state)
+    (loss, row_lse), _, _ = jax.lax.fori_loop(backward_hops + 1, forward_hops + 1, ahead_only,
+                                              state)
     if layout.name == "softmax":
         loss = loss + jnp.sum(row_lse)
     return loss, row_lse
@@ -200,7 +202,7 @@ def _blocks_backward(layout, queries, keys, scale, bias, row_lse, cotangent):
     row_ids = _shard_index(layout) * queries.shape[0] + jnp.arange(queries.shape[0])
 
     def visit(grads, block, d_block, hop):
-        block = _after(block, grads[1])
+        block = _after(block, grads[1]) if layout.ring else block
 
         def chunk_step(grads, chunk_and_ids):
             d_queries, d_scale, d_bias = grads
