@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from siglip_jax import sharding
 from siglip_jax.data import pipeline
-from siglip_jax.evaluation import retrieval
+from siglip_jax.evaluation import classification, retrieval
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,46 @@ class RetrievalSet:
         return {**metrics, "num_images": float(len(self.images)), "num_skipped": float(self.num_skipped)}
 
 
+class ClassificationSet:
+    """Zero-shot classification: images of a labelled source against prompt-ensembled class embeddings."""
+
+    def __init__(self, source: Any, tokenizer: Callable, image_size: int, class_names: list[str],
+                 templates: tuple[str, ...], max_items: int = 0):
+        self.num_records = min(len(source), max_items) if max_items else len(source)
+        images, labels = [], []
+        for image, _, record in pipeline.eval_records(source, image_size, self.num_records):
+            images.append(image)
+            labels.append(int(record["label"]))
+        if not images:
+            raise ValueError(f"The classification source {source!r} has no readable image.")
+        self.num_skipped = self.num_records - len(images)
+        self.images = np.stack(images)
+        self.labels = np.asarray(labels, np.int32)
+        self.class_names = list(class_names)
+        self.templates = templates
+        self.tokenizer = tokenizer
+
+    def evaluate(self, embedder: Embedder, params: Any) -> dict[str, float]:
+        class_embeddings = classification.class_text_embeddings(
+            lambda prompts: embedder.texts(params, self.tokenizer(prompts)), self.class_names, self.templates
+        )
+        image_embeddings = embedder.images(params, self.images)
+        metrics = classification.classification_metrics(image_embeddings, self.labels, class_embeddings)
+        return {**metrics, "num_images": float(len(self.images)), "num_skipped": float(self.num_skipped)}
+
+
+def _class_names(entry: ml_collections.ConfigDict, source: Any) -> list[str]:
+    if entry.class_names:
+        with open(entry.class_names) as stream:
+            return [line.strip() for line in stream if line.strip()]
+    if not hasattr(source, "class_names"):
+        raise ValueError(
+            f"Classification source {source!r} has no class names; set the eval's class_names to a file "
+            "with one name per line, in label order."
+        )
+    return list(source.class_names)
+
+
 def build_evaluators(
     config: ml_collections.ConfigDict, tokenizer: Callable, build_source: Callable
 ) -> dict[str, Any]:
@@ -101,8 +141,16 @@ def build_evaluators(
         source = build_source(entry.source)
         if entry.kind == "retrieval":
             evaluators[name] = RetrievalSet(source, tokenizer, image_size, entry.max_items)
+        elif entry.kind == "classification":
+            templates = (
+                classification.IMAGENET_TEMPLATES if entry.templates == "imagenet"
+                else classification.load_templates(entry.templates)
+            )
+            evaluators[name] = ClassificationSet(
+                source, tokenizer, image_size, _class_names(entry, source), templates, entry.max_items
+            )
         else:
-            raise ValueError(f"Eval {name!r} has kind {entry.kind!r}; valid kinds: retrieval.")
+            raise ValueError(f"Eval {name!r} has kind {entry.kind!r}; valid kinds: retrieval, classification.")
     return evaluators
 
 

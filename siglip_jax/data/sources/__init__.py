@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from siglip_jax.data.demo import DemoSource
 from siglip_jax.data.sources.arrayrecord import (ArrayRecordSource, TfdsSource, decode_record,
                                                  encode_record)
+from siglip_jax.data.sources.image_folder import ImageFolderSource
 from siglip_jax.data.sources.captions import (CaptionFolderSource, CocoCaptionsSource, coco2017,
                                               flickr8k, read_caption_table)
 from siglip_jax.data.sources.webdataset import (WebDatasetSource, expand_shard_paths,
@@ -25,6 +26,7 @@ SOURCES: dict[str, Callable] = {
     "coco2017": coco2017,                   # path, split in train/val
     "webdataset": WebDatasetSource,         # shards (path, glob, {000..009} range or list)
     "arrayrecord": ArrayRecordSource,       # paths (path, glob or list)
+    "image_folder": ImageFolderSource,      # path (root/<class>/<image>), max_per_class; for classification
     "tfds": TfdsSource,                     # name, split, data_dir, image_key, caption_key, id_key
 }
 SOURCE_KINDS = tuple(SOURCES)
@@ -68,7 +70,7 @@ def iter_captions(source) -> Iterator[str]:
 
 
 __all__: Iterable[str] = [
-    "ArrayRecordSource", "CaptionFolderSource", "CocoCaptionsSource", "SOURCES", "SOURCE_KINDS",
+    "ArrayRecordSource", "CaptionFolderSource", "ImageFolderSource", "CocoCaptionsSource", "SOURCES", "SOURCE_KINDS",
     "TfdsSource", "WebDatasetSource", "coco2017", "decode_record", "encode_record",
     "expand_shard_paths", "flickr8k", "iter_captions", "make_source", "parse_source_args",
     "read_caption_table", "shard_paths_for",
