@@ -59,7 +59,9 @@ class ConsoleWriter:
         for key, (label, fmt) in CONSOLE_COLUMNS.items():
             if key in metrics:
                 parts.append(f"{label} {fmt.format(metrics[key])}")
-        evals = {key: value for key, value in metrics.items() if "/" in key}
+        if metrics.get("data/num_skipped"):
+            parts.append(f"skipped {int(metrics['data/num_skipped'])}")
+        evals = {key: value for key, value in metrics.items() if "/" in key and not key.startswith("data/")}
         if evals:
             parts.append("eval: " + ", ".join(f"{key} {value:.4g}" for key, value in sorted(evals.items())))
         tqdm.tqdm.write(" | ".join(parts))
@@ -89,20 +91,28 @@ class Throughput:
         self.num_devices = num_devices
         self._time = time.perf_counter()
         self._step: int | None = None
+        self._data_wait = 0.0
 
     def reset(self, step: int) -> None:
         self._time, self._step = time.perf_counter(), step
+        self._data_wait = 0.0
+
+    def add_data_wait(self, seconds: float) -> None:
+        """Time the loop spent blocked on the input pipeline (an upper bound on the accelerator's idle
+        time caused by input, since the step before may still be running meanwhile)."""
+        self._data_wait += seconds
 
     def measure(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
         if self._step is None or step <= self._step:
             self.reset(step)
             return {}
-        steps, seconds = step - self._step, now - self._time
+        steps, seconds, data_wait = step - self._step, now - self._time, self._data_wait
         examples_per_second = steps * self.global_batch_size / seconds
         self.reset(step)
         return {
             "examples_per_second": examples_per_second,
             "examples_per_second_per_device": examples_per_second / self.num_devices,
             "seconds_per_step": seconds / steps,
+            "data_wait_fraction": data_wait / seconds,
         }

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -137,7 +138,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     first_step = int(state.step)
     throughput.reset(first_step)
     for step in range(first_step + 1, config.total_steps + 1):
+        wait_start = time.perf_counter()
         local_batch = next(batches)
+        throughput.add_data_wait(time.perf_counter() - wait_start)
         num_skipped = int(local_batch.pop("num_skipped"))
         batch = sharding.host_local_to_global(local_batch, batch_sharding)
         with jax.set_mesh(mesh):

@@ -88,3 +88,18 @@ def test_command_line_overrides_and_typos(tmp_path):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert typo.returncode != 0 and "total_stepz" in typo.stderr
+
+
+def test_flickr8k_recipe_with_a_named_size():
+    config = _load_recipe_with_arg(os.path.join(REPO, "configs", "flickr8k.py"), "B/16")
+    config_lib.validate(config)
+    assert config.model.image.variant == "B/16" and config.model.dtype == "bfloat16"
+
+
+def _load_recipe_with_arg(path, arg):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_with_arg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

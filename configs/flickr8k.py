@@ -1,0 +1,59 @@
+"""SigLIP on Flickr8k (6,000 training images, 5 captions each), evaluated on its 1,000-image test split
+(image<->text retrieval, 5 captions per image) and zero-shot CIFAR-10.
+
+    python train.py --config configs/flickr8k.py --workdir /tmp/flickr8k          # small, CPU-friendly
+    python train.py --config configs/flickr8k.py:B/16 --workdir /tmp/flickr8k_b16 # B/16 at 224 px, accelerators
+
+Data is read in place from ../shared/data beside the repository; point elsewhere with
+--config.data.train.args.path=/data/flickr8k (and the evals' source args likewise).
+"""
+import os
+
+from siglip_jax.config import default_config, eval_config, source_config
+
+SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+
+
+def get_config(arg: str | None = None):
+    variant = arg or "small"
+    config = default_config()
+    flickr = os.path.normpath(os.path.join(SHARED_DATA, "flickr8k"))
+    cifar = os.path.normpath(os.path.join(SHARED_DATA, "cifar10", "test"))
+    config.data.train = source_config("flickr8k", path=flickr, split="train")
+    config.data.random_crop_scale = (0.6, 1.0)  # 6,000 images: mild crops against overfitting
+    config.data.lowercase = True
+    config.evals.flickr8k = eval_config("retrieval", source_config("flickr8k", path=flickr, split="test"))
+    config.evals.cifar10 = eval_config("classification", source_config("image_folder", path=cifar))
+    config.model.text.vocab_size = 259  # the byte tokenizer's; see tools/train_tokenizer.py for SentencePiece
+    config.model.text.max_len = 64
+
+    if variant == "small":  # about 10 minutes on a 2-core CPU
+        config.total_steps = 1_500
+        config.log_every_steps = 50
+        config.eval_every_steps = 500
+        config.model.image.variant = "mu/8"
+        config.model.image.image_size = 64
+        for tower in (config.model.image, config.model.text):
+            tower.width, tower.depth, tower.mlp_dim, tower.num_heads = 128, 4, 512, 4
+        config.optim.learning_rate = 1e-3
+        config.optim.warmup_steps = 100
+        config.optim.weight_decay = 0.1
+        config.data.batch_size = 128
+        config.data.eval_batch_size = 200
+        config.evals.cifar10.source.args.max_per_class = 100
+    elif "/" in variant:  # a named ViT size for the image tower, the same size for text
+        config.total_steps = 5_000
+        config.log_every_steps = 50
+        config.eval_every_steps = 1_000
+        config.model.image.variant = variant
+        config.model.text.variant = variant.split("/")[0]
+        config.model.dtype = "bfloat16"
+        config.optim.learning_rate = 3e-4
+        config.optim.warmup_steps = 500
+        config.optim.weight_decay = 0.1
+        config.data.batch_size = 512
+        config.data.eval_batch_size = 512
+        config.data.num_workers = 8
+    else:
+        raise ValueError(f"Unknown flickr8k recipe argument {variant!r}; use 'small' or a variant such as 'B/16'.")
+    return config
