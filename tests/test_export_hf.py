@@ -13,22 +13,11 @@ transformers = pytest.importorskip(
 from siglip_jax.export import hf, safetensors_file  # noqa: E402
 from siglip_jax.models import two_towers  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
+from tests.params_helpers import random_params  # noqa: E402
 from tools.train_tokenizer import train_sentencepiece  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 TOLERANCE = 1e-4
-
-
-def random_params(config, seed=0):
-    """Initialised params with every leaf perturbed, so zero-initialised biases also test the mapping."""
-    model = two_towers.build_model(config.model)
-    size = config.model.image.image_size
-    images = np.zeros((1, size, size, 3), np.float32)
-    tokens = np.zeros((1, config.model.text.max_len), np.int32)
-    params = jax.jit(model.init)(jax.random.key(seed), images, tokens)["params"]
-    params = jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(params))
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda p: (p + 0.05 * rng.standard_normal(p.shape)).astype(np.float32), params)
 
 
 def our_embeddings(config, params, pixels, token_ids):

@@ -28,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from siglip_jax import config as config_lib
-from siglip_jax.export import safetensors_file
+from siglip_jax.export import big_vision, safetensors_file
 from siglip_jax.models import layers, sizes, two_towers
 
 # Both are the tanh approximation of GELU that SigLIP's MLP blocks use (flax `approximate=True`).
@@ -117,19 +117,6 @@ def to_hf_config(model_config: ml_collections.ConfigDict, eos_id: int = 1, pad_i
     }
 
 
-def _named_variant(size: sizes.TransformerSize) -> str:
-    for name, known in sizes.SIZES.items():
-        if known == size:
-            return name
-    return "mu"  # any name works: every field is overridden explicitly below
-
-
-def _set_tower(tower: ml_collections.ConfigDict, size: sizes.TransformerSize, patch: int | None = None) -> None:
-    name = _named_variant(size)
-    tower.variant = f"{name}/{patch}" if patch else name
-    tower.width, tower.depth, tower.mlp_dim, tower.num_heads = size.width, size.depth, size.mlp_dim, size.num_heads
-
-
 def _check_hf_value(where: str, value, valid, fix: str) -> None:
     if value not in valid:
         raise ValueError(f"HF config {where}={value!r} is not supported; valid: {list(valid)}. {fix}")
@@ -168,13 +155,13 @@ def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
     config = config_lib.default_config()
     image_size = sizes.TransformerSize(image_width, vision.get("num_hidden_layers", 12),
                                        vision.get("intermediate_size", 3072), vision.get("num_attention_heads", 12))
-    _set_tower(config.model.image, image_size, patch)
+    big_vision.set_tower_size(config.model.image, image_size, patch)
     config.model.image.patch_size = patch
     config.model.image.image_size = resolution
     config.model.image.pooling = "map"
     text_size = sizes.TransformerSize(text.get("hidden_size", 768), text.get("num_hidden_layers", 12),
                                       text.get("intermediate_size", 3072), text.get("num_attention_heads", 12))
-    _set_tower(config.model.text, text_size)
+    big_vision.set_tower_size(config.model.text, text_size)
     config.model.text.vocab_size = text.get("vocab_size", 32000)
     config.model.text.max_len = text.get("max_position_embeddings", 64)
     config.model.embed_dim = 0
