@@ -11,7 +11,6 @@ ahead of time, so a stream of odd-sized requests costs at most log2(batch_size) 
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Callable, Sequence, Union
 
 import jax
@@ -20,7 +19,6 @@ import ml_collections
 import numpy as np
 
 from siglip_jax.data import images as images_lib
-from siglip_jax.data import tokenizers
 from siglip_jax.export import big_vision, hf, params as params_lib
 from siglip_jax.models import two_towers
 
@@ -66,18 +64,6 @@ def load_params(path: str) -> params_lib.ExportedParams:
     )
 
 
-def _tokenizer_for(exported: params_lib.ExportedParams, scratch: str) -> object:
-    data = exported.config.data
-    path = data.tokenizer_path or None
-    if exported.tokenizer_file:
-        # The bundled copy wins: the recorded path belongs to the machine that trained the model.
-        path = os.path.join(scratch, exported.tokenizer_file_name or "tokenizer.model")
-        with open(path, "wb") as file:
-            file.write(exported.tokenizer_file)
-    return tokenizers.make_tokenizer(data.tokenizer, max_len=exported.config.model.text.max_len,
-                                     lowercase=data.lowercase, path=None if data.tokenizer == "byte" else path)
-
-
 def load(path: str, *, batch_size: int = 32) -> "Embedder":
     """An Embedder for the model at `path` (see `load_params` for what `path` may be)."""
     return Embedder.from_exported(load_params(path), batch_size=batch_size)
@@ -120,8 +106,7 @@ class Embedder:
 
     @classmethod
     def from_exported(cls, exported: params_lib.ExportedParams, batch_size: int = 32) -> "Embedder":
-        scratch = tempfile.mkdtemp(prefix="siglip_tokenizer_")
-        return cls(exported.config, exported.params, _tokenizer_for(exported, scratch), batch_size)
+        return cls(exported.config, exported.params, params_lib.make_tokenizer(exported), batch_size)
 
     @classmethod
     def from_workdir(cls, workdir: str, config: ml_collections.ConfigDict, restore_params: ParamsLoader,

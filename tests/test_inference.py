@@ -2,6 +2,7 @@
 training, bucketed compilation, scores."""
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -29,9 +30,8 @@ def embedder(tiny):
 
 def _reference(config, params, pixels=None, token_ids=None):
     model = two_towers.build_model(config.model)
-    if pixels is not None:
-        return np.asarray(model.apply({"params": params}, pixels, method=model.embed_images))
-    return np.asarray(model.apply({"params": params}, token_ids, method=model.embed_texts))
+    method, inputs = (model.embed_images, pixels) if pixels is not None else (model.embed_texts, token_ids)
+    return np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, method=method))(params, inputs))
 
 
 def test_params_file_round_trip(tmp_path, tiny):

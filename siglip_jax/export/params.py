@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 
 import jax
 import ml_collections
@@ -21,6 +22,7 @@ import numpy as np
 from flax import serialization
 
 from siglip_jax import config as config_lib
+from siglip_jax.data import tokenizers
 
 FORMAT_NAME = "siglip_jax.params"
 FORMAT_VERSION = 1
@@ -136,3 +138,17 @@ def load_params_file(path: str) -> ExportedParams:
         tokenizer_file_name=payload["tokenizer_file_name"],
         tokenizer_file=bytes(payload["tokenizer_file"]),
     )
+
+
+def make_tokenizer(exported: ExportedParams):
+    """The model's tokenizer: the bundled file if there is one, else the config's tokenizer_path."""
+    data = exported.config.data
+    path = data.tokenizer_path or None
+    if exported.tokenizer_file:
+        # The bundled copy wins: the recorded path belongs to the machine that trained the model.
+        scratch = tempfile.mkdtemp(prefix="siglip_tokenizer_")
+        path = os.path.join(scratch, exported.tokenizer_file_name or "tokenizer.model")
+        with open(path, "wb") as file:
+            file.write(exported.tokenizer_file)
+    return tokenizers.make_tokenizer(data.tokenizer, max_len=exported.config.model.text.max_len,
+                                     lowercase=data.lowercase, path=None if data.tokenizer == "byte" else path)
