@@ -66,3 +66,25 @@ def test_not_a_two_tower_checkpoint(tmp_path):
     np.savez(path, weights=np.zeros(3))
     with pytest.raises(ValueError, match="not a big_vision two-tower"):
         big_vision.load_npz(path)
+
+
+def test_cli_converts_npz_to_params_file(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from siglip_jax.export import params as params_lib
+
+    config = tiny_config()
+    params = random_params(config)
+    npz_path, output = str(tmp_path / "release.npz"), str(tmp_path / "model.msgpack")
+    big_vision.save_npz(npz_path, params)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    result = subprocess.run(
+        [sys.executable, "export.py", "--format", "params", "--checkpoint", npz_path, "--output", output,
+         "--dtype", "bfloat16"], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = params_lib.load_params_file(output)
+    assert loaded.config.model.image.width == 32
+    assert loaded.params["txt"]["Embed_0"]["embedding"].dtype == np.dtype("bfloat16")

@@ -2,7 +2,6 @@
 embeddings agree to 1e-4 in float32 on the same pixels and token ids, and HF -> ours -> HF is lossless."""
 import os
 
-import jax
 import numpy as np
 import pytest
 
