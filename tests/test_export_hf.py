@@ -2,8 +2,10 @@
 embeddings agree to 1e-4 in float32 on the same pixels and token ids, and HF -> ours -> HF is lossless."""
 import os
 
-import numpy as np
-import pytest
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: nothing may be downloaded
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="HF export tests need PyTorch (CPU): pip install -r requirements-test.txt")
 transformers = pytest.importorskip(
@@ -15,7 +17,6 @@ from tests.helpers import tiny_config  # noqa: E402
 from tests.params_helpers import random_params  # noqa: E402
 from tools.train_tokenizer import train_sentencepiece  # noqa: E402
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 TOLERANCE = 1e-4
 
 
