@@ -1,0 +1,147 @@
+"""Text-to-image search over a folder of images.
+
+    python -m siglip_jax.search index IMAGE_DIR --model MODEL --output index.npz
+    python -m siglip_jax.search query index.npz "a dog on a beach" -k 10 [--html results.html]
+
+MODEL is anything `siglip_jax.inference.load` reads (an exported params file, an HF SigLIP directory, a
+big_vision .npz). The index is an .npz of image paths, their embeddings [n, embed] and the model path, so
+`query` reloads the same model. Results print one per line: rank, SigLIP probability sigmoid(t cos + b),
+cosine similarity, path; ranking by either is the same.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import html
+import os
+import sys
+import urllib.parse
+from typing import Sequence
+
+import numpy as np
+
+from siglip_jax import inference
+from siglip_jax.data import images as images_lib
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+CHUNK = 256  # images decoded at a time: bounds memory for large folders
+
+
+@dataclasses.dataclass(frozen=True)
+class Index:
+    paths: list[str]
+    embeddings: np.ndarray  # [n, embed] float32, L2-normalised
+    model: str  # what inference.load reads to embed queries
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    path: str
+    probability: float
+    cosine: float
+
+
+def list_images(image_dir: str) -> list[str]:
+    """Image files under `image_dir`, recursively, sorted, by extension (case-insensitive)."""
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"Image folder {image_dir!r} does not exist.")
+    found = []
+    for root, _, files in os.walk(image_dir):
+        found += [os.path.join(root, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def build_index(embedder: inference.Embedder, image_dir: str, model: str) -> Index:
+    """Embeds every readable image under `image_dir`; unreadable ones are reported on stderr and skipped."""
+    paths, embeddings = [], []
+    all_paths = list_images(image_dir)
+    for start in range(0, len(all_paths), CHUNK):
+        chunk_paths, pixels = [], []
+        for path in all_paths[start:start + CHUNK]:
+            try:
+                pixels.append(inference.load_image(path, embedder.image_size))
+                chunk_paths.append(os.path.abspath(path))
+            except (images_lib.DecodeError, OSError) as error:
+                print(f"skipping {path}: {error}", file=sys.stderr)
+        if pixels:
+            embeddings.append(embedder.embed_images(pixels))
+            paths += chunk_paths
+    if not paths:
+        raise ValueError(f"No readable images ({', '.join(IMAGE_EXTENSIONS)}) under {image_dir!r}.")
+    return Index(paths=paths, embeddings=np.concatenate(embeddings), model=model)
+
+
+def save_index(path: str, index: Index) -> None:
+    with open(path, "wb") as file:  # a file object, so numpy does not append ".npz" to the name
+        np.savez(file, paths=np.array(index.paths), embeddings=index.embeddings, model=np.array(index.model))
+
+
+def load_index(path: str) -> Index:
+    with np.load(path, allow_pickle=False) as data:
+        return Index(paths=[str(p) for p in data["paths"]], embeddings=data["embeddings"], model=str(data["model"]))
+
+
+def query_index(index: Index, embedder: inference.Embedder, text: str, k: int = 10) -> list[Result]:
+    """The k images most likely to match `text`, best first."""
+    text_embedding = embedder.embed_texts([text])[0]
+    cosines = index.embeddings @ text_embedding
+    temperature, bias = embedder.temperature_and_bias()
+    probabilities = 1.0 / (1.0 + np.exp(-(temperature * cosines + bias)))
+    best = np.argsort(-cosines, kind="stable")[:k]
+    return [Result(index.paths[i], float(probabilities[i]), float(cosines[i])) for i in best]
+
+
+def write_html(path: str, text: str, results: Sequence[Result]) -> None:
+    """A page with the query and a grid of the images found (linked relative to the page)."""
+    page_dir = os.path.dirname(os.path.abspath(path))
+    cells = []
+    for rank, result in enumerate(results, 1):
+        source = urllib.parse.quote(os.path.relpath(result.path, page_dir).replace(os.sep, "/"))
+        cells.append(
+            f'<figure><img src="{source}" alt="{html.escape(os.path.basename(result.path))}">'
+            f"<figcaption>{rank}. p={result.probability:.4f} cos={result.cosine:.4f}<br>"
+            f"{html.escape(os.path.basename(result.path))}</figcaption></figure>"
+        )
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(
+            "<!doctype html><meta charset='utf-8'>"
+            f"<title>{html.escape(text)}</title>"
+            "<style>body{font-family:sans-serif}figure{display:inline-block;margin:8px;width:224px}"
+            "img{width:224px;height:224px;object-fit:cover}</style>"
+            f"<h1>{html.escape(text)}</h1>\n" + "\n".join(cells) + "\n"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m siglip_jax.search", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    index_parser = commands.add_parser("index", help="embed a folder of images")
+    index_parser.add_argument("image_dir")
+    index_parser.add_argument("--model", required=True, help="exported params file, HF directory or .npz")
+    index_parser.add_argument("--output", required=True, help="index file to write (.npz)")
+    index_parser.add_argument("--batch_size", type=int, default=32)
+    query_parser = commands.add_parser("query", help="find the images matching a text")
+    query_parser.add_argument("index")
+    query_parser.add_argument("text")
+    query_parser.add_argument("-k", type=int, default=10, help="how many results")
+    query_parser.add_argument("--model", default=None, help="defaults to the model the index was built with")
+    query_parser.add_argument("--html", default=None, help="also write a page showing the images found")
+    args = parser.parse_args(argv)
+
+    if args.command == "index":
+        embedder = inference.load(args.model, batch_size=args.batch_size)
+        index = build_index(embedder, args.image_dir, os.path.abspath(args.model))
+        save_index(args.output, index)
+        print(f"indexed {len(index.paths)} images into {args.output}")
+        return
+    index = load_index(args.index)
+    embedder = inference.load(args.model or index.model)
+    results = query_index(index, embedder, args.text, args.k)
+    for rank, result in enumerate(results, 1):
+        print(f"{rank}\t{result.probability:.4f}\t{result.cosine:.4f}\t{result.path}")
+    if args.html:
+        write_html(args.html, args.text, results)
+
+
+if __name__ == "__main__":
+    main()
