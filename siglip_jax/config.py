@@ -90,6 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
             log_every_steps=50,
             eval_every_steps=1_000,  # evals below run every N steps and at the end; 0: only at the end
             evals={},  # name -> eval_config(...); free-form names, each entry checked by validate()
+            tensorboard=True,  # TensorBoard event files beside metrics.jsonl (written without TensorFlow)
+            profile_steps=(0, 0),  # [first, last) steps traced by jax.profiler into workdir/profile; (0, 0): off
+            peak_tflops_per_device=0.0,  # for MFU; 0: the table in metrics.py by device kind
             model=dict(
                 image=image,
                 text=text,

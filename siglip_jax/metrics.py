@@ -70,6 +70,23 @@ class ConsoleWriter:
         self.bar.close()
 
 
+class TensorBoardWriter:
+    """Scalars as TensorBoard event files (tensorboardX: no TensorFlow needed)."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(logdir)
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class MultiWriter:
     def __init__(self, writers: Sequence[Any]):
         self.writers = list(writers)
@@ -83,12 +100,36 @@ class MultiWriter:
             writer.close()
 
 
+# Dense bf16 peak TFLOP/s per device, by the start of jax's device_kind.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,  # v6e (Trillium)
+    "NVIDIA A100": 312.0,
+    "NVIDIA H100": 989.0,  # SXM; the PCIe card is 756
+    "NVIDIA H200": 989.0,
+}
+
+
+def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
+    """The device's peak from the table (longest matching prefix), or `override` when positive."""
+    if override > 0:
+        return override
+    matches = [kind for kind in PEAK_TFLOPS if device_kind.startswith(kind)]
+    return PEAK_TFLOPS[max(matches, key=len)] if matches else None
+
+
 class Throughput:
     """Examples per second between two calls of `measure`, from wall time (the caller syncs first)."""
 
-    def __init__(self, global_batch_size: int, num_devices: int):
+    def __init__(self, global_batch_size: int, num_devices: int, flops_per_example: int = 0,
+                 peak_tflops_per_device: float | None = None):
         self.global_batch_size = global_batch_size
         self.num_devices = num_devices
+        self.flops_per_example = flops_per_example
+        self.peak_tflops_per_device = peak_tflops_per_device
         self._time = time.perf_counter()
         self._step: int | None = None
         self._data_wait = 0.0
@@ -110,9 +151,15 @@ class Throughput:
         steps, seconds, data_wait = step - self._step, now - self._time, self._data_wait
         examples_per_second = steps * self.global_batch_size / seconds
         self.reset(step)
-        return {
+        measured = {
             "examples_per_second": examples_per_second,
             "examples_per_second_per_device": examples_per_second / self.num_devices,
             "seconds_per_step": seconds / steps,
             "data_wait_fraction": data_wait / seconds,
         }
+        if self.flops_per_example:
+            tflops = self.flops_per_example * examples_per_second / self.num_devices / 1e12
+            measured["tflops_per_device"] = tflops
+            if self.peak_tflops_per_device:
+                measured["mfu"] = tflops / self.peak_tflops_per_device
+        return measured

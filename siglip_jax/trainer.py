@@ -19,7 +19,7 @@ from siglip_jax import metrics as metrics_lib
 from siglip_jax import optim, sharding
 from siglip_jax.data import pipeline, sources, tokenizers
 from siglip_jax.evaluation import runner
-from siglip_jax.models import two_towers
+from siglip_jax.models import flops, two_towers
 from siglip_jax.train_step import TrainState, create_train_state, train_step
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,32 @@ class Hook:
 
     def due(self, step: int, is_last: bool) -> bool:
         return (is_last and self.at_end) or (self.every_steps > 0 and step % self.every_steps == 0)
+
+
+class Profiler:
+    """Traces steps [first, last) with jax.profiler (view in TensorBoard's profile tab or Perfetto)."""
+
+    def __init__(self, logdir: str, first: int, last: int):
+        if last < first:
+            raise ValueError(f"profile_steps ({first}, {last}) must be (first, last) with last >= first.")
+        self.logdir, self.first, self.last = logdir, first, last
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        if step == self.first and self.last > self.first and jax.process_index() == 0:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after_step(self, step: int, step_metrics: Any) -> None:
+        if self.active and step == self.last - 1:
+            jax.block_until_ready(step_metrics)  # the trace must hold the whole step
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            logger.info("Wrote a profile of steps %d-%d to %s", self.first, self.last - 1, self.logdir)
 
 
 def build_source(source: ml_collections.ConfigDict) -> Any:
@@ -132,8 +158,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     writers = [metrics_lib.ConsoleWriter(config.total_steps, int(state.step), enabled=is_lead)]
     if is_lead:
         writers.append(metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+        if config.tensorboard:
+            writers.append(metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard")))
     writer = metrics_lib.MultiWriter(writers)
-    throughput = metrics_lib.Throughput(config.data.batch_size, mesh.size)
+    throughput = metrics_lib.Throughput(
+        config.data.batch_size,
+        mesh.size,
+        flops.train_flops_per_example(config.model, config.data.batch_size),
+        metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.peak_tflops_per_device),
+    )
+    profiler = Profiler(os.path.join(workdir, "profile"), *config.profile_steps)
     last_metrics: dict[str, float] = {}
     first_step = int(state.step)
     throughput.reset(first_step)
@@ -143,8 +177,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         throughput.add_data_wait(time.perf_counter() - wait_start)
         num_skipped = int(local_batch.pop("num_skipped"))
         batch = sharding.host_local_to_global(local_batch, batch_sharding)
+        profiler.before_step(step)
         with jax.set_mesh(mesh):
             state, step_metrics = step_fn(state, batch)
+        profiler.after_step(step, step_metrics)
         is_last = step == config.total_steps
         logged: dict[str, float] = {}
         if step % config.log_every_steps == 0 or is_last or step == first_step + 1:
@@ -159,5 +195,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             writer.write(step, logged)
             last_metrics.update(logged)
         writers[0].advance(step)
+    profiler.stop()
     writer.close()
     return last_metrics

@@ -16,6 +16,7 @@ def test_short_demo_run_loss_falls_and_logs(tmp_path):
     config.eval_every_steps = 20
     config.optim.learning_rate = 3e-3
     config.optim.warmup_steps = 5
+    config.profile_steps = (3, 5)
     config.evals.shapes = eval_config("retrieval", source_config("demo", split="eval", size=32, image_size=16))
     final = trainer.train(config, str(tmp_path))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -28,3 +29,5 @@ def test_short_demo_run_loss_falls_and_logs(tmp_path):
     for key in ("learning_rate", "temperature", "bias", "examples_per_second"):
         assert key in lines[-1]
     assert 0.0 <= final["shapes/text_to_image/recall@1"] <= 1.0
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))  # the jax.profiler trace of steps 3-4

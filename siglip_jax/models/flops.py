@@ -1,0 +1,53 @@
+"""Analytic training FLOPs per example, for throughput and MFU.
+
+Counted: matrix multiplications only (2 FLOPs per multiply-add), which dominate at real sizes; norms,
+activations and softmax add a few percent. Per transformer block over a sequence of n tokens of width d
+with MLP width m:
+    q, k, v and output projections  4 x 2 n d^2
+    attention scores and weighting  2 x 2 n^2 d
+    MLP                              2 x 2 n d m
+Image tower: patch embedding 2 n (p^2 3) d, the blocks, MAP head (one query token: q and out 2 x 2 d^2,
+k and v 2 x 2 n d^2, attention 2 x 2 n d, MLP 2 x 2 d m), optional head 2 d D. Text tower: the blocks and
+its head 2 d D (the token lookup is a gather, no FLOPs). Loss: each example's row of logits against the
+global batch B, 2 B D. Training = forward + backward = 3 x forward (the backward pass computes gradients
+for both inputs and weights of every multiplication).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from siglip_jax.models import two_towers
+
+
+def encoder_flops(length: int, width: int, depth: int, mlp_dim: int) -> int:
+    per_block = 4 * 2 * length * width**2 + 2 * 2 * length**2 * width + 2 * 2 * length * width * mlp_dim
+    return depth * per_block
+
+
+def image_tower_flops(model_config: ml_collections.ConfigDict) -> int:
+    vit = two_towers.build_vit(model_config)
+    size = model_config.image.image_size
+    tokens = (size // vit.patch_size) ** 2
+    flops = 2 * tokens * vit.patch_size**2 * 3 * vit.width
+    flops += encoder_flops(tokens + (vit.pooling == "tok"), vit.width, vit.depth, vit.mlp_dim)
+    if vit.pooling == "map":
+        flops += 2 * 2 * vit.width**2 + 2 * 2 * tokens * vit.width**2 + 2 * 2 * tokens * vit.width
+        flops += 2 * 2 * vit.width * vit.mlp_dim
+    if vit.head_dim:
+        flops += 2 * vit.width * vit.head_dim
+    return flops
+
+
+def text_tower_flops(model_config: ml_collections.ConfigDict) -> int:
+    text = two_towers.build_text_transformer(model_config)
+    return encoder_flops(text.max_len, text.width, text.depth, text.mlp_dim) + 2 * text.width * text.head_dim
+
+
+def loss_flops(global_batch_size: int, embed_dim: int) -> int:
+    return 2 * global_batch_size * embed_dim
+
+
+def train_flops_per_example(model_config: ml_collections.ConfigDict, global_batch_size: int) -> int:
+    forward = image_tower_flops(model_config) + text_tower_flops(model_config)
+    forward += loss_flops(global_batch_size, two_towers.embedding_width(model_config))
+    return 3 * forward

@@ -1,0 +1,85 @@
+"""FLOPs accounting, MFU, TensorBoard files and the plot tool."""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from siglip_jax import metrics, optim, sharding
+from siglip_jax.config import default_config
+from siglip_jax.models import flops, two_towers
+from siglip_jax.train_step import create_train_state, train_step
+from tests.helpers import tiny_config
+
+
+def test_analytic_flops_match_xla_cost_analysis_within_ten_percent():
+    width, size, length, batch_size = 128, 64, 32, 32
+    config = tiny_config(**{
+        "model.image.variant": "mu/8", "model.image.image_size": size, "model.text.max_len": length,
+        "model.image.width": width, "model.text.width": width, "model.image.mlp_dim": 4 * width,
+        "model.text.mlp_dim": 4 * width, "model.image.num_heads": 4, "model.text.num_heads": 4,
+    })
+    mesh = sharding.create_mesh((1, 1, 1), ("data", "fsdp", "tensor"), jax.devices()[:1])
+    rules = sharding.rules_as_tuples(config.mesh.axis_rules)
+    model = two_towers.build_model(config.model)
+    optimizer = optim.build_optimizer(config.optim, 10)
+    state, _ = create_train_state(model, optimizer, image_size=size, text_length=length, mesh=mesh,
+                                  axis_rules=rules, rng=jax.random.key(0))
+    batch = {"images": jnp.zeros((batch_size, size, size, 3), jnp.uint8), "tokens": jnp.ones((batch_size, length), jnp.int32)}
+    step = jax.jit(functools.partial(
+        train_step, model=model, optimizer=optimizer, schedule=optim.learning_rate_schedule(config.optim, 10),
+        loss_config=config.loss, axis_rules=rules, mesh=mesh, batch_axes=("data", "fsdp"),
+    ))
+    with jax.set_mesh(mesh):
+        cost = step.lower(state, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    analytic = flops.train_flops_per_example(config.model, batch_size)
+    assert cost["flops"] / batch_size == pytest.approx(analytic, rel=0.10)
+
+
+def test_b16_forward_flops_by_hand():
+    config = default_config()  # B/16 at 224 px, 64 text tokens
+    n, d, m = 196, 768, 3072
+    block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * m
+    expected_image = 2 * n * 768 * d + 12 * block + (4 * d * d + 4 * n * d * d + 4 * n * d + 4 * d * m)
+    assert flops.image_tower_flops(config.model) == expected_image
+    text_block = 8 * 64 * d * d + 4 * 64 * 64 * d + 4 * 64 * d * m
+    assert flops.text_tower_flops(config.model) == 12 * text_block + 2 * d * d
+
+
+def test_peak_table_and_mfu():
+    assert metrics.peak_tflops("TPU v5 lite") == 197.0
+    assert metrics.peak_tflops("TPU v5p") == 459.0
+    assert metrics.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert metrics.peak_tflops("cpu") is None
+    assert metrics.peak_tflops("cpu", override=2.0) == 2.0
+    throughput = metrics.Throughput(global_batch_size=100, num_devices=2, flops_per_example=10**12, peak_tflops_per_device=100.0)
+    throughput.reset(0)
+    throughput._time -= 2.0  # pretend 2 s passed: 100 examples/s, 50 per device
+    measured = throughput.measure(1)
+    assert measured["examples_per_second"] == pytest.approx(50.0, rel=0.05)
+    assert measured["tflops_per_device"] == pytest.approx(25.0, rel=0.05)
+    assert measured["mfu"] == pytest.approx(0.25, rel=0.05)
+
+
+def test_tensorboard_writer_writes_event_files(tmp_path):
+    writer = metrics.TensorBoardWriter(str(tmp_path / "tb"))
+    writer.write(3, {"loss": 1.5, "eval/recall@1": 0.25})
+    writer.close()
+    files = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    content = files[0].read_bytes() if files else b""
+    # tensorboardX turns "@" into "_" in tags; 0.25 is the float32 bytes 00 00 80 3e.
+    assert b"eval/recall_1" in content and b"loss" in content and b"\x00\x00\x80>" in content
+
+
+def test_plot_tool_draws_every_panel(tmp_path):
+    from tools import plot
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "loss": 5.0 / s, "learning_rate": 1e-3, "temperature": 10.0, "bias": -10.0} for s in range(1, 6)]
+    lines.append({"step": 5, "demo/image_to_text/recall@1": 0.5})
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    titles = plot.plot(plot.read_metrics(str(path)), str(tmp_path / "curves.png"))
+    assert titles == ["loss", "learning rate", "temperature exp(t)", "bias b", "eval recall"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,70 @@
+"""Draws a run's curves from metrics.jsonl into one PNG: loss, learning rate, temperature t, bias b and
+every eval recall.
+
+    python tools/plot.py /tmp/demo/metrics.jsonl --output /tmp/demo/curves.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as stream:
+        return [json.loads(line) for line in stream if line.strip()]
+
+
+def plot(records: list[dict], output: str) -> list[str]:
+    """Writes the figure; returns the panel titles drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    panels: list[tuple[str, list[str]]] = [
+        ("loss", ["loss"]),
+        ("learning rate", ["learning_rate"]),
+        ("temperature exp(t)", ["temperature"]),
+        ("bias b", ["bias"]),
+    ]
+    recall_keys = sorted({key for record in records for key in record if "recall" in key})
+    if recall_keys:
+        panels.append(("eval recall", recall_keys))
+    panels = [(title, keys) for title, keys in panels if any(key in record for record in records for key in keys)]
+    if not panels:
+        raise ValueError("No plottable metrics (loss, learning_rate, temperature, bias, *recall*) in the file.")
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
+    for axis, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            points = [(record["step"], record[key]) for record in records if key in record]
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 20 else None, label=key)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if len(keys) > 1:
+            axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return [title for title, _ in panels]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("metrics", help="a metrics.jsonl written by train.py")
+    parser.add_argument("--output", default=None, help="PNG path (default: beside the metrics file)")
+    args = parser.parse_args()
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), "curves.png")
+    titles = plot(read_metrics(args.metrics), output)
+    print(f"Wrote {output}: {', '.join(titles)}")
+
+
+if __name__ == "__main__":
+    main()
