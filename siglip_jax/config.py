@@ -27,6 +27,7 @@ DEFAULT_AXIS_RULES = (
     ("vocab", "tensor"),
     ("embed_out", None),
     ("length", None),
+    ("layers", None),  # the stacked-blocks axis of scan_layers
     ("norm", None),
 )
 
@@ -99,6 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
                 embed_dim=0,  # 0: the image width, and no image head (SigLIP); else both towers project to it
                 dtype="float32",  # compute dtype: "bfloat16" on accelerators; parameters stay float32
                 remat_policy="none",  # "none", "full" or "dots_saveable"
+                scan_layers=False,  # nn.scan over blocks: compile time independent of depth; stacked params
                 temperature_init=10.0,  # t = log(temperature_init)
                 bias_init=-10.0,
             ),

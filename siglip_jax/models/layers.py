@@ -134,42 +134,62 @@ class Encoder1DBlock(nn.Module):
     mlp_dim: int
     num_heads: int
     dtype: Dtype = jnp.float32
+    scanned: bool = False  # under nn.scan: take and return (carry, per-layer output)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, _: Any = None) -> jax.Array | tuple[jax.Array, None]:
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         y = layer_norm("LayerNorm_0", self.dtype)(x)
         y = MultiHeadAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(y, y)
         x = x + y
         y = layer_norm("LayerNorm_1", self.dtype)(x)
         y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
-        return constrain(x + y, ("act_batch", "act_length", "act_embed"))
+        x = constrain(x + y, ("act_batch", "act_length", "act_embed"))
+        return (x, None) if self.scanned else x
 
 
 def _remat_block(policy: str) -> type[Encoder1DBlock]:
     if policy == "none":
         return Encoder1DBlock
     if policy == "full":
-        return nn.remat(Encoder1DBlock)
+        return nn.remat(Encoder1DBlock, prevent_cse=False)  # CSE is harmless here: no loop to hoist out of
     if policy == "dots_saveable":
-        return nn.remat(Encoder1DBlock, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        return nn.remat(
+            Encoder1DBlock, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        )
     raise ValueError(f"Unknown remat policy {policy!r}; valid: {', '.join(REMAT_POLICIES)}.")
 
 
 class Encoder(nn.Module):
-    """A stack of `depth` blocks named encoderblock_{i}, then the final LayerNorm `encoder_norm`."""
+    """A stack of `depth` blocks named encoderblock_{i}, then the final LayerNorm `encoder_norm`.
+
+    With `scan_layers`, one block is compiled and scanned over the depth (compile time independent of
+    depth); its parameters are stacked on a leading "layers" axis under the single name `encoderblock`,
+    big_vision's scanned layout.
+    """
 
     depth: int
     mlp_dim: int
     num_heads: int
     dtype: Dtype = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         block = _remat_block(self.remat_policy)
-        for layer in range(self.depth):
-            x = block(self.mlp_dim, self.num_heads, self.dtype, name=f"encoderblock_{layer}")(x)
+        if self.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scanned(self.mlp_dim, self.num_heads, self.dtype, scanned=True, name="encoderblock")(x, None)
+        else:
+            for layer in range(self.depth):
+                x = block(self.mlp_dim, self.num_heads, self.dtype, name=f"encoderblock_{layer}")(x)
         return layer_norm("encoder_norm", self.dtype)(x)
 
 

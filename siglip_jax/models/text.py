@@ -25,6 +25,7 @@ class TextTransformer(nn.Module):
     head_dim: int
     dtype: layers.Dtype = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, token_ids: jax.Array) -> jax.Array:
@@ -43,7 +44,8 @@ class TextTransformer(nn.Module):
         posemb = layers.learned_position_embedding(self, "pos_embedding", self.max_len, self.width)
         x = x + posemb.astype(self.dtype)
         x = layers.Encoder(
-            self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, name="Encoder_0"
+            self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, self.scan_layers,
+            name="Encoder_0",
         )(x)
         x = x[:, -1, :]
         return nn.Dense(

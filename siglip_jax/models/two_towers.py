@@ -54,6 +54,7 @@ def build_vit(model_config: ml_collections.ConfigDict) -> nn.Module:
         head_dim=model_config.embed_dim or None,
         dtype=DTYPES[model_config.dtype],
         remat_policy=model_config.remat_policy,
+        scan_layers=model_config.scan_layers,
     )
 
 
@@ -69,6 +70,7 @@ def build_text_transformer(model_config: ml_collections.ConfigDict) -> nn.Module
         head_dim=embedding_width(model_config),
         dtype=DTYPES[model_config.dtype],
         remat_policy=model_config.remat_policy,
+        scan_layers=model_config.scan_layers,
     )
 
 

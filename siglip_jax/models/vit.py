@@ -27,6 +27,7 @@ class VisionTransformer(nn.Module):
     head_dim: int | None = None
     dtype: layers.Dtype = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -60,7 +61,8 @@ class VisionTransformer(nn.Module):
             x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (batch, 1, 1)), x], axis=1)
 
         x = layers.Encoder(
-            self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, name="Transformer"
+            self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, self.scan_layers,
+            name="Transformer",
         )(x)
 
         if self.pooling == "map":
