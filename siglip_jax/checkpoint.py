@@ -67,14 +67,18 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], under: It
     """Keys whose values differ between two JSON configs (only those in the groups `under`, if given),
     each as "key: <saved> in the checkpoint, <current> now"."""
     saved_flat, current_flat = _flatten(saved), _flatten(current)
-    missing = "(absent)"
+    missing = object()
+
+    def show(value: Any) -> str:
+        return "absent" if value is missing else repr(value)
+
     lines = []
     for key in sorted(set(saved_flat) | set(current_flat)):
         if under is not None and not any(key == group or key.startswith(group + ".") for group in under):
             continue
         old, new = saved_flat.get(key, missing), current_flat.get(key, missing)
-        if old != new:
-            lines.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
+        if old is missing or new is missing or old != new:
+            lines.append(f"{key}: {show(old)} in the checkpoint, {show(new)} now")
     return lines
 
 
