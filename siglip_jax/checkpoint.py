@@ -12,7 +12,6 @@ killed midway leaves the previous checkpoint as the latest. A checkpoint that ca
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 STATE, DATA, CONFIG = "state", "data", "config"
 # A checkpoint made with a different value under these keys holds a different model: it is refused.
 MODEL_KEYS = ("model",)
-_DATA_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")  # grain's CheckpointHandler naming
+_DATA_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")  # grain's CheckpointHandler naming
 
 
 class CheckpointMismatchError(ValueError):
@@ -83,7 +82,12 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], under: It
 
 
 def checkpoint_root(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINTS_SUBDIR)
+    return str(_path(workdir) / CHECKPOINTS_SUBDIR)
+
+
+def _path(path: str) -> epath.Path:
+    """A local path made absolute, or a cloud one (gs://...) as it is: Orbax and epath read both."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def _preservation_policy(keep_checkpoints: int, keep_every_steps: int) -> Any:
@@ -109,7 +113,7 @@ def _manager(root: str, *, keep_checkpoints: int | None = None, keep_every_steps
 def latest_step(workdir: str) -> int | None:
     """The step of the latest complete checkpoint in `workdir`, or None when there is none."""
     root = checkpoint_root(workdir)
-    if not os.path.isdir(root):
+    if not epath.Path(root).is_dir():
         return None
     with _manager(root, read_only=True) as manager:
         return manager.latest_step()
@@ -196,10 +200,10 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001 -- any read failure means: try the previous one
                 failures.append(f"step {step}: config unreadable ({type(error).__name__}: {error})")
                 continue
-            _check_same_model(saved, current, os.path.join(self.root, str(step)))
+            _check_same_model(saved, current, f"{self.root}/{step}")
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))
-                data_state = _data_state_for_this_process(os.path.join(self.root, str(step), DATA))
+                data_state = _data_state_for_this_process(epath.Path(self.root) / str(step) / DATA)
                 data_iterator.set_state(data_state)
             except Exception as error:  # noqa: BLE001
                 failures.append(f"step {step}: {type(error).__name__}: {error}")
@@ -234,27 +238,26 @@ def _check_same_model(saved: dict[str, Any], current: dict[str, Any], where: str
 # ---- The data stream's position ------------------------------------------------------------------
 
 
-def _read_data_states(data_dir: str) -> tuple[int, dict[int, Any]]:
+def _read_data_states(data_dir: epath.Path) -> tuple[int, dict[int, Any]]:
     """(the process count that saved them, {process index: iterator state}) from a checkpoint's data item."""
     states: dict[int, Any] = {}
     counts = set()
-    for path in glob.glob(os.path.join(data_dir, "process_*-of-*.json")):
-        match = _DATA_STATE_FILE.search(os.path.basename(path))
+    found = sorted(path.name for path in data_dir.iterdir()) if data_dir.is_dir() else []
+    for name in found:
+        match = _DATA_STATE_FILE.fullmatch(name)
         if match:
             index, count = int(match.group(1)), int(match.group(2))
             counts.add(count)
-            with open(path) as stream:
-                states[index] = json.load(stream)
+            states[index] = json.loads((data_dir / name).read_text())
     if len(counts) != 1 or len(states) != next(iter(counts)):
         raise NoCheckpointError(
-            f"The data iterator states in {data_dir} are missing or incomplete (found "
-            f"{sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else 'no directory'}); expected one "
-            "process_<i>-of-<n>.json per process."
+            f"The data iterator states in {data_dir} are missing or incomplete (found {found or 'no directory'}); "
+            "expected one process_<i>-of-<n>.json per process."
         )
     return counts.pop(), states
 
 
-def _data_state_for_this_process(data_dir: str) -> Any:
+def _data_state_for_this_process(data_dir: epath.Path) -> Any:
     saved_count, states = _read_data_states(data_dir)
     process_index, process_count = jax.process_index(), jax.process_count()
     if saved_count == process_count:
@@ -299,18 +302,17 @@ def redistribute_data_states(states: dict[int, Any], process_count: int) -> list
 # ---- Parameters only, for evaluation, export and init_from ---------------------------------------
 
 
-def _resolve(path: str, step: int | None) -> tuple[str, int]:
+def _resolve(path: str, step: int | None) -> tuple[epath.Path, int]:
     """(checkpoints root, step) for a workdir, its checkpoints directory or one step's directory."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, STATE)):  # one step's directory
-        name = os.path.basename(path)
-        if not name.isdigit():
-            raise NoCheckpointError(f"{path} looks like a checkpoint but its name {name!r} is not a step number.")
-        if step is not None and step != int(name):
-            raise ValueError(f"Got the checkpoint directory of step {name} and also step={step}; give one.")
-        return os.path.dirname(path), int(name)
-    root = os.path.join(path, CHECKPOINTS_SUBDIR) if os.path.isdir(os.path.join(path, CHECKPOINTS_SUBDIR)) else path
-    if not os.path.isdir(root):
+    path = _path(path)
+    if (path / STATE).is_dir():  # one step's directory
+        if not path.name.isdigit():
+            raise NoCheckpointError(f"{path} looks like a checkpoint but its name {path.name!r} is not a step number.")
+        if step is not None and step != int(path.name):
+            raise ValueError(f"Got the checkpoint directory of step {path.name} and also step={step}; give one.")
+        return path.parent, int(path.name)
+    root = path / CHECKPOINTS_SUBDIR if (path / CHECKPOINTS_SUBDIR).is_dir() else path
+    if not root.is_dir():
         raise NoCheckpointError(f"No checkpoint at {path}: give a workdir, its {CHECKPOINTS_SUBDIR}/ or a step directory.")
     with _manager(root, read_only=True) as manager:
         steps = sorted(manager.all_steps())
@@ -343,10 +345,9 @@ def restore_params(
     layout on `mesh` if given, else all on the first local device.
     """
     root, step = _resolve(path, step)
-    step_dir = os.path.join(root, str(step))
-    with open(os.path.join(step_dir, CONFIG, "metadata")) as stream:  # JsonSave's file name
-        config = ml_collections.ConfigDict(json.load(stream))
-    state_dir = epath.Path(step_dir) / STATE
+    step_dir = root / str(step)
+    config = ml_collections.ConfigDict(json.loads((step_dir / CONFIG / "metadata").read_text()))  # JsonSave's file
+    state_dir = step_dir / STATE
     with ocp.PyTreeCheckpointer() as reader:
         saved_params = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree["params"]
         if shardings is None:
