@@ -90,6 +90,11 @@ def default_config() -> ml_collections.ConfigDict:
             total_steps=10_000,
             log_every_steps=50,
             eval_every_steps=1_000,  # evals below run every N steps and at the end; 0: only at the end
+            checkpoint_every_steps=1_000,  # save every N steps, at the end and on SIGTERM; 0: only the latter two
+            keep_checkpoints=3,  # keep the latest N checkpoints...
+            keep_every_steps=0,  # ...and also every one at a multiple of N steps, for good; 0: none
+            init_from="",  # start from the parameters of this workdir or checkpoint (fresh optimizer and step)
+            log_batch_checksums=False,  # log a CRC32 of each logged step's batch, to check resumed runs see the same data
             evals={},  # name -> eval_config(...); free-form names, each entry checked by validate()
             tensorboard=True,  # TensorBoard event files beside metrics.jsonl (written without TensorFlow)
             profile_steps=(0, 0),  # [first, last) steps traced by jax.profiler into workdir/profile; (0, 0): off
@@ -204,6 +209,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"mesh.shape {tuple(config.mesh.shape)} has {len(config.mesh.shape)} entries but mesh.axis_names "
             f"{tuple(config.mesh.axis_names)} has {len(config.mesh.axis_names)}; give one size per axis."
+        )
+    for key in ("checkpoint_every_steps", "keep_every_steps"):
+        if config[key] < 0:
+            raise ValueError(f"Config key {key!r} must be >= 0 (0 turns it off), got {config[key]}.")
+    if config.keep_checkpoints < 1:
+        raise ValueError(
+            f"Config key 'keep_checkpoints' must be >= 1 (resuming needs the latest), got {config.keep_checkpoints}."
         )
     for key in ("total_steps", "data.batch_size", "data.eval_batch_size", "log_every_steps"):
         value = config[key.split(".")[0]] if "." not in key else config.data[key.split(".")[1]]

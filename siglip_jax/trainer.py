@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import time
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -17,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from siglip_jax import config as config_lib
 from siglip_jax import metrics as metrics_lib
 from siglip_jax import optim, sharding
+from siglip_jax import checkpoint, preemption
 from siglip_jax.data import pipeline, sources, tokenizers
 from siglip_jax.evaluation import runner
 from siglip_jax.models import flops, two_towers
@@ -126,6 +128,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         rng=jax.random.key(config.seed),
     )
 
+    # ---- Checkpoints: continue where the last run in this workdir stopped (see checkpoint.py) ------
+    checkpointer = checkpoint.Checkpointer(
+        workdir, keep_checkpoints=config.keep_checkpoints, keep_every_steps=config.keep_every_steps
+    )
+    if checkpointer.latest_step() is not None:
+        target = checkpoint.abstract_like(state, state_shardings)
+        del state  # frees the fresh state before the restored one arrives
+        state, restored_step = checkpointer.restore(target, batches, config)
+        logger.warning("Resumed from step %d of %s.", restored_step, checkpointer.root)
+    elif config.init_from:
+        params, _ = checkpoint.restore_params(config.init_from, shardings=state_shardings.params)
+        state = state.replace(params=params)
+        logger.warning("Initialised the parameters from %s.", config.init_from)
+
     # ---- The step: one jit site ------------------------------------------------------------------
     step_fn = jax.jit(
         functools.partial(
@@ -153,6 +169,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         return runner.run_evaluators(evaluators, embedder, state.params)
 
     hooks = [Hook(config.eval_every_steps, evaluate)] if evaluators else []
+
+    def save_checkpoint(step: int, state: TrainState) -> dict[str, float]:
+        checkpointer.save(step, state, batches, config)  # asynchronous: returns once off the devices
+        return {}
+
+    hooks.append(Hook(config.checkpoint_every_steps, save_checkpoint))
+    preemption_watch = preemption.PreemptionWatch()
 
     # ---- Loop ------------------------------------------------------------------------------------
     writers = [metrics_lib.ConsoleWriter(config.total_steps, int(state.step), enabled=is_lead)]
@@ -187,6 +210,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             logged.update(metrics_lib.to_python(step_metrics))  # syncs with the device
             logged.update(throughput.measure(step))
             logged["data/num_skipped"] = float(num_skipped)  # this process's running count
+            if config.log_batch_checksums:  # exact in a float: CRC32 < 2**53
+                logged["data/batch_crc32"] = float(zlib.crc32(local_batch["images"].tobytes() + local_batch["tokens"].tobytes()))
         for hook in hooks:
             if hook.due(step, is_last):
                 logged.update(hook.fn(step, state))
@@ -195,6 +220,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             writer.write(step, logged)
             last_metrics.update(logged)
         writers[0].advance(step)
+        if not is_last and preemption_watch.should_stop(step):
+            checkpointer.save(step, state, batches, config)
+            logger.warning("Preempted: saved step %d; rerun the same command to continue.", step)
+            break
     profiler.stop()
+    checkpointer.close()  # waits for the last save to be complete on disk
+    preemption_watch.close()
     writer.close()
     return last_metrics

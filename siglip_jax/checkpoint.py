@@ -1,0 +1,382 @@
+"""Checkpoints of training runs with Orbax: save (asynchronously), restore onto any mesh, and the
+data stream's position, so a rerun of the same command continues exactly where the last one stopped.
+
+A workdir holds `checkpoints/<step>/` with three items:
+  state/   the TrainState (step, params, opt_state, rng key), as sharded arrays
+  data/    each process's grain iterator state, `process_<i>-of-<n>.json` (written by grain's handler)
+  config/  the config the run used, as JSON
+
+Orbax writes a step into a temporary directory and renames it when every item is complete, so a save
+killed midway leaves the previous checkpoint as the latest. A checkpoint that cannot be read anyway
+(a disk error, a deleted file) is skipped with a warning naming it and the one used instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from typing import Any, Iterable
+
+import grain
+import grain.checkpoint
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from siglip_jax import sharding
+from siglip_jax.models import two_towers
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+STATE, DATA, CONFIG = "state", "data", "config"
+# A checkpoint made with a different value under these keys holds a different model: it is refused.
+MODEL_KEYS = ("model",)
+_DATA_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")  # grain's CheckpointHandler naming
+
+
+class CheckpointMismatchError(ValueError):
+    """The workdir's checkpoint was made with a different model than the config asks for."""
+
+
+class NoCheckpointError(FileNotFoundError):
+    """No complete, readable checkpoint where one was expected."""
+
+
+def config_as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON data (tuples become lists), as saved and as compared."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], under: Iterable[str] | None = None) -> list[str]:
+    """Keys whose values differ between two JSON configs (only those in the groups `under`, if given),
+    each as "key: <saved> in the checkpoint, <current> now"."""
+    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    missing = object()
+
+    def show(value: Any) -> str:
+        return "absent" if value is missing else repr(value)
+
+    lines = []
+    for key in sorted(set(saved_flat) | set(current_flat)):
+        if under is not None and not any(key == group or key.startswith(group + ".") for group in under):
+            continue
+        old, new = saved_flat.get(key, missing), current_flat.get(key, missing)
+        if old is missing or new is missing or old != new:
+            lines.append(f"{key}: {show(old)} in the checkpoint, {show(new)} now")
+    return lines
+
+
+def checkpoint_root(workdir: str) -> str:
+    return str(_path(workdir) / CHECKPOINTS_SUBDIR)
+
+
+def _path(path: str) -> epath.Path:
+    """A local path made absolute, or a cloud one (gs://...) as it is: Orbax and epath read both."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def _preservation_policy(keep_checkpoints: int, keep_every_steps: int) -> Any:
+    policies = ocp.checkpoint_managers
+    keep = [policies.LatestN(keep_checkpoints)]
+    if keep_every_steps > 0:
+        keep.append(policies.EveryNSteps(keep_every_steps))
+    return policies.AnyPreservationPolicy(keep)
+
+
+def _manager(root: str, *, keep_checkpoints: int | None = None, keep_every_steps: int = 0, read_only: bool = False):
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=None if keep_checkpoints is None else _preservation_policy(keep_checkpoints, keep_every_steps),
+        read_only=read_only,
+        create=not read_only,
+        # Leftovers of a save that was killed midway: never a checkpoint, so safe to delete.
+        cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(root, options=options)
+
+
+def latest_step(workdir: str) -> int | None:
+    """The step of the latest complete checkpoint in `workdir`, or None when there is none."""
+    root = checkpoint_root(workdir)
+    if not epath.Path(root).is_dir():
+        return None
+    with _manager(root, read_only=True) as manager:
+        return manager.latest_step()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the target shardings: what Orbax restores into (and reshards to)."""
+    return jax.tree.map(lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target), tree, shardings)
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints under `<workdir>/checkpoints`, keeping the latest
+    `keep_checkpoints` and, for good, every one at a multiple of `keep_every_steps` (0: none).
+
+    Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the files are
+    written in the background; `close()` waits for them. Use as a context manager or call `close()`.
+    """
+
+    def __init__(self, workdir: str, *, keep_checkpoints: int = 3, keep_every_steps: int = 0):
+        self.root = checkpoint_root(workdir)
+        self._manager = _manager(self.root, keep_checkpoints=keep_checkpoints, keep_every_steps=keep_every_steps)
+        self.last_saved_step: int | None = self._manager.latest_step()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, config: ml_collections.ConfigDict) -> bool:
+        """Starts saving `state` (its arrays, on every process), this process's data position and the
+        config as step `step`; returns False (and saves nothing) when that step is already saved."""
+        if step == self.last_saved_step:
+            return False
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardSave(state),
+                    DATA: grain.checkpoint.CheckpointSave(data_iterator),
+                    CONFIG: ocp.args.JsonSave(config_as_json(config)),
+                }
+            ),
+            force=True,  # the trainer decides the cadence (every N steps, the end, preemption)
+        )
+        self.last_saved_step = step
+        return True
+
+    def wait_until_finished(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for a save in flight to complete, then releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def read_config(self, step: int) -> dict[str, Any]:
+        return self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+    def restore(
+        self,
+        abstract_state: Any,
+        data_iterator: grain.DatasetIterator,
+        config: ml_collections.ConfigDict,
+    ) -> tuple[Any, int]:
+        """Restores the latest readable checkpoint into `abstract_state`'s shardings (any mesh) and moves
+        `data_iterator` to its position; returns (state, step).
+
+        Refuses (CheckpointMismatchError, listing the keys) a checkpoint of a different model. An
+        unreadable checkpoint is skipped for the previous one, with a warning naming both; with none
+        readable, raises NoCheckpointError listing why each failed.
+        """
+        current = config_as_json(config)
+        failures = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                saved = self.read_config(step)
+            except Exception as error:  # noqa: BLE001 -- any read failure means: try the previous one
+                failures.append(f"step {step}: config unreadable ({type(error).__name__}: {error})")
+                continue
+            _check_same_model(saved, current, f"{self.root}/{step}")
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))
+                data_state = _data_state_for_this_process(epath.Path(self.root) / str(step) / DATA)
+                data_iterator.set_state(data_state)
+            except Exception as error:  # noqa: BLE001
+                failures.append(f"step {step}: {type(error).__name__}: {error}")
+                continue
+            if failures:
+                logger.warning(
+                    "Could not read the newer checkpoint(s) (%s); resuming from the previous complete one, step %d.",
+                    "; ".join(failures), step,
+                )
+            other_changes = config_differences(saved, current)
+            if other_changes:
+                logger.info("Resuming step %d with changed config keys: %s", step, "; ".join(other_changes))
+            self.last_saved_step = step
+            return restored[STATE], step
+        raise NoCheckpointError(
+            f"No readable checkpoint in {self.root}: " + ("; ".join(failures) or "there are none") + ". If the "
+            "config changed the optimizer's structure (optim.name, grad_clip_norm or weight_decay to or from 0), "
+            "start a new workdir with init_from set to this one. Otherwise delete the broken step directories."
+        )
+
+
+def _check_same_model(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    differences = config_differences(saved, current, under=MODEL_KEYS)
+    if differences:
+        raise CheckpointMismatchError(
+            f"The checkpoint {where} was made with a different model config:\n  " + "\n  ".join(differences)
+            + "\nResume with the checkpoint's model settings, or to start from its weights with another config, "
+            "use a new workdir and set init_from to this workdir."
+        )
+
+
+# ---- The data stream's position ------------------------------------------------------------------
+
+
+def _read_data_states(data_dir: epath.Path) -> tuple[int, dict[int, Any]]:
+    """(the process count that saved them, {process index: iterator state}) from a checkpoint's data item."""
+    states: dict[int, Any] = {}
+    counts = set()
+    found = sorted(path.name for path in data_dir.iterdir()) if data_dir.is_dir() else []
+    for name in found:
+        match = _DATA_STATE_FILE.fullmatch(name)
+        if match:
+            index, count = int(match.group(1)), int(match.group(2))
+            counts.add(count)
+            states[index] = json.loads((data_dir / name).read_text())
+    if len(counts) != 1 or len(states) != next(iter(counts)):
+        raise NoCheckpointError(
+            f"The data iterator states in {data_dir} are missing or incomplete (found {found or 'no directory'}); "
+            "expected one process_<i>-of-<n>.json per process."
+        )
+    return counts.pop(), states
+
+
+def _data_state_for_this_process(data_dir: epath.Path) -> Any:
+    saved_count, states = _read_data_states(data_dir)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    if saved_count == process_count:
+        return states[process_index]
+    logger.warning(
+        "The checkpoint's data position was saved by %d processes and %d are running now: continuing after "
+        "the furthest position any process reached (a few records that a slower process skipped past may "
+        "be left out this epoch; none is seen twice).", saved_count, process_count,
+    )
+    return redistribute_data_states(states, process_count)[process_index]
+
+
+def redistribute_data_states(states: dict[int, Any], process_count: int) -> list[Any]:
+    """Iterator states for `process_count` processes that continue the global stream where the saved
+    processes ({index: state}) stopped.
+
+    In pipeline.train_batches, process i of n reads global positions i, i + n, i + 2n, ... and its state
+    counts how many it has read ("next_index"). The saved processes together consumed the positions below
+    (furthest next_index) x (saved count); new process j starts at its first position at or beyond that.
+    """
+    saved_count = len(states)
+    for index, state in states.items():
+        if not (isinstance(state, dict) and isinstance(state.get("parent"), dict) and set(state["parent"]) == {"next_index"}):
+            raise ValueError(
+                f"Cannot move process {index}'s data iterator state {state!r} to {process_count} processes: "
+                "only the in-process pipeline's {'parent': {'next_index': N}, 'num_skipped': K} can be "
+                f"redistributed (data.num_workers=0). Resume with {saved_count} processes, or with "
+                "data.num_workers=0 and then change the process count."
+            )
+    consumed = max(state["parent"]["next_index"] for state in states.values()) * saved_count
+    total_skipped = sum(int(state.get("num_skipped", 0)) for state in states.values())
+    return [
+        {
+            "parent": {"next_index": math.ceil(max(consumed - index, 0) / process_count)},
+            # The skip count is per process; keeping the total on process 0 keeps the sum right.
+            "num_skipped": total_skipped if index == 0 else 0,
+        }
+        for index in range(process_count)
+    ]
+
+
+# ---- Parameters only, for evaluation, export and init_from ---------------------------------------
+
+
+def _resolve(path: str, step: int | None) -> tuple[epath.Path, int]:
+    """(checkpoints root, step) for a workdir, its checkpoints directory or one step's directory."""
+    path = _path(path)
+    if (path / STATE).is_dir():  # one step's directory
+        if not path.name.isdigit():
+            raise NoCheckpointError(f"{path} looks like a checkpoint but its name {path.name!r} is not a step number.")
+        if step is not None and step != int(path.name):
+            raise ValueError(f"Got the checkpoint directory of step {path.name} and also step={step}; give one.")
+        return path.parent, int(path.name)
+    root = path / CHECKPOINTS_SUBDIR if (path / CHECKPOINTS_SUBDIR).is_dir() else path
+    if not root.is_dir():
+        raise NoCheckpointError(f"No checkpoint at {path}: give a workdir, its {CHECKPOINTS_SUBDIR}/ or a step directory.")
+    with _manager(root, read_only=True) as manager:
+        steps = sorted(manager.all_steps())
+    if not steps:
+        raise NoCheckpointError(f"No complete checkpoint under {root}.")
+    if step is None:
+        return root, steps[-1]
+    if step not in steps:
+        raise NoCheckpointError(f"No checkpoint of step {step} under {root}; the complete ones: {steps}.")
+    return root, step
+
+
+def _param_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+    """The training layout of the parameters on `mesh`, from their logical axis names."""
+    model = two_towers.build_model(config.model)
+    image_size, text_length = config.model.image.image_size, config.model.text.max_len
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    tokens = jnp.zeros((1, text_length), jnp.int32)
+    boxed = jax.eval_shape(lambda rng: model.init(rng, images, tokens)["params"], jax.random.key(0))
+    return sharding.logical_to_shardings(boxed, mesh, sharding.rules_as_tuples(config.mesh.axis_rules))
+
+
+def restore_params(
+    path: str, *, step: int | None = None, mesh: Mesh | None = None, shardings: Any = None
+) -> tuple[Any, ml_collections.ConfigDict]:
+    """The parameters (no optimizer state) and the config of a checkpoint.
+
+    `path` is a workdir, its checkpoints/ directory or one step's directory; without `step`, the latest
+    complete checkpoint. Placement: `shardings` (a tree like the parameters) if given, else the training
+    layout on `mesh` if given, else all on the first local device.
+    """
+    root, step = _resolve(path, step)
+    step_dir = root / str(step)
+    config = ml_collections.ConfigDict(json.loads((step_dir / CONFIG / "metadata").read_text()))  # JsonSave's file
+    state_dir = step_dir / STATE
+    with ocp.PyTreeCheckpointer() as reader:
+        saved_params = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree["params"]
+        if shardings is None:
+            if mesh is not None:
+                shardings = _param_shardings(config, mesh)
+            else:
+                device = SingleDeviceSharding(jax.local_devices()[0])
+                shardings = jax.tree.map(lambda _: device, saved_params)
+        target = abstract_like(saved_params, shardings)
+        restored = reader.restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(
+                item={"params": target},
+                restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+                partial_restore=True,
+            ),
+        )
+    params = restored["params"]
+    logger.info("Restored the parameters of %s", step_dir)
+    return params, config
+
+
+__all__ = [
+    "Checkpointer",
+    "CheckpointMismatchError",
+    "NoCheckpointError",
+    "abstract_like",
+    "config_differences",
+    "latest_step",
+    "redistribute_data_states",
+    "restore_params",
+]

@@ -1,0 +1,14 @@
+"""A tiny recipe for the subprocess resume and preemption tests (tests/test_resume.py):
+python train.py --config tests/resume_recipe.py --workdir W"""
+from tests.helpers import tiny_config
+
+
+def get_config(arg: str | None = None):
+    config = tiny_config()
+    config.total_steps = 40
+    config.log_every_steps = 1  # every step's loss and batch checksum, to compare runs step by step
+    config.log_batch_checksums = True
+    config.checkpoint_every_steps = 10
+    config.keep_checkpoints = 2
+    config.data.prefetch_batches = 1
+    return config
