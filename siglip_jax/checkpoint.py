@@ -22,14 +22,13 @@ from typing import Any, Iterable
 import grain
 import grain.checkpoint
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from siglip_jax import sharding
-from siglip_jax.models import two_towers
+from siglip_jax.train_step import param_shardings
 
 logger = logging.getLogger(__name__)
 
@@ -325,16 +324,6 @@ def _resolve(path: str, step: int | None) -> tuple[epath.Path, int]:
     return root, step
 
 
-def _param_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
-    """The training layout of the parameters on `mesh`, from their logical axis names."""
-    model = two_towers.build_model(config.model)
-    image_size, text_length = config.model.image.image_size, config.model.text.max_len
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    tokens = jnp.zeros((1, text_length), jnp.int32)
-    boxed = jax.eval_shape(lambda rng: model.init(rng, images, tokens)["params"], jax.random.key(0))
-    return sharding.logical_to_shardings(boxed, mesh, sharding.rules_as_tuples(config.mesh.axis_rules))
-
-
 def restore_params(
     path: str, *, step: int | None = None, mesh: Mesh | None = None, shardings: Any = None
 ) -> tuple[Any, ml_collections.ConfigDict]:
@@ -352,7 +341,7 @@ def restore_params(
         saved_params = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree["params"]
         if shardings is None:
             if mesh is not None:
-                shardings = _param_shardings(config, mesh)
+                shardings = param_shardings(config.model, mesh, sharding.rules_as_tuples(config.mesh.axis_rules))
             else:
                 device = SingleDeviceSharding(jax.local_devices()[0])
                 shardings = jax.tree.map(lambda _: device, saved_params)

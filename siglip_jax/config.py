@@ -222,3 +222,36 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if value <= 0:
             raise ValueError(f"Config key {key!r} must be positive, got {value}.")
     return config
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, (list, tuple)) else value
+
+
+def _merge(target: ml_collections.ConfigDict, values: dict, path: str) -> None:
+    for key, value in values.items():
+        if key in FREE_FORM_KEYS:
+            target[key] = ml_collections.ConfigDict(value)
+        elif key not in target:
+            raise ValueError(
+                f"Unknown config key {path + key!r} in the saved config; valid keys at this level: "
+                f"{', '.join(sorted(target.keys()))}. Was it written by a newer siglip_jax?"
+            )
+        elif isinstance(target[key], ml_collections.ConfigDict):
+            _merge(target[key], value, f"{path}{key}.")
+        elif isinstance(target[key], tuple):
+            # JSON has no tuples; nested ones (mesh.axis_rules) come back as lists of lists.
+            target[key] = _as_tuples(value)
+        else:
+            target[key] = value
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """A full, validated config from JSON written by `config.to_json()` (checkpoints, exported params):
+    the defaults overridden by its keys; unknown keys are refused."""
+    import json
+
+    config = default_config()
+    with config.unlocked():
+        _merge(config, json.loads(text), "")
+    return validate(config)

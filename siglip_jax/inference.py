@@ -18,25 +18,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from siglip_jax import checkpoint
 from siglip_jax.data import images as images_lib
 from siglip_jax.export import big_vision, hf, params as params_lib
 from siglip_jax.models import two_towers
 
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
-ParamsLoader = Callable[[str], dict]
 
 
 # ------------------------------------------------------------------------------------------ loading
 
 def load_workdir_params(workdir: str, step: int | None = None) -> params_lib.ExportedParams:
-    """Temporary hook: restoring params from a training workdir needs siglip_jax.checkpoint (Orbax), which is
-    being written in parallel. Until it lands, use `Embedder.from_workdir(..., restore_params=...)` or export
-    the params first."""
-    raise NotImplementedError(
-        f"Loading a training workdir ({workdir!r}, step={step}) is not available until checkpoint.py lands. "
-        "Meanwhile pass an exported params file, an HF directory or a big_vision .npz, or call "
-        "Embedder.from_workdir(workdir, config, restore_params=your_loader)."
-    )
+    """Config, params and tokenizer of a training workdir's checkpoint (the latest complete one, or `step`),
+    on one device."""
+    params, saved_config = checkpoint.restore_params(workdir, step=step)
+    config = params_lib.config_from_json(saved_config.to_json())
+    name, data = params_lib.tokenizer_asset(config)
+    return params_lib.ExportedParams(config=config, params=params, tokenizer_file_name=name, tokenizer_file=data)
 
 
 def load_params(path: str) -> params_lib.ExportedParams:
@@ -107,13 +105,6 @@ class Embedder:
     @classmethod
     def from_exported(cls, exported: params_lib.ExportedParams, batch_size: int = 32) -> "Embedder":
         return cls(exported.config, exported.params, params_lib.make_tokenizer(exported), batch_size)
-
-    @classmethod
-    def from_workdir(cls, workdir: str, config: ml_collections.ConfigDict, restore_params: ParamsLoader,
-                     batch_size: int = 32) -> "Embedder":
-        """`restore_params(workdir)` returns the params tree (e.g. siglip_jax.checkpoint's restore)."""
-        exported = params_lib.ExportedParams(config=config, params=restore_params(workdir))
-        return cls.from_exported(exported, batch_size)
 
     @property
     def compiled_buckets(self) -> tuple[tuple[str, int], ...]:

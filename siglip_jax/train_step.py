@@ -194,3 +194,15 @@ def create_train_state(
     shardings = logical_to_shardings(abstract, mesh, axis_rules)
     state = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings)(rng)
     return state, shardings
+
+
+def param_shardings(model_config: ml_collections.ConfigDict, mesh: Mesh, axis_rules: Any) -> Any:
+    """The parameters' layout on `mesh` (as in training), from their logical axis names."""
+    from siglip_jax.models import two_towers
+
+    model = two_towers.build_model(model_config)
+    size, length = model_config.image.image_size, model_config.text.max_len
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    tokens = jnp.zeros((1, length), jnp.int32)
+    boxed = jax.eval_shape(lambda rng: model.init(rng, images, tokens)["params"], jax.random.key(0))
+    return logical_to_shardings(boxed, mesh, axis_rules)

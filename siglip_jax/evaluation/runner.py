@@ -161,3 +161,34 @@ def run_evaluators(evaluators: dict[str, Any], embedder: Embedder, params: Any) 
         for key, value in evaluator.evaluate(embedder, params).items():
             results[f"{name}/{key}"] = value
     return results
+
+
+def evaluate_params(
+    config: ml_collections.ConfigDict, params: Any, tokenizer: Callable, build_source: Callable, mesh: Mesh
+) -> dict[str, float]:
+    """Runs every eval of `config.evals` once on `params`; keys "<eval name>/<metric>"."""
+    from siglip_jax.models import two_towers  # the model is only needed when evaluating outside training
+    from siglip_jax.train_step import param_shardings
+
+    if not config.evals:
+        raise ValueError("The config lists no evals (config.evals is empty); add one, e.g. "
+                         "config.evals.flickr = eval_config('retrieval', source_config('flickr8k', ...)).")
+    axis_rules = sharding.rules_as_tuples(config.mesh.axis_rules)
+    shardings = param_shardings(config.model, mesh, axis_rules)
+    embedder = Embedder(two_towers.build_model(config.model), mesh, axis_rules, config.data.eval_batch_size, shardings)
+    return run_evaluators(build_evaluators(config, tokenizer, build_source), embedder, jax.device_put(params, shardings))
+
+
+def format_table(results: dict[str, float]) -> str:
+    """A plain-text table: eval, metric, value (recalls and accuracies as percentages)."""
+    rows = []
+    for key in sorted(results):
+        name, _, metric = key.partition("/")
+        value = results[key]
+        is_fraction = any(word in metric for word in ("recall", "top", "accuracy"))
+        rows.append((name, metric, f"{100 * value:.2f}%" if is_fraction else f"{value:.4g}"))
+    widths = [max(len(row[column]) for row in rows + [("eval", "metric", "value")]) for column in range(3)]
+    lines = [" | ".join(cell.ljust(width) for cell, width in zip(("eval", "metric", "value"), widths))]
+    lines.append("-+-".join("-" * width for width in widths))
+    lines += [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    return "\n".join(lines)

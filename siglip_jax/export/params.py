@@ -41,29 +41,9 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
     return config.to_json(sort_keys=True)
 
 
-def _as_tuples(value):
-    return tuple(_as_tuples(item) for item in value) if isinstance(value, (list, tuple)) else value
-
-
-def _merge(target: ml_collections.ConfigDict, values: dict, path: str) -> None:
-    for key, value in values.items():
-        if key not in target:
-            raise ValueError(f"Unknown config key {path + key!r} in the exported config; valid keys at this level: "
-                             f"{', '.join(sorted(target.keys()))}. Was it written by a newer siglip_jax?")
-        if isinstance(target[key], ml_collections.ConfigDict):
-            _merge(target[key], value, f"{path}{key}.")
-        elif isinstance(target[key], tuple):
-            # JSON has no tuples; nested ones (mesh.axis_rules) come back as lists of lists.
-            target[key] = _as_tuples(value)
-        else:
-            target[key] = value
-
-
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-    """A full, validated config: the defaults overridden by the JSON's keys (unknown keys are refused)."""
-    config = config_lib.default_config()
-    _merge(config, json.loads(text), "")
-    return config_lib.validate(config)
+    """A full, validated config from its JSON (see siglip_jax.config.from_json)."""
+    return config_lib.from_json(text)
 
 
 def cast_params(params, dtype: str):
@@ -79,7 +59,7 @@ def cast_params(params, dtype: str):
     return jax.tree.map(cast, params)
 
 
-def _tokenizer_asset(config: ml_collections.ConfigDict) -> tuple[str, bytes]:
+def tokenizer_asset(config: ml_collections.ConfigDict) -> tuple[str, bytes]:
     path = config.data.tokenizer_path
     if config.data.tokenizer == "byte" or not path:
         return "", b""
@@ -94,7 +74,7 @@ def _tokenizer_asset(config: ml_collections.ConfigDict) -> tuple[str, bytes]:
 
 def save_params_file(path: str, config: ml_collections.ConfigDict, params, dtype: str = "float32") -> None:
     """Writes `params` (cast to `dtype`), `config` and the tokenizer file to `path`."""
-    tokenizer_name, tokenizer_bytes = _tokenizer_asset(config)
+    tokenizer_name, tokenizer_bytes = tokenizer_asset(config)
     payload = {
         "__format__": FORMAT_NAME,  # sorts first (flax writes keys sorted), so is_params_file can sniff it
         "version": FORMAT_VERSION,

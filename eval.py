@@ -1,0 +1,35 @@
+"""Evaluate a checkpoint: zero-shot retrieval and classification as listed in the config's evals, and
+SigLIP match probabilities for given image-text pairs.
+
+    python eval.py --config configs/flickr8k.py --workdir /tmp/flickr8k [--checkpoint STEP] --output metrics.json
+    python eval.py --config configs/flickr8k.py --checkpoint model.msgpack   # an exported params file, HF dir or .npz
+    python eval.py --workdir /tmp/demo --pairs pairs.jsonl    # {"image": path, "text": "..."} per line
+"""
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from siglip_jax import evaluation_cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose `evals` to run (default: the checkpoint's own config).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: evaluates its latest checkpoint.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "With --workdir: a step. Alone: an exported params file, HF directory or .npz.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the metrics (and pair scores) to this JSON file.")
+_PAIRS = flags.DEFINE_string("pairs", None, "JSONL of {\"image\": path, \"text\": caption}: print their match probabilities.")
+
+
+def main(argv):
+    del argv
+    results = evaluation_cli.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _PAIRS.value)
+    print(results.pop("table"))
+    if _OUTPUT.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+        with open(_OUTPUT.value, "w") as stream:
+            json.dump(results, stream, indent=2, sort_keys=True)
+        print(f"Wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
