@@ -29,9 +29,17 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
 class JsonlWriter:
     """Appends one JSON object per call: {"step": N, **metrics}. Appending keeps earlier runs' lines."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, keep_through_step: int | None = None):
+        """`keep_through_step`: drop existing lines of later steps (a resumed run writes them again)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
+        if keep_through_step is not None and os.path.exists(path):
+            with open(path) as stream:
+                lines = [line for line in stream if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= keep_through_step]
+            if len(kept) != len(lines):
+                with open(path, "w") as stream:
+                    stream.writelines(kept)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         with open(self.path, "a") as stream:

@@ -39,6 +39,43 @@ class Hook:
         return (is_last and self.at_end) or (self.every_steps > 0 and step % self.every_steps == 0)
 
 
+class NonFiniteGuard:
+    """Counts steps whose loss or gradient was not finite (the step skipped the update) and stops the run
+    after `max_in_a_row` in a row. Reads each step's flag only after the next step is dispatched, so the
+    check never leaves the accelerator idle."""
+
+    def __init__(self, max_in_a_row: int, checkpointer: checkpoint.Checkpointer):
+        self.max_in_a_row = max_in_a_row
+        self.checkpointer = checkpointer
+        self.total = 0
+        self.in_a_row = 0
+        self._held: tuple[int, Any] | None = None
+
+    def check_previous_and_hold(self, step: int, step_metrics: Any) -> None:
+        self.check_held()
+        self._held = (step, step_metrics["nonfinite"])
+
+    def check_held(self) -> None:
+        if self._held is None:
+            return
+        step, flag = self._held
+        self._held = None
+        if not int(flag):
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        logger.warning("Step %d had a non-finite loss or gradient; its update was skipped (%d in a row).", step, self.in_a_row)
+        if self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
+            latest = self.checkpointer.latest_step()
+            where = f"step {latest} in {self.checkpointer.root}" if latest is not None else "none saved yet"
+            raise FloatingPointError(
+                f"{self.in_a_row} steps in a row had a NaN or Inf loss or gradient, the last at step {step}. "
+                f"Last good checkpoint: {where}. Lower optim.learning_rate, check the data, or raise "
+                "max_nonfinite_steps."
+            )
+
+
 class Profiler:
     """Traces steps [first, last) with jax.profiler (view in TensorBoard's profile tab or Perfetto)."""
 
@@ -63,6 +100,35 @@ class Profiler:
             jax.profiler.stop_trace()
             self.active = False
             logger.info("Wrote a profile of steps %d-%d to %s", self.first, self.last - 1, self.logdir)
+
+
+def initial_params(config: ml_collections.ConfigDict, params: Any, shardings: Any) -> Any:
+    """`params` with the groups in `config.init_towers` (all when empty) replaced by those of the model at
+    `config.init_from`: a workdir, an exported params file, an HF SigLIP directory or a big_vision .npz."""
+    from siglip_jax import inference  # loading every format is only needed here
+
+    loaded = inference.load_params(config.init_from).params
+    groups = tuple(config.init_towers) or tuple(params)
+    unknown = sorted(set(groups) - set(params))
+    if unknown:
+        raise ValueError(f"init_towers names {unknown}; valid parameter groups: {sorted(params)}.")
+    differences = []
+    for group in groups:
+        if group not in loaded:
+            differences.append(f"{group}: missing in {config.init_from}")
+            continue
+        mine = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params[group])}
+        theirs = {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(loaded[group])}
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                differences.append(f"{group}{key}: {theirs.get(key, 'missing')} there, {mine.get(key, 'missing')} here")
+    if differences:
+        raise ValueError(
+            f"init_from={config.init_from!r} does not match this model; differing arrays:\n  " + "\n  ".join(differences[:20])
+        )
+    replaced = {group: jax.device_put(loaded[group], shardings[group]) for group in groups}
+    logger.warning("Initialised %s from %s.", ", ".join(groups), config.init_from)
+    return {**params, **replaced}
 
 
 def build_source(source: ml_collections.ConfigDict) -> Any:
@@ -138,9 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         state, restored_step = checkpointer.restore(target, batches, config)
         logger.warning("Resumed from step %d of %s.", restored_step, checkpointer.root)
     elif config.init_from:
-        params, _ = checkpoint.restore_params(config.init_from, shardings=state_shardings.params)
-        state = state.replace(params=params)
-        logger.warning("Initialised the parameters from %s.", config.init_from)
+        state = state.replace(params=initial_params(config, state.params, state_shardings.params))
 
     # ---- The step: one jit site ------------------------------------------------------------------
     step_fn = jax.jit(
@@ -178,9 +242,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     preemption_watch = preemption.PreemptionWatch()
 
     # ---- Loop ------------------------------------------------------------------------------------
-    writers = [metrics_lib.ConsoleWriter(config.total_steps, int(state.step), enabled=is_lead)]
+    first_step = int(state.step)
+    writers = [metrics_lib.ConsoleWriter(config.total_steps, first_step, enabled=is_lead)]
     if is_lead:
-        writers.append(metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+        # A resumed run rewrites the steps after its checkpoint, so drop the killed run's lines for them.
+        writers.append(metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), keep_through_step=first_step))
         if config.tensorboard:
             writers.append(metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard")))
     writer = metrics_lib.MultiWriter(writers)
@@ -191,41 +257,46 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.peak_tflops_per_device),
     )
     profiler = Profiler(os.path.join(workdir, "profile"), *config.profile_steps)
+    nonfinite = NonFiniteGuard(config.max_nonfinite_steps, checkpointer)
     last_metrics: dict[str, float] = {}
-    first_step = int(state.step)
     throughput.reset(first_step)
-    for step in range(first_step + 1, config.total_steps + 1):
-        wait_start = time.perf_counter()
-        local_batch = next(batches)
-        throughput.add_data_wait(time.perf_counter() - wait_start)
-        num_skipped = int(local_batch.pop("num_skipped"))
-        batch = sharding.host_local_to_global(local_batch, batch_sharding)
-        profiler.before_step(step)
-        with jax.set_mesh(mesh):
-            state, step_metrics = step_fn(state, batch)
-        profiler.after_step(step, step_metrics)
-        is_last = step == config.total_steps
-        logged: dict[str, float] = {}
-        if step % config.log_every_steps == 0 or is_last or step == first_step + 1:
-            logged.update(metrics_lib.to_python(step_metrics))  # syncs with the device
-            logged.update(throughput.measure(step))
-            logged["data/num_skipped"] = float(num_skipped)  # this process's running count
-            if config.log_batch_checksums:  # exact in a float: CRC32 < 2**53
-                logged["data/batch_crc32"] = float(zlib.crc32(local_batch["images"].tobytes() + local_batch["tokens"].tobytes()))
-        for hook in hooks:
-            if hook.due(step, is_last):
-                logged.update(hook.fn(step, state))
-                throughput.reset(step)  # evaluation time is not training throughput
-        if logged:
-            writer.write(step, logged)
-            last_metrics.update(logged)
-        writers[0].advance(step)
-        if not is_last and preemption_watch.should_stop(step):
-            checkpointer.save(step, state, batches, config)
-            logger.warning("Preempted: saved step %d; rerun the same command to continue.", step)
-            break
-    profiler.stop()
-    checkpointer.close()  # waits for the last save to be complete on disk
-    preemption_watch.close()
-    writer.close()
+    try:
+        for step in range(first_step + 1, config.total_steps + 1):
+            wait_start = time.perf_counter()
+            local_batch = next(batches)
+            throughput.add_data_wait(time.perf_counter() - wait_start)
+            num_skipped = int(local_batch.pop("num_skipped"))
+            batch = sharding.host_local_to_global(local_batch, batch_sharding)
+            profiler.before_step(step)
+            with jax.set_mesh(mesh):
+                state, step_metrics = step_fn(state, batch)
+            profiler.after_step(step, step_metrics)
+            nonfinite.check_previous_and_hold(step, step_metrics)
+            is_last = step == config.total_steps
+            logged: dict[str, float] = {}
+            if step % config.log_every_steps == 0 or is_last or step == first_step + 1:
+                logged.update(metrics_lib.to_python(step_metrics))  # syncs with the device
+                logged.update(throughput.measure(step))
+                logged["data/num_skipped"] = float(num_skipped)  # this process's running count
+                logged["nonfinite_skipped_total"] = float(nonfinite.total)
+                if config.log_batch_checksums:  # exact in a float: CRC32 < 2**53
+                    logged["data/batch_crc32"] = float(zlib.crc32(local_batch["images"].tobytes() + local_batch["tokens"].tobytes()))
+            for hook in hooks:
+                if hook.due(step, is_last):
+                    logged.update(hook.fn(step, state))
+                    throughput.reset(step)  # evaluation time is not training throughput
+            if logged:
+                writer.write(step, logged)
+                last_metrics.update(logged)
+            writers[0].advance(step)
+            if not is_last and preemption_watch.should_stop(step):
+                checkpointer.save(step, state, batches, config)
+                logger.warning("Preempted: saved step %d; rerun the same command to continue.", step)
+                break
+        nonfinite.check_held()
+    finally:
+        profiler.stop()
+        checkpointer.close()  # waits for the last save to be complete on disk, also after an error
+        preemption_watch.close()
+        writer.close()
     return last_metrics

@@ -1,0 +1,62 @@
+"""Trainer pieces: the non-finite guard, metric files on resume, initialising towers from a checkpoint."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from siglip_jax import metrics, trainer
+from siglip_jax.export import params as params_lib
+from tests.helpers import tiny_config
+
+
+class _NoCheckpoints:
+    root = "/nowhere"
+
+    def latest_step(self):
+        return None
+
+
+def test_nonfinite_guard_counts_and_stops_after_n_in_a_row():
+    guard = trainer.NonFiniteGuard(3, _NoCheckpoints())
+    flags = [0, 1, 1, 0, 1, 1]
+    for step, flag in enumerate(flags, start=1):
+        guard.check_previous_and_hold(step, {"nonfinite": np.int32(flag)})
+    guard.check_held()
+    assert guard.total == 4 and guard.in_a_row == 2
+    guard.check_previous_and_hold(7, {"nonfinite": np.int32(1)})
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row .* the last at step 7\. Last good checkpoint: none"):
+        guard.check_held()
+
+
+def test_jsonl_writer_drops_lines_after_the_resumed_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 10, 20, 25)))
+    writer = metrics.JsonlWriter(str(path), keep_through_step=20)
+    writer.write(21, {"loss": 0.5})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 10, 20, 21]
+
+
+@pytest.mark.slow
+def test_init_from_copies_chosen_towers_and_refuses_mismatches(tmp_path):
+    source_config = tiny_config()
+    source_config.total_steps = 1
+    source_config.tensorboard = False
+    trainer.train(source_config, str(tmp_path / "source"))
+    from siglip_jax import inference
+
+    trained = inference.load_params(str(tmp_path / "source")).params
+    exported = str(tmp_path / "source.msgpack")
+    params_lib.save_params_file(exported, source_config, trained)
+
+    config = tiny_config(**{"seed": 7, "init_from": exported, "init_towers": ("img",)})
+    fresh = {name: jax.tree.map(np.zeros_like, value) for name, value in trained.items()}
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), fresh)
+    params = trainer.initial_params(config, fresh, shardings)
+    jax.tree.map(np.testing.assert_array_equal, params["img"], trained["img"])
+    jax.tree.map(np.testing.assert_array_equal, params["txt"], fresh["txt"])  # not copied
+
+    wider = tiny_config(**{"init_from": exported, "model.image.width": 64})
+    wider_params = {**fresh, "img": {**fresh["img"], "pos_embedding": np.zeros((1, 16, 64), np.float32)}}
+    with pytest.raises(ValueError, match=r"differing arrays:\n  img\['pos_embedding'\]: \(1, 16, 32\) there, \(1, 16, 64\) here"):
+        trainer.initial_params(wider, wider_params, shardings)
