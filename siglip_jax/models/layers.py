@@ -148,14 +148,17 @@ class Encoder1DBlock(nn.Module):
         return (x, None) if self.scanned else x
 
 
-def _remat_block(policy: str) -> type[Encoder1DBlock]:
+def _remat_block(policy: str, scanned: bool) -> type[Encoder1DBlock]:
+    # Outside a scan, XLA would merge the recomputation with the original forward pass (undoing the
+    # remat) unless CSE is prevented; inside a scan's loop body it cannot, so the barrier is dropped.
+    prevent_cse = not scanned
     if policy == "none":
         return Encoder1DBlock
     if policy == "full":
-        return nn.remat(Encoder1DBlock, prevent_cse=False)  # CSE is harmless here: no loop to hoist out of
+        return nn.remat(Encoder1DBlock, prevent_cse=prevent_cse)
     if policy == "dots_saveable":
         return nn.remat(
-            Encoder1DBlock, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            Encoder1DBlock, prevent_cse=prevent_cse, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
         )
     raise ValueError(f"Unknown remat policy {policy!r}; valid: {', '.join(REMAT_POLICIES)}.")
 
@@ -177,7 +180,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        block = _remat_block(self.remat_policy)
+        block = _remat_block(self.remat_policy, self.scan_layers)
         if self.scan_layers:
             scanned = nn.scan(
                 block,
