@@ -131,9 +131,9 @@ def initialize(
     the first one runs.
 
     `local_device_count`: the devices this process drives. On CPU it is the number of CPU devices JAX
-    makes (several per process simulate a multi-host mesh); on GPU this process uses GPUs
-    0..local_device_count-1 of its node, for one process per node under SLURM or Open MPI (JAX's
-    detection otherwise gives each process one GPU). Leave it unset on TPU.
+    makes (several per process simulate a multi-host mesh); in a multi-process GPU run this process
+    uses GPUs 0..local_device_count-1 of its node, for one process per node under SLURM or Open MPI
+    (JAX's detection otherwise gives each process one GPU). Leave it unset on TPU.
     """
     launch = resolve_launch(coordinator_address, num_processes, process_id, local_device_count)
     if launch.local_device_count is not None:
