@@ -1,16 +1,27 @@
-"""Train a SigLIP / CLIP model: python train.py --config configs/demo.py --workdir /tmp/demo"""
+"""Train a SigLIP / CLIP model: python train.py --config configs/demo.py --workdir /tmp/demo
+
+Multi-process runs (docs/multihost.md): on TPU pods, SLURM and Open MPI the processes find each other;
+elsewhere give every process --coordinator_address, --num_processes and its own --process_id."""
 from absl import app, flags
 from ml_collections import config_flags
 
-from siglip_jax import trainer
+from siglip_jax import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and logs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, the same on every process (or $SIGLIP_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (or $SIGLIP_NUM_PROCESSES); 1 forces one.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (or $SIGLIP_PROCESS_ID).")
+_LOCAL_DEVICES = flags.DEFINE_integer(
+    "local_device_count", None, "Devices this process drives: CPU devices to make, or GPUs per process (or $SIGLIP_LOCAL_DEVICE_COUNT).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
+    # Before anything else touches JAX: the devices are fixed by the first call.
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value)
     trainer.train(_CONFIG.value, _WORKDIR.value)
 
 

@@ -63,6 +63,26 @@ def test_processes_read_disjoint_shares_of_each_epoch():
     assert len(seen[0] | seen[1]) == 16  # together, one full epoch
 
 
+def test_processes_together_see_the_single_process_examples_with_the_same_augmentation():
+    # A 2-process run must train on what a 1-process run trains on (tests/test_multihost.py compares
+    # their losses), so captions and crops may depend on a record's global position only.
+    source = DemoSource("train", 32, 16)
+    augmented = pipeline.ImageOptions(image_size=16, random_crop_scale=(0.3, 1.0), random_flip=True)
+
+    def first_batch(batch_size, **kwargs):
+        iterator = pipeline.train_batches(
+            source, tokenizer=ByteTokenizer(12), options=augmented, local_batch_size=batch_size, seed=3, **kwargs
+        )
+        return next(iterator)
+
+    single = first_batch(8)
+    shares = [first_batch(4, process_index=process, process_count=2) for process in range(2)]
+    for key in ("images", "tokens"):
+        # Process p reads records p::2 of the global order: rows interleave.
+        interleaved = np.stack([shares[row % 2][key][row // 2] for row in range(8)])
+        np.testing.assert_array_equal(interleaved, single[key])
+
+
 class _WithBadRecords:
     """The demo data with every fifth image corrupt and record 3 without captions."""
 

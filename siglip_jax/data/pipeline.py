@@ -118,8 +118,10 @@ def train_batches(
             f"({process_count} x {local_batch_size}); use a smaller data.batch_size or more data."
         )
     dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    dataset = dataset[process_index::process_count]
+    # Random before slicing: grain seeds each element by its index in the dataset it maps, so this way
+    # record k of the global order gets the same caption and crop whatever the process count.
     dataset = dataset.random_map(TrainExample(tokenizer, options), seed=seed)
+    dataset = dataset[process_index::process_count]
     iterable = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch_batches * local_batch_size)
     )

@@ -30,7 +30,7 @@ class Embedder:
         self.batch_size = batch_size
         self.mesh = mesh
         self.axis_rules = axis_rules
-        batch_sharding = sharding.batch_sharding(mesh, axis_rules)
+        self.batch_sharding = batch_sharding = sharding.batch_sharding(mesh, axis_rules)
         replicated = NamedSharding(mesh, PartitionSpec())
 
         def embed(method: Callable) -> Callable:
@@ -52,8 +52,14 @@ class Embedder:
                 padding = np.zeros((self.batch_size - valid, *chunk.shape[1:]), chunk.dtype)
                 chunk = np.concatenate([chunk, padding])
             with jax.set_mesh(self.mesh):
-                outputs.append(np.asarray(function(params, chunk))[:valid])
+                outputs.append(np.asarray(function(params, self._global_batch(chunk)))[:valid])
         return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+    def _global_batch(self, chunk: np.ndarray) -> jax.Array:
+        """Every process holds all eval inputs, so each fills its own devices' rows from its copy. (jit
+        refuses numpy for a sharding over other processes' devices, and process-local assembly would
+        need each process to hold different rows.) The output is replicated, so each process reads it."""
+        return jax.make_array_from_callback(chunk.shape, self.batch_sharding, lambda index: chunk[index])
 
     def images(self, params: Any, images: np.ndarray) -> np.ndarray:
         """uint8 or float images [n, s, s, 3] -> L2-normalised embeddings [n, d]."""
