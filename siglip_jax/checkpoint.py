@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from typing import Any, Iterable
@@ -273,29 +272,24 @@ def redistribute_data_states(states: dict[int, Any], process_count: int) -> list
     """Iterator states for `process_count` processes that continue the global stream where the saved
     processes ({index: state}) stopped.
 
-    In pipeline.train_batches, process i of n reads global positions i, i + n, i + 2n, ... and its state
-    counts how many it has read ("next_index"). The saved processes together consumed the positions below
-    (furthest next_index) x (saved count); new process j starts at its first position at or beyond that.
+    In pipeline.train_batches every process reads one batch per step and, after b batches each, all
+    processes together have used exactly the first b x global_batch positions of the global order, for
+    any process count (the global batch stays the same). So each new process continues at the same
+    batch count, "next_index".
     """
     saved_count = len(states)
     for index, state in states.items():
-        if not (isinstance(state, dict) and isinstance(state.get("parent"), dict) and set(state["parent"]) == {"next_index"}):
+        if not (isinstance(state, dict) and set(state) == {"next_index"}):
             raise ValueError(
                 f"Cannot move process {index}'s data iterator state {state!r} to {process_count} processes: "
-                "only the in-process pipeline's {'parent': {'next_index': N}, 'num_skipped': K} can be "
-                f"redistributed (data.num_workers=0). Resume with {saved_count} processes, or with "
-                "data.num_workers=0 and then change the process count."
+                "only the in-process pipeline's {'next_index': N} can be redistributed (data.num_workers=0). "
+                f"Resume with {saved_count} processes, or with data.num_workers=0 and then change the process count."
             )
-    consumed = max(state["parent"]["next_index"] for state in states.values()) * saved_count
-    total_skipped = sum(int(state.get("num_skipped", 0)) for state in states.values())
-    return [
-        {
-            "parent": {"next_index": math.ceil(max(consumed - index, 0) / process_count)},
-            # The skip count is per process; keeping the total on process 0 keeps the sum right.
-            "num_skipped": total_skipped if index == 0 else 0,
-        }
-        for index in range(process_count)
-    ]
+    batches_read = {int(state["next_index"]) for state in states.values()}
+    if len(batches_read) != 1:
+        raise ValueError(f"The saved processes stopped at different batches {sorted(batches_read)}; the checkpoint is inconsistent.")
+    (next_index,) = batches_read
+    return [{"next_index": next_index} for _ in range(process_count)]
 
 
 # ---- Parameters only, for evaluation, export and init_from ---------------------------------------

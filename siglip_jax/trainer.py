@@ -12,6 +12,7 @@ import zlib
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -260,12 +261,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     nonfinite = NonFiniteGuard(config.max_nonfinite_steps, checkpointer)
     last_metrics: dict[str, float] = {}
     throughput.reset(first_step)
+    num_skipped = 0
     try:
         for step in range(first_step + 1, config.total_steps + 1):
             wait_start = time.perf_counter()
             local_batch = next(batches)
             throughput.add_data_wait(time.perf_counter() - wait_start)
-            num_skipped = int(local_batch.pop("num_skipped"))
+            num_skipped += int(np.sum(local_batch.pop("num_skipped")))
             batch = sharding.host_local_to_global(local_batch, batch_sharding)
             profiler.before_step(step)
             with jax.set_mesh(mesh):
@@ -277,7 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if step % config.log_every_steps == 0 or is_last or step == first_step + 1:
                 logged.update(metrics_lib.to_python(step_metrics))  # syncs with the device
                 logged.update(throughput.measure(step))
-                logged["data/num_skipped"] = float(num_skipped)  # this process's running count
+                logged["data/num_skipped"] = float(num_skipped)  # records this process replaced in this run
                 logged["nonfinite_skipped_total"] = float(nonfinite.total)
                 if config.log_batch_checksums:  # exact in a float: CRC32 < 2**53
                     logged["data/batch_crc32"] = float(zlib.crc32(local_batch["images"].tobytes() + local_batch["tokens"].tobytes()))

@@ -185,26 +185,29 @@ def test_restore_params_of_a_missing_checkpoint_says_what_it_wants(saved, tmp_pa
     assert checkpoint.latest_step(str(tmp_path)) is None
 
 
-def _global_positions(next_index, process_index, process_count):
-    """Positions of the global stream that process i of n has read: i, i + n, ... (pipeline's striding)."""
-    return {process_index + k * process_count for k in range(next_index)}
+GLOBAL_BATCH = 12
+
+
+def _global_positions(batches, process_index, process_count):
+    """Positions of the global stream that process i of n has read in its first `batches` batches: its
+    local stream is positions i, i + n, i + 2n, ... (the pipeline's striding), batched by 12 / n."""
+    local_batch = GLOBAL_BATCH // process_count
+    return {process_index + k * process_count for k in range(batches * local_batch)}
 
 
 @pytest.mark.parametrize("saved_count, new_count", [(2, 1), (1, 4), (4, 2), (2, 3)])
 def test_redistributed_data_states_continue_the_stream_without_repeats(saved_count, new_count):
-    rows_per_process = 12
-    states = {i: {"parent": {"next_index": rows_per_process}, "num_skipped": i} for i in range(saved_count)}
-    consumed = set().union(*(_global_positions(rows_per_process, i, saved_count) for i in range(saved_count)))
+    batches_read = 5
+    states = {i: {"next_index": batches_read} for i in range(saved_count)}
+    consumed = set().union(*(_global_positions(batches_read, i, saved_count) for i in range(saved_count)))
+    assert consumed == set(range(batches_read * GLOBAL_BATCH))
     new_states = checkpoint.redistribute_data_states(states, new_count)
-    horizon = 200
     upcoming = set()
     for index, state in enumerate(new_states):
-        start = state["parent"]["next_index"]
-        positions = {index + k * new_count for k in range(start, horizon)}
-        assert not positions & consumed
-        upcoming |= positions
-    assert upcoming | consumed >= set(range(horizon - new_count))  # nothing left out either
-    assert sum(state["num_skipped"] for state in new_states) == sum(range(saved_count))
+        start = state["next_index"]
+        upcoming |= _global_positions(start + 4, index, new_count) - _global_positions(start, index, new_count)
+    assert not upcoming & consumed
+    assert upcoming == set(range(batches_read * GLOBAL_BATCH, (batches_read + 4) * GLOBAL_BATCH))  # nothing left out
 
 
 def test_redistributing_an_unknown_iterator_state_explains_the_limit():

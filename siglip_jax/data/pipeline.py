@@ -26,72 +26,61 @@ class ImageOptions:
     random_flip: bool = False
 
 
-class TrainExample(grain.transforms.RandomMap):
-    """Record -> {"images": uint8 [s, s, 3], "tokens": int32 [l]}, one non-empty caption drawn at random
-    (a different one each epoch: the random stream is seeded by the element's global index), or
-    {"skipped": reason} when the record is unusable."""
+MAX_REPLACEMENTS = 32  # unusable records in a row before the pipeline gives up on the source
 
-    def __init__(self, tokenizer: Callable, options: ImageOptions):
+
+class TrainExamples:
+    """Global stream position -> {"images": uint8 [s, s, 3], "tokens": int32 [l], "num_skipped": int32}.
+
+    One non-empty caption is drawn at random, and the crop and flip, from a generator seeded by (seed,
+    position): a different caption each epoch, and the same example whatever the number of processes
+    (the position is global, counted before the stream is split). An unusable record (an unreadable image,
+    no non-empty caption) is named in the log and replaced by the record one epoch further at the same
+    position, a different and equally random one, so batches keep their size; "num_skipped" counts the
+    replaced records.
+    """
+
+    def __init__(self, records: grain.MapDataset, num_records: int, tokenizer: Callable, options: ImageOptions, seed: int):
+        self.records = records
+        self.num_records = num_records
         self.tokenizer = tokenizer
         self.options = options
+        self.seed = seed
 
-    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    def __call__(self, position: int, record: dict) -> dict:
+        rng = np.random.default_rng([self.seed, position])
+        for replacement in range(MAX_REPLACEMENTS + 1):
+            example = self._example(record, rng)
+            if not isinstance(example, str):
+                example["num_skipped"] = np.int32(replacement)
+                return example
+            logger.warning("Skipped a training record (replaced by another): %s", example)
+            record = self.records[position + (replacement + 1) * self.num_records]
+        raise ValueError(
+            f"{MAX_REPLACEMENTS + 1} training records in a row were unusable, the last: {example}. Check the "
+            "source (paths, caption column) or convert it with tools/convert.py, which reports bad records."
+        )
+
+    def _example(self, record: dict, rng: np.random.Generator) -> dict | str:
+        """The example, or why the record cannot give one."""
         record_id = record.get("id", "?")
         captions = [caption for caption in record.get("captions", ()) if caption and caption.strip()]
         if not captions:
-            return {"skipped": f"record {record_id}: no non-empty caption"}
+            return f"record {record_id}: no non-empty caption"
         caption = captions[rng.integers(len(captions))]
         try:
             image = images.decode_image(record["image"])
         except images.DecodeError as error:
-            return {"skipped": f"record {record_id}: {error}"}
+            return f"record {record_id}: {error}"
         scale = tuple(self.options.random_crop_scale)
-        ratio = (1.0, 1.0) if scale == (1.0, 1.0) else (3 / 4, 4 / 3)
-        image = images.train_transform(
-            image, self.options.image_size, rng, scale=scale, ratio=ratio, flip=self.options.random_flip
-        )
-        return {"images": image, "tokens": self.tokenizer([caption])[0]}
-
-
-class _SkipAndBatchIterator(grain.DatasetIterator):
-    """Drops skipped examples (logging each), stacks the rest into batches of `batch_size` and adds the
-    running count of skipped examples. Its state is the parent's plus that count."""
-
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int):
-        super().__init__(parent)
-        self._batch_size = batch_size
-        self._num_skipped = 0
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        examples = []
-        while len(examples) < self._batch_size:
-            example = next(self._parent)
-            if "skipped" in example:
-                self._num_skipped += 1
-                logger.warning("Skipped a training example (%d so far): %s", self._num_skipped, example["skipped"])
-                continue
-            examples.append(example)
-        return {
-            "images": np.stack([example["images"] for example in examples]),
-            "tokens": np.stack([example["tokens"] for example in examples]),
-            "num_skipped": np.int64(self._num_skipped),
-        }
-
-    def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "num_skipped": self._num_skipped}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._num_skipped = int(state["num_skipped"])
-
-
-class _SkipAndBatch(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, batch_size: int):
-        super().__init__(parent)
-        self._batch_size = batch_size
-
-    def __iter__(self) -> _SkipAndBatchIterator:
-        return _SkipAndBatchIterator(self._parent.__iter__(), self._batch_size)
+        if scale == (1.0, 1.0) and image.shape[:2] == (self.options.image_size,) * 2 and not self.options.random_flip:
+            pixels = image  # already the model's size, nothing to crop (the demo data)
+        else:
+            ratio = (1.0, 1.0) if scale == (1.0, 1.0) else (3 / 4, 4 / 3)
+            pixels = images.train_transform(
+                image, self.options.image_size, rng, scale=scale, ratio=ratio, flip=self.options.random_flip
+            )
+        return {"images": pixels, "tokens": self.tokenizer([caption])[0]}
 
 
 def train_batches(
@@ -106,28 +95,29 @@ def train_batches(
     num_workers: int = 0,
     prefetch_batches: int = 2,
 ) -> grain.DatasetIterator:
-    """An endless iterator of this process's batches {"images", "tokens", "num_skipped"};
-    `get_state()` / `set_state()` save and restore its position.
+    """An endless iterator of this process's batches {"images", "tokens", "num_skipped"} (the last the
+    number of records replaced in that batch); `get_state()` / `set_state()` save and restore its
+    position: {"next_index": batches read} with no workers.
 
-    Each process reads the elements `process_index::process_count` of one global, per-epoch reshuffled
-    order, so together the processes see every record once per epoch.
+    Process p of n takes positions p, p + n, p + 2n, ... of one global, per-epoch reshuffled order, so
+    together the processes see every record once per epoch, and after b batches each they have used
+    exactly the first b x global_batch positions, whatever n is.
     """
     if len(source) < process_count * local_batch_size:
         raise ValueError(
             f"The training source has {len(source)} records, fewer than one global batch "
             f"({process_count} x {local_batch_size}); use a smaller data.batch_size or more data."
         )
-    dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    # Random before slicing: grain seeds each element by its index in the dataset it maps, so this way
-    # record k of the global order gets the same caption and crop whatever the process count.
-    dataset = dataset.random_map(TrainExample(tokenizer, options), seed=seed)
-    dataset = dataset[process_index::process_count]
-    iterable = dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch_batches * local_batch_size)
-    )
+    records = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    examples = records.map_with_index(TrainExamples(records, len(source), tokenizer, options, seed))
+    examples = examples[process_index::process_count]
+    # Batching here, before the iterator, makes a whole batch one unit of work for the reading threads
+    # and workers: the per-element cost of an iterator pipeline is larger than decoding a small image.
+    batches = examples.batch(local_batch_size, drop_remainder=True)
+    iterable = batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch_batches))
     if num_workers > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter(_SkipAndBatch(iterable, local_batch_size))
+    return iter(iterable)
 
 
 def eval_records(
