@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
     config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 50
 
-    config.data.train = source_config("demo", split="train", size=100_000, image_size=IMAGE_SIZE)
+    config.data.train = source_config("demo", split="train", size=50_000, image_size=IMAGE_SIZE)
     config.data.batch_size = 128
     config.data.eval_batch_size = 128
     # 512 held-out images with 5 captions each: chance Recall@5 is about 1% (image->text) and 1% (text->image).
