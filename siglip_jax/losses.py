@@ -204,15 +204,20 @@ def _blocks_backward(layout, queries, keys, scale, bias, row_lse, cotangent):
     def visit(grads, block, d_block, hop):
         block = _after(block, grads[1]) if layout.ring else block
 
-        def chunk_step(grads, chunk_and_ids):
-            d_queries, d_scale, d_bias = grads
+        chunks = _chunks(layout, block)
+
+        def chunk_step(carry, chunk_and_ids):
+            (d_queries, d_scale, d_bias), d_block, start = carry
             chunk, column_ids = chunk_and_ids
             dq, dk, ds, db = _block_backward(layout.name, queries, chunk, scale, bias, row_ids,
                                              column_ids, row_lse, cotangent)
-            return (d_queries + dq, d_scale + ds, d_bias + db), dk
-        ids = _column_ids(layout, block, hop).reshape(_chunks(layout, block).shape[:2])
-        grads, d_chunks = jax.lax.scan(chunk_step, grads, (_chunks(layout, block), ids))
-        return grads, d_block + d_chunks.reshape(block.shape)
+            # Accumulated in place into the travelling block gradient: no second block-sized buffer.
+            d_rows = jax.lax.dynamic_slice_in_dim(d_block, start, chunk.shape[0]) + dk
+            d_block = jax.lax.dynamic_update_slice_in_dim(d_block, d_rows, start, 0)
+            return ((d_queries + dq, d_scale + ds, d_bias + db), d_block, start + chunk.shape[0]), None
+        ids = _column_ids(layout, block, hop).reshape(chunks.shape[:2])
+        (grads, d_block, _), _ = jax.lax.scan(chunk_step, (grads, d_block, 0), (chunks, ids))
+        return grads, d_block
 
     zeros = _per_shard(layout, (jnp.zeros(queries.shape), jnp.zeros(()), jnp.zeros(()),
                                 jnp.zeros(keys.shape)))
