@@ -216,6 +216,17 @@ class MAPHead(nn.Module):
         return x[:, 0]
 
 
+def projection_head(features: int, dtype: Dtype) -> nn.Dense:
+    """The linear `head` from a tower's pooled width to the shared embedding width."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=partitioned(nn.initializers.lecun_normal(), ("embed", "embed_out")),
+        bias_init=partitioned(nn.initializers.zeros, ("embed_out",)),
+        name="head",
+    )
+
+
 def learned_position_embedding(module: nn.Module, name: str, length: int, width: int) -> jax.Array:
     """[1, length, width] parameter, initialised N(0, 1/width) as big_vision's learned posemb."""
     return module.param(

@@ -47,11 +47,4 @@ class TextTransformer(nn.Module):
             self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, self.scan_layers,
             name="Encoder_0",
         )(x)
-        x = x[:, -1, :]
-        return nn.Dense(
-            self.head_dim,
-            dtype=self.dtype,
-            kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "embed_out")),
-            bias_init=layers.partitioned(nn.initializers.zeros, ("embed_out",)),
-            name="head",
-        )(x)
+        return layers.projection_head(self.head_dim, self.dtype)(x[:, -1, :])

@@ -73,11 +73,5 @@ class VisionTransformer(nn.Module):
             x = x[:, 0]
 
         if self.head_dim is not None:
-            x = nn.Dense(
-                self.head_dim,
-                dtype=self.dtype,
-                kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "embed_out")),
-                bias_init=layers.partitioned(nn.initializers.zeros, ("embed_out",)),
-                name="head",
-            )(x)
+            x = layers.projection_head(self.head_dim, self.dtype)(x)
         return x
