@@ -11,7 +11,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from siglip_jax import evaluation_cli
+from siglip_jax import evaluation_cli, metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose `evals` to run (default: the checkpoint's own config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: evaluates its latest checkpoint.")
@@ -22,6 +22,7 @@ _PAIRS = flags.DEFINE_string("pairs", None, "JSONL of {\"image\": path, \"text\"
 
 def main(argv):
     del argv
+    metrics.quiet_library_logs()
     results = evaluation_cli.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _PAIRS.value)
     print(results.pop("table"))
     if _OUTPUT.value:

@@ -10,7 +10,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from siglip_jax import inference
+from siglip_jax import inference, metrics
 from siglip_jax.export import formats
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe the workdir was trained with (workdir case).")
@@ -28,6 +28,7 @@ flags.mark_flags_as_required(["format", "output"])
 
 def main(argv):
     del argv
+    metrics.quiet_library_logs()
     if _CHECKPOINT.value and os.path.exists(_CHECKPOINT.value) and not _WORKDIR.value:
         exported = inference.load_params(_CHECKPOINT.value)
     elif _WORKDIR.value:

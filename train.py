@@ -5,7 +5,7 @@ elsewhere give every process --coordinator_address, --num_processes and its own 
 from absl import app, flags
 from ml_collections import config_flags
 
-from siglip_jax import distributed, trainer
+from siglip_jax import distributed, metrics, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and logs.")
@@ -20,6 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    metrics.quiet_library_logs()
     # Before anything else touches JAX: the devices are fixed by the first call.
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value)
     trainer.train(_CONFIG.value, _WORKDIR.value)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any, Mapping, Sequence
 
@@ -18,6 +19,16 @@ CONSOLE_COLUMNS = {
     "bias": ("b", "{:.2f}"),
     "examples_per_second": ("ex/s", "{:.1f}"),
 }
+
+
+def quiet_library_logs() -> None:
+    """Show absl warnings and errors only (JAX and Orbax log every step of their work at INFO), unless the
+    user asked for a level with --verbosity / -v. For CLIs, after flags are parsed."""
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -49,6 +60,25 @@ class JsonlWriter:
         pass
 
 
+def format_eval(results: Mapping[str, float]) -> str:
+    """One line per eval: recalls and accuracies as percentages, e.g. "image->text R@1 52.3 R@5 91.6 ..."."""
+    groups = []
+    for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
+        recalls = sorted(
+            (int(key.split("@")[1]), value) for key, value in results.items()
+            if key.startswith(f"{direction}/recall@")
+        )
+        if recalls:
+            groups.append(label + " " + " ".join(f"R@{k} {100 * value:.1f}" for k, value in recalls))
+    for key, label in (("mean_recall", "mean recall"), ("top1", "top-1"), ("top5", "top-5"),
+                       ("mean_per_class_recall", "mean per-class")):
+        if key in results:
+            groups.append(f"{label} {100 * results[key]:.1f}")
+    if results.get("num_skipped"):
+        groups.append(f"skipped {int(results['num_skipped'])}")
+    return " | ".join(groups) or ", ".join(f"{key} {value:.4g}" for key, value in sorted(results.items()))
+
+
 class ConsoleWriter:
     """A progress bar over the training steps, with a line of the main metrics at each log step and a
     table of evaluation results."""
@@ -69,10 +99,14 @@ class ConsoleWriter:
                 parts.append(f"{label} {fmt.format(metrics[key])}")
         if metrics.get("data/num_skipped"):
             parts.append(f"skipped {int(metrics['data/num_skipped'])}")
-        evals = {key: value for key, value in metrics.items() if "/" in key and not key.startswith("data/")}
-        if evals:
-            parts.append("eval: " + ", ".join(f"{key} {value:.4g}" for key, value in sorted(evals.items())))
-        tqdm.tqdm.write(" | ".join(parts))
+        lines = [" | ".join(parts)]
+        evals: dict[str, dict[str, float]] = {}
+        for key, value in metrics.items():
+            name, _, metric = key.partition("/")
+            if metric and name != "data":
+                evals.setdefault(name, {})[metric] = value
+        lines += [f"  eval {name}: {format_eval(results)}" for name, results in sorted(evals.items())]
+        tqdm.tqdm.write("\n".join(lines))
 
     def close(self) -> None:
         self.bar.close()
@@ -88,7 +122,8 @@ class TensorBoardWriter:
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
+            # TensorBoard tags allow letters, digits and _.-/ only: "recall@5" -> "recall_at_5".
+            self.writer.add_scalar(re.sub(r"[^A-Za-z0-9_.\-/]", "_", key.replace("@", "_at_")), value, step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -12,14 +12,13 @@ import zlib
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import ml_collections
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from siglip_jax import config as config_lib
 from siglip_jax import metrics as metrics_lib
-from siglip_jax import optim, sharding
-from siglip_jax import checkpoint, preemption
+from siglip_jax import checkpoint, optim, preemption, sharding
 from siglip_jax.data import pipeline, sources, tokenizers
 from siglip_jax.evaluation import runner
 from siglip_jax.models import flops, two_towers

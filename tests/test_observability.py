@@ -69,8 +69,8 @@ def test_tensorboard_writer_writes_event_files(tmp_path):
     writer.close()
     files = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     content = files[0].read_bytes() if files else b""
-    # tensorboardX turns "@" into "_" in tags; 0.25 is the float32 bytes 00 00 80 3e.
-    assert b"eval/recall_1" in content and b"loss" in content and b"\x00\x00\x80>" in content
+    # TensorBoard tags allow no "@": recall@1 is written as recall_at_1; 0.25 is the float32 bytes 00 00 80 3e.
+    assert b"eval/recall_at_1" in content and b"loss" in content and b"\x00\x00\x80>" in content
 
 
 def test_plot_tool_draws_every_panel(tmp_path):
