@@ -33,7 +33,7 @@ def _child_environment() -> dict:
     return dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
 
 
-def _launch(workdir: str, num_processes: int, devices_per_process: int) -> None:
+def _launch(workdir: str, num_processes: int, devices_per_process: int, extra_flags: tuple[str, ...] = ()) -> None:
     """Runs train.py as `num_processes` processes and waits for all; on a failure or timeout, kills
     every child's process group (each child leads its own) and fails with the logs' tails."""
     coordinator = f"localhost:{_free_port()}"
@@ -44,6 +44,7 @@ def _launch(workdir: str, num_processes: int, devices_per_process: int) -> None:
                        f"--local_device_count={devices_per_process}", f"--num_processes={num_processes}"]
             if num_processes > 1:
                 command += [f"--coordinator_address={coordinator}", f"--process_id={process_id}"]
+            command += list(extra_flags)
             log_path = f"{workdir}.process{process_id}.log"
             with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
                 child = subprocess.Popen(command, cwd=REPO, env=_child_environment(), stdout=log,
@@ -89,3 +90,14 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     # Process 0 alone writes the metrics; every process writes its shards of the final checkpoint.
     assert not [name for name in os.listdir(multi) if name.startswith("metrics") and name != "metrics.jsonl"]
     assert os.path.isdir(os.path.join(multi, "checkpoints", str(TOTAL_STEPS)))
+
+    # Resume both runs to step 5 as 1 process x 8 devices: the two-process checkpoint (its shards written
+    # by two processes, two data positions) restores onto one process and continues the same stream.
+    longer = ("--config.total_steps=5",)
+    _launch(single, num_processes=1, devices_per_process=8, extra_flags=longer)
+    _launch(multi, num_processes=1, devices_per_process=8, extra_flags=longer)
+    for workdir in (single, multi):
+        assert "Resumed from step 3" in open(f"{workdir}.process0.log", errors="replace").read()
+    expected, got = _metrics_by_step(single), _metrics_by_step(multi)
+    for step in (4, 5):
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=LOSS_TOLERANCE), step
