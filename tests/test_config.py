@@ -5,7 +5,6 @@ import sys
 
 import ml_collections
 import pytest
-from ml_collections import config_flags  # noqa: F401  (the CLI's override path is exercised below)
 
 from siglip_jax import config as config_lib
 

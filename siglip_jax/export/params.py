@@ -12,7 +12,6 @@ serving can load parameters without it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 
