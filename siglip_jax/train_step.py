@@ -13,6 +13,7 @@ import optax
 from jax.sharding import Mesh
 
 from siglip_jax import losses
+from siglip_jax.models import two_towers
 from siglip_jax.sharding import logical_to_shardings
 
 
@@ -188,8 +189,8 @@ def create_train_state(
         # The optimizer state inherits the parameters' logical boxes, so it is sharded like them.
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=state_rng)
 
-    # No logical-rules context here: the output shardings place the state, and flax would otherwise
-    # constrain its initialisers' intermediate (flattened) kernels with the parameters' final names.
+    # No logical-rules context here: out_shardings alone places the state; activation constraints on a
+    # batch of one would only add work to the initialisation.
     abstract = jax.eval_shape(init_boxed, rng)
     shardings = logical_to_shardings(abstract, mesh, axis_rules)
     state = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings)(rng)
@@ -198,8 +199,6 @@ def create_train_state(
 
 def param_shardings(model_config: ml_collections.ConfigDict, mesh: Mesh, axis_rules: Any) -> Any:
     """The parameters' layout on `mesh` (as in training), from their logical axis names."""
-    from siglip_jax.models import two_towers
-
     model = two_towers.build_model(model_config)
     size, length = model_config.image.image_size, model_config.text.max_len
     images = jnp.zeros((1, size, size, 3), jnp.float32)

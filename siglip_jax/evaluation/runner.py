@@ -14,6 +14,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from siglip_jax import sharding
 from siglip_jax.data import pipeline
 from siglip_jax.evaluation import classification, retrieval
+from siglip_jax.models import two_towers
+from siglip_jax.train_step import param_shardings
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +175,6 @@ def evaluate_params(
     config: ml_collections.ConfigDict, params: Any, tokenizer: Callable, build_source: Callable, mesh: Mesh
 ) -> dict[str, float]:
     """Runs every eval of `config.evals` once on `params`; keys "<eval name>/<metric>"."""
-    from siglip_jax.models import two_towers  # the model is only needed when evaluating outside training
-    from siglip_jax.train_step import param_shardings
 
     if not config.evals:
         raise ValueError("The config lists no evals (config.evals is empty); add one, e.g. "
