@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 LOSS_NAMES = ("sigmoid", "softmax")
-LOSS_IMPLEMENTATIONS = ("all_gather", "ring")
+LOSS_IMPLEMENTATIONS = ("all_gather", "ring", "chunked")
 
 _PRECISION = jax.lax.Precision.HIGHEST  # f32 matmuls on TPU/GPU, so all variants agree to 1e-5
 
@@ -104,9 +104,9 @@ class _Layout(NamedTuple):
     name: str
     axes: tuple            # mesh axes the batch is sharded over (present ones only); () unsharded
     num_shards: int        # product of their sizes
-    ring: bool             # keys arrive by ppermute (True) or were gathered beforehand (False)
+    implementation: str    # one of LOSS_IMPLEMENTATIONS
     bidirectional: bool
-    chunk_size: int        # columns scored at once; 0 means the whole block
+    chunk_size: int        # keys scored at once; 0 means a whole block
 
 
 def _shard_index(layout):
@@ -118,136 +118,210 @@ def _per_shard(layout, value):
     return jax.lax.pcast(value, layout.axes, to="varying") if layout.axes else value
 
 
-def _after(block, previous_result):
-    """`block`, made to depend on the previous block's scalar result so blocks are scored in turn.
+def _in_turn(chunk, previous_result):
+    """`chunk`, made to depend on the previous chunk's scalar result so chunks are scored in turn.
 
-    XLA unrolls loops of one hop and would then compute all their logits at once (the CPU backend
-    also drops optimization barriers); with all_gather there is one block and nothing to order. Adding 0 * x costs one pass over [block, embed],
-    small beside the [rows, block] matmul; it is not folded away because 0 * inf is not 0.
+    XLA unrolls loops of one iteration and could then compute two blocks' logits side by side.
+    Adding 0 * x costs one pass over the [chunk, embed] slice, small beside its [rows, chunk]
+    matmul; it is not folded away because 0 * inf is not 0.
     """
-    return block + 0.0 * previous_result
+    return chunk + 0.0 * previous_result
 
 
-def _shift(layout, x, offset):
-    """Sends x from shard i to shard i + offset (mod num_shards)."""
+def _send(layout, x, direction):
+    """Sends x (an array or a tuple of them) from shard i to shard i + direction, mod num_shards."""
     n = layout.num_shards
-    if offset % n == 0:
-        return x
-    return jax.lax.ppermute(x, layout.axes, perm=[(i, (i + offset) % n) for i in range(n)])
+    return jax.lax.ppermute(x, layout.axes, perm=[(i, (i + direction) % n) for i in range(n)])
 
 
-def _hops(layout):
-    """(hops the keys travel forward, hops they travel backward); forward means to shard i + 1."""
-    if not layout.ring:
-        return 0, 0
-    if layout.bidirectional:
-        return layout.num_shards // 2, (layout.num_shards - 1) // 2
-    return layout.num_shards - 1, 0
+def _ring_hops(layout):
+    """{direction: hops its stream of key blocks travels}; direction +1 sends to shard i + 1."""
+    if layout.implementation != "ring":
+        return {}
+    n = layout.num_shards
+    hops = {1: n // 2, -1: (n - 1) // 2} if layout.bidirectional else {1: n - 1}
+    return {direction: count for direction, count in hops.items() if count > 0}
 
 
-def _chunks(layout, keys):
-    """[block, embed] -> [num_chunks, chunk, embed]; the chunk loop keeps logits [rows, chunk]."""
-    chunk = layout.chunk_size or keys.shape[0]
-    return keys.reshape(keys.shape[0] // chunk, chunk, keys.shape[1])
+def _ring_schedule(layout):
+    """Hops 1, 2, ... grouped into runs that score and forward the same streams; each run becomes
+    one loop: [(first_hop, last_hop, directions scored, directions forwarded)]."""
+    hops = _ring_hops(layout)
+    runs = []
+    for hop in range(1, max(hops.values(), default=0) + 1):
+        scored = tuple(d for d, count in hops.items() if hop <= count)
+        forwarded = tuple(d for d, count in hops.items() if hop < count)
+        if runs and runs[-1][2:] == [scored, forwarded]:
+            runs[-1][1] = hop
+        else:
+            runs.append([hop, hop, scored, forwarded])
+    return runs
 
 
-def _column_ids(layout, keys, hop):
-    """Global batch index of each key in the block that arrived after `hop` hops ([block] int)."""
-    owner = (_shard_index(layout) - hop) % layout.num_shards if layout.ring else 0
-    return owner * keys.shape[0] + jnp.arange(keys.shape[0])
+def _run_hops(first, last, one_hop, state):
+    """Applies one_hop(hop, state) for hop = first..last; a loop, so the program size is O(1)."""
+    if first == last:
+        return one_hop(first, state)
+    return jax.lax.fori_loop(first, last + 1, one_hop, state)
+
+
+def _column_ids(layout, owner, block_rows, start, size):
+    """Global batch indices of keys [start, start + size) of `owner`'s block."""
+    return owner * block_rows + start + jnp.arange(size)
+
+
+def _gathered_column_ids(layout, block_rows, start, size):
+    """Global indices of an all-gathered chunk: rows [start, start + size) of every shard's block."""
+    shards = jnp.arange(layout.num_shards)[:, None] * block_rows
+    return (shards + start + jnp.arange(size)[None, :]).reshape(-1)
+
+
+def _slice(block, start, size):
+    return jax.lax.dynamic_slice_in_dim(block, start, size)
+
+
+def _put(block, update, start):
+    return jax.lax.dynamic_update_slice_in_dim(block, update, start, 0)
 
 
 def _blocks_forward(layout, queries, keys, scale, bias):
-    """Loss sum of this shard's queries against every key block, and their row logsumexp [rows]."""
-    row_ids = _shard_index(layout) * queries.shape[0] + jnp.arange(queries.shape[0])
+    """Loss sum of this shard's queries against every key, and their row logsumexp [rows].
 
-    def visit(carry, block, hop):
-        block = _after(block, carry[0]) if layout.ring else block
+    `keys` is this shard's block ([global_batch, embed] already gathered for all_gather). The ring
+    forwards each chunk as soon as it is scored and the arriving chunk takes its slot in place, so
+    a stream holds one block (not the block being scored plus the one arriving).
+    """
+    rows, block_rows = queries.shape[0], keys.shape[0]
+    me = _shard_index(layout)
+    row_ids = me * rows + jnp.arange(rows)
+    carry = _per_shard(layout, (jnp.zeros(()), jnp.full((rows,), -jnp.inf)))
 
-        def chunk_step(carry, chunk_and_ids):
-            loss, row_lse = carry
-            chunk, column_ids = chunk_and_ids
-            block_loss, row_lse = _block_forward(layout.name, queries, chunk, scale, bias,
-                                                 row_ids, column_ids, row_lse)
-            return (loss + block_loss, row_lse), None
-        ids = _column_ids(layout, block, hop).reshape(_chunks(layout, block).shape[:2])
-        return jax.lax.scan(chunk_step, carry, (_chunks(layout, block), ids))[0]
+    def score(carry, chunk, column_ids):
+        loss, row_lse = carry
+        chunk_loss, row_lse = _block_forward(layout.name, queries, _in_turn(chunk, loss), scale,
+                                             bias, row_ids, column_ids, row_lse)
+        return loss + chunk_loss, row_lse
 
-    initial = (jnp.zeros(()), jnp.full(queries.shape[:1], -jnp.inf))
-    carry = visit(_per_shard(layout, initial), keys, 0)
-    forward_hops, backward_hops = _hops(layout)
+    if layout.implementation == "chunked" and layout.axes:
+        step = layout.chunk_size // layout.num_shards  # each shard's share of a gathered chunk
 
-    def both_ways(hop, state):
-        carry, ahead, behind = state
-        ahead, behind = _shift(layout, ahead, 1), _shift(layout, behind, -1)
-        return visit(visit(carry, ahead, hop), behind, -hop), ahead, behind
+        def gathered_chunk(index, carry):
+            start = index * step
+            chunk = jax.lax.all_gather(_slice(keys, start, step), layout.axes, tiled=True)
+            return score(carry, chunk, _gathered_column_ids(layout, block_rows, start, step))
+        loss, row_lse = jax.lax.fori_loop(0, block_rows // step, gathered_chunk, carry)
+    else:
+        chunk = layout.chunk_size or block_rows
+        own_owner = me if layout.implementation != "all_gather" else 0
+        hops = _ring_hops(layout)
 
-    def ahead_only(hop, state):  # the rest of a one-way ring, or the odd hop of an even ring
-        carry, ahead, behind = state
-        ahead = _shift(layout, ahead, 1)
-        return visit(carry, ahead, hop), ahead, behind
+        def one_hop(hop, state, scored, forwarded, own):
+            def chunk_step(index, state):
+                carry, streams = state
+                start = index * chunk
+                for d in scored:
+                    block = keys if own else streams[d]
+                    owner = own_owner if own else (me - d * hop) % layout.num_shards
+                    carry = score(carry, _slice(block, start, chunk),
+                                  _column_ids(layout, owner, block_rows, start, chunk))
+                for d in forwarded:
+                    arriving = _send(layout, _slice(keys if own else streams[d], start, chunk), d)
+                    streams = {**streams, d: _put(streams[d], arriving, start)}
+                return carry, streams
+            return jax.lax.fori_loop(0, block_rows // chunk, chunk_step, state)
 
-    state = (carry, keys, keys if backward_hops else None)
-    if backward_hops:
-        state = jax.lax.fori_loop(1, backward_hops + 1, both_ways, state)
-    (loss, row_lse), _, _ = jax.lax.fori_loop(backward_hops + 1, forward_hops + 1, ahead_only,
-                                              state)
+        streams = {d: _per_shard(layout, jnp.zeros(keys.shape)) for d in hops}
+        state = one_hop(0, (carry, streams), scored=(0,), forwarded=tuple(hops), own=True)
+        for first, last, scored, forwarded in _ring_schedule(layout):
+            state = _run_hops(first, last, functools.partial(
+                one_hop, scored=scored, forwarded=forwarded, own=False), state)
+        (loss, row_lse), _ = state
     if layout.name == "softmax":
         loss = loss + jnp.sum(row_lse)
     return loss, row_lse
 
 
 def _blocks_backward(layout, queries, keys, scale, bias, row_lse, cotangent):
-    """Runs the key blocks past the queries again; key gradients travel with their keys."""
-    row_ids = _shard_index(layout) * queries.shape[0] + jnp.arange(queries.shape[0])
+    """Scores the keys against the queries again. Each key chunk's gradient travels with it and is
+    sent home when the stream has been everywhere; d_queries, d_scale and d_bias stay local."""
+    rows, block_rows = queries.shape[0], keys.shape[0]
+    me = _shard_index(layout)
+    row_ids = me * rows + jnp.arange(rows)
+    grads = _per_shard(layout, (jnp.zeros(queries.shape), jnp.zeros(()), jnp.zeros(())))
 
-    def visit(grads, block, d_block, hop):
-        block = _after(block, grads[1]) if layout.ring else block
+    def gradients(grads, chunk, column_ids):
+        """(grads plus this chunk's share of d_queries, d_scale, d_bias; the chunk's d_keys)."""
+        d_queries, d_scale, d_bias = grads
+        dq, dk, ds, db = _block_backward(layout.name, queries, _in_turn(chunk, d_scale), scale,
+                                         bias, row_ids, column_ids, row_lse, cotangent)
+        return (d_queries + dq, d_scale + ds, d_bias + db), dk
 
-        chunks = _chunks(layout, block)
+    if layout.implementation == "chunked" and layout.axes:
+        step = layout.chunk_size // layout.num_shards
 
-        def chunk_step(carry, chunk_and_ids):
-            (d_queries, d_scale, d_bias), d_block, start = carry
-            chunk, column_ids = chunk_and_ids
-            dq, dk, ds, db = _block_backward(layout.name, queries, chunk, scale, bias, row_ids,
-                                             column_ids, row_lse, cotangent)
-            # Accumulated in place into the travelling block gradient: no second block-sized buffer.
-            d_rows = jax.lax.dynamic_slice_in_dim(d_block, start, chunk.shape[0]) + dk
-            d_block = jax.lax.dynamic_update_slice_in_dim(d_block, d_rows, start, 0)
-            return ((d_queries + dq, d_scale + ds, d_bias + db), d_block, start + chunk.shape[0]), None
-        ids = _column_ids(layout, block, hop).reshape(chunks.shape[:2])
-        (grads, d_block, _), _ = jax.lax.scan(chunk_step, (grads, d_block, 0), (chunks, ids))
-        return grads, d_block
+        def gathered_chunk(index, state):
+            grads, d_keys = state
+            start = index * step
+            chunk = jax.lax.all_gather(_slice(keys, start, step), layout.axes, tiled=True)
+            grads, dk = gradients(grads, chunk,
+                                  _gathered_column_ids(layout, block_rows, start, step))
+            # Each shard's gradient for the gathered chunk, summed and split back to the owners.
+            d_own = jax.lax.psum_scatter(dk, layout.axes, scatter_dimension=0, tiled=True)
+            return grads, _put(d_keys, d_own, start)
+        (d_queries, d_scale, d_bias), d_keys = jax.lax.fori_loop(
+            0, block_rows // step, gathered_chunk,
+            (grads, _per_shard(layout, jnp.zeros(keys.shape))))
+        return d_queries, d_keys, d_scale, d_bias
 
-    zeros = _per_shard(layout, (jnp.zeros(queries.shape), jnp.zeros(()), jnp.zeros(()),
-                                jnp.zeros(keys.shape)))
-    # The own block's key gradient starts the forward stream, which ends one hop short of home.
-    grads, d_ahead = visit(zeros[:3], keys, zeros[3], 0)
-    forward_hops, backward_hops = _hops(layout)
+    chunk = layout.chunk_size or block_rows
+    own_owner = me if layout.implementation != "all_gather" else 0
+    hops = _ring_hops(layout)
 
-    def both_ways(hop, state):
-        grads, ahead, d_ahead, behind, d_behind = state
-        ahead, d_ahead = _shift(layout, (ahead, d_ahead), 1)
-        behind, d_behind = _shift(layout, (behind, d_behind), -1)
-        grads, d_ahead = visit(grads, ahead, d_ahead, hop)
-        grads, d_behind = visit(grads, behind, d_behind, -hop)
-        return grads, ahead, d_ahead, behind, d_behind
+    def one_hop(hop, state, scored, forwarded, own):
+        def chunk_step(index, state):
+            grads, d_keys, streams = state
+            start = index * chunk
+            outgoing = {}  # direction -> (key chunk, its gradient so far, or None: zeros)
+            if own:
+                grads, dk = gradients(grads, _slice(keys, start, chunk),
+                                      _column_ids(layout, own_owner, block_rows, start, chunk))
+                if not hops:
+                    d_keys = _put(d_keys, dk, start)
+                # The own block's gradient rides the forward stream; the backward one starts at 0.
+                outgoing = {d: (_slice(keys, start, chunk), dk if d == 1 else None)
+                            for d in forwarded}
+            for d in () if own else scored:
+                block, d_block = streams[d]
+                grads, dk = gradients(grads, _slice(block, start, chunk), _column_ids(
+                    layout, (me - d * hop) % layout.num_shards, block_rows, start, chunk))
+                d_chunk = _slice(d_block, start, chunk) + dk
+                if d in forwarded:
+                    outgoing[d] = (_slice(block, start, chunk), d_chunk)
+                else:  # the stream's last stop: its gradient waits here to be sent home
+                    streams = {**streams, d: (block, _put(d_block, d_chunk, start))}
+            for d, (key_chunk, d_chunk) in outgoing.items():
+                block, d_block = streams[d]
+                if d_chunk is None:
+                    block = _put(block, _send(layout, key_chunk, d), start)
+                else:
+                    key_chunk, d_chunk = _send(layout, (key_chunk, d_chunk), d)
+                    block, d_block = _put(block, key_chunk, start), _put(d_block, d_chunk, start)
+                streams = {**streams, d: (block, d_block)}
+            return grads, d_keys, streams
+        return jax.lax.fori_loop(0, block_rows // chunk, chunk_step, state)
 
-    def ahead_only(hop, state):
-        grads, ahead, d_ahead, behind, d_behind = state
-        ahead, d_ahead = _shift(layout, (ahead, d_ahead), 1)
-        grads, d_ahead = visit(grads, ahead, d_ahead, hop)
-        return grads, ahead, d_ahead, behind, d_behind
-
-    state = (grads, keys, d_ahead) + ((keys, zeros[3]) if backward_hops else (None, None))
-    if backward_hops:
-        state = jax.lax.fori_loop(1, backward_hops + 1, both_ways, state)
-    (d_queries, d_scale, d_bias), _, d_ahead, _, d_behind = jax.lax.fori_loop(
-        backward_hops + 1, forward_hops + 1, ahead_only, state)
-    # Each travelling gradient ends `hops` shards away from the keys' owner: one permute home.
-    d_keys = _shift(layout, d_ahead, -forward_hops)
-    if backward_hops:
-        d_keys = d_keys + _shift(layout, d_behind, backward_hops)
+    zeros = lambda: _per_shard(layout, jnp.zeros(keys.shape))  # noqa: E731
+    streams = {d: (zeros(), zeros()) for d in hops}
+    state = (grads, None if hops else zeros(), streams)
+    state = one_hop(0, state, scored=(0,), forwarded=tuple(hops), own=True)
+    for first, last, scored, forwarded in _ring_schedule(layout):
+        state = _run_hops(first, last, functools.partial(
+            one_hop, scored=scored, forwarded=forwarded, own=False), state)
+    (d_queries, d_scale, d_bias), d_keys, streams = state
+    # Each travelling gradient ends `count` shards past its keys' owner: one permute home.
+    for d, count in hops.items():
+        home = _send(layout, streams[d][1], -d * count)
+        d_keys = home if d_keys is None else d_keys + home
     return d_queries, d_keys, d_scale, d_bias
 
 
@@ -271,24 +345,49 @@ _blockwise_loss_sum.defvjp(_blockwise_loss_sum_fwd, _blockwise_loss_sum_bwd)
 
 
 # ----------------------------------------------------------------------------------- public API
-def _validate(name, implementation, batch, num_shards, axes, chunk_size):
+def _nearest(valid, value, count=4):
+    """Up to `count` entries of `valid` closest to value, in order."""
+    return sorted(sorted(valid, key=lambda v: (abs(v - value), v))[:count])
+
+
+def _validate(name, implementation, batch, num_shards, axes, chunk_size, bidirectional):
     if name not in LOSS_NAMES:
         raise ValueError(f"Unknown loss name={name!r}; valid names are {LOSS_NAMES}. "
                          "Set config.loss.name to one of them.")
     if implementation not in LOSS_IMPLEMENTATIONS:
         raise ValueError(f"Unknown loss implementation={implementation!r}; valid ones are "
-                         f"{LOSS_IMPLEMENTATIONS} (chunking is chunk_size > 0 on either).")
+                         f"{LOSS_IMPLEMENTATIONS}.")
     if batch % num_shards:
         below, above = batch - batch % num_shards, batch - batch % num_shards + num_shards
         raise ValueError(f"Global batch {batch} is not divisible by the {num_shards} shards of "
                          f"mesh axes {axes}: it is {batch % num_shards} over a multiple. Use a "
                          f"batch of {below} or {above}.")
+    if bidirectional and implementation != "ring":
+        raise ValueError(f"bidirectional=True applies to implementation='ring' only, not "
+                         f"{implementation!r}; set bidirectional=False or use 'ring'.")
     per_device = batch // num_shards
-    if chunk_size < 0 or (chunk_size and per_device % chunk_size):
-        divisors = [c for c in range(1, per_device + 1) if per_device % c == 0]
+    divisors = [c for c in range(1, per_device + 1) if per_device % c == 0]
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size={chunk_size} is negative; use 0 (no chunking) or a "
+                         f"positive number of keys scored at once.")
+    if implementation == "all_gather" and chunk_size:
+        raise ValueError(f"chunk_size={chunk_size} does not apply to implementation='all_gather'"
+                         ", which scores the whole gathered batch at once. Use "
+                         "implementation='chunked' to gather and score it chunk by chunk (memory "
+                         "independent of the number of devices), or chunk_size=0.")
+    if implementation == "ring" and chunk_size and per_device % chunk_size:
         raise ValueError(f"chunk_size={chunk_size} does not divide the per-device batch "
-                         f"{per_device} (remainder {per_device % chunk_size if chunk_size else '-'}"
-                         f"); use 0 (no chunking) or a divisor such as {divisors[-4:]}.")
+                         f"{per_device} (remainder {per_device % chunk_size}); with 'ring' use 0 "
+                         f"(whole blocks) or a divisor such as {_nearest(divisors, chunk_size)}.")
+    if implementation == "chunked":
+        # A chunk takes chunk_size / num_shards keys from every shard.
+        valid = [num_shards * d for d in divisors]
+        if chunk_size not in valid:
+            raise ValueError(
+                f"implementation='chunked' scores chunk_size keys at a time, chunk_size / "
+                f"num_shards from each of the {num_shards} shards, so chunk_size must be "
+                f"{num_shards} x a divisor of the per-device batch {per_device}; got {chunk_size}. "
+                f"Use e.g. {_nearest(valid, chunk_size)}.")
 
 
 def contrastive_loss(image_embeddings, text_embeddings, log_temperature, bias, *,
@@ -307,7 +406,9 @@ def contrastive_loss(image_embeddings, text_embeddings, log_temperature, bias, *
       implementation: one of LOSS_IMPLEMENTATIONS (see the module docstring).
       mesh: the device mesh, or None for the plain single-array computation.
       batch_axes: mesh axes the batch is sharded over; axes absent from the mesh are ignored.
-      chunk_size: if > 0, score this many columns at a time; must divide the per-device batch.
+      chunk_size: keys scored at a time. 'chunked' needs it: num_shards x a divisor of the
+        per-device batch (each shard gives chunk_size / num_shards keys to every chunk). 'ring'
+        takes 0 (whole blocks) or a divisor of the per-device batch. 'all_gather' takes 0.
       bidirectional: ring only; send blocks both ways round the ring, halving the hops.
     Returns:
       The scalar float32 loss, replicated; differentiable in all four inputs.
@@ -317,13 +418,12 @@ def contrastive_loss(image_embeddings, text_embeddings, log_temperature, bias, *
     for axis in axes:
         num_shards *= mesh.shape[axis]
     batch = image_embeddings.shape[0]
-    _validate(name, implementation, batch, num_shards, axes, chunk_size)
+    _validate(name, implementation, batch, num_shards, axes, chunk_size, bidirectional)
     x, y, t, b = (jnp.asarray(a, jnp.float32) for a in
                   (image_embeddings, text_embeddings, log_temperature, bias))
     if name == "softmax":
         b = jnp.zeros((), jnp.float32)  # CLIP has no bias; zero keeps one code path
-    ring = implementation == "ring" and num_shards > 1
-    layout = _Layout(name, axes, num_shards, ring, bidirectional, chunk_size)
+    layout = _Layout(name, axes, num_shards, implementation, bidirectional, chunk_size)
 
     def local_loss_sum(images, texts, t, b):
         # [rows, embed] per shard (the whole batch when unsharded) -> this shard's share of the sum.
@@ -333,7 +433,7 @@ def contrastive_loss(image_embeddings, text_embeddings, log_temperature, bias, *
         pairs = [(images, texts)] if name == "sigmoid" else [(images, texts), (texts, images)]
         total = 0.0
         for queries, keys in pairs:
-            if axes and not ring:  # all_gather: this shard's rows against the whole batch
+            if axes and implementation == "all_gather":  # this shard's rows against all keys
                 keys = jax.lax.all_gather(keys, axes, tiled=True)
             total = total + _blockwise_loss_sum(layout, queries, keys, scale, b)
         return total

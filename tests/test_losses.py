@@ -1,5 +1,6 @@
 """Contrastive losses against an independent float64 numpy reference, on every mesh and variant."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,9 @@ def test_plain_references_match_numpy(name):
 # ------------------------------------------------------------------ every variant on every mesh
 VARIANTS = {
     "all_gather": dict(implementation="all_gather"),
-    "all_gather_chunked": dict(implementation="all_gather", chunk_size=CHUNK),
+    # chunked: chunk_size is num_shards x this (see all_variants_on): each shard gives it keys
+    "chunked": dict(implementation="chunked", keys_per_shard=CHUNK),
+    "chunked_one_key_per_shard": dict(implementation="chunked", keys_per_shard=1),
     "ring": dict(implementation="ring"),
     "ring_chunked": dict(implementation="ring", chunk_size=CHUNK),
     "ring_bidirectional": dict(implementation="ring", bidirectional=True),
@@ -140,6 +143,9 @@ def all_variants_on(mesh_label):
         results = {}
         for name in losses.LOSS_NAMES:
             for variant, options in VARIANTS.items():
+                options = dict(options)
+                if "keys_per_shard" in options:
+                    options["chunk_size"] = options.pop("keys_per_shard") * num_shards
                 loss_fn = functools.partial(losses.contrastive_loss, name=name, mesh=mesh,
                                             **options)
                 results[name, variant] = jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3))(
@@ -173,8 +179,10 @@ def test_no_mesh_honours_chunking_and_computes_in_float32(name):
     x, y = unit_rows(rng, 8), unit_rows(rng, 8)
     t, b = LOG_TEMPERATURE[name], BIAS
     expected_loss, _ = numpy_loss_and_grads(name, x, y, t, b)
-    for chunk_size in (0, 2, 8):
+    for implementation, chunk_size in (("all_gather", 0), ("chunked", 2), ("chunked", 8),
+                                       ("ring", 4)):
         loss_fn = jax.jit(functools.partial(losses.contrastive_loss, name=name,
+                                            implementation=implementation,
                                             chunk_size=chunk_size))
         assert_close(loss_fn(x, y, t, b), expected_loss)
     half = losses.contrastive_loss(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), t, b, name=name)
@@ -197,13 +205,23 @@ def test_absent_batch_axes_are_ignored():
 # ------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="clip"), "valid names are ('sigmoid', 'softmax')"),
-    (dict(implementation="chunked"), "valid ones are ('all_gather', 'ring')"),
-    (dict(chunk_size=3), "chunk_size=3 does not divide the per-device batch 4"),
-    (dict(chunk_size=-1), "chunk_size=-1"),
+    (dict(implementation="gather"), "valid ones are ('all_gather', 'ring', 'chunked')"),
+    (dict(implementation="ring", chunk_size=3),
+     "chunk_size=3 does not divide the per-device batch 4 (remainder 1); with 'ring' use 0 "
+     "(whole blocks) or a divisor such as [1, 2, 4]"),
+    (dict(implementation="ring", chunk_size=-1), "chunk_size=-1 is negative"),
+    (dict(chunk_size=2), "does not apply to implementation='all_gather'.*Use "
+                         "implementation='chunked'"),
+    (dict(implementation="chunked"), "chunk_size must be 2 x a divisor of the per-device batch "
+                                     "4; got 0. Use e.g. [2, 4, 8]"),
+    (dict(implementation="chunked", chunk_size=3), "got 3. Use e.g. [2, 4, 8]"),
+    (dict(implementation="chunked", chunk_size=4, bidirectional=True),
+     "bidirectional=True applies to implementation='ring' only"),
 ])
 def test_bad_arguments_name_the_valid_values(kwargs, message):
     x = jnp.zeros((8, WIDTH))
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    pattern = ".*".join(re.escape(part) for part in message.split(".*"))  # ".*": any text
+    with pytest.raises(ValueError, match=pattern):
         losses.contrastive_loss(x, x, 0.0, 0.0, mesh=make_mesh("2"), **kwargs)
 
 
