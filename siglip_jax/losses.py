@@ -118,14 +118,16 @@ def _per_shard(layout, value):
     return jax.lax.pcast(value, layout.axes, to="varying") if layout.axes else value
 
 
-def _in_turn(chunk, previous_result):
-    """`chunk`, made to depend on the previous chunk's scalar result so chunks are scored in turn.
+def _in_turn(value, previous_result):
+    """`value`, made to depend on a scalar computed earlier, so XLA cannot start with it sooner.
 
-    XLA unrolls loops of one iteration and could then compute two blocks' logits side by side.
-    Adding 0 * x costs one pass over the [chunk, embed] slice, small beside its [rows, chunk]
-    matmul; it is not folded away because 0 * inf is not 0.
+    Used so that chunks are scored one after another (XLA unrolls loops of one iteration and could
+    then compute two blocks' logits side by side) and that the backward pass starts after the
+    forward one. isfinite makes the added term exactly 0 even when previous_result is inf or NaN;
+    XLA does not fold 0 * x for floats, so the dependency survives (barriers do not on every
+    backend). It costs one pass over `value`.
     """
-    return chunk + 0.0 * previous_result
+    return value + 0.0 * jnp.isfinite(previous_result).astype(value.dtype)
 
 
 def _send(layout, x, direction):
@@ -184,22 +186,46 @@ def _put(block, update, start):
     return jax.lax.dynamic_update_slice_in_dim(block, update, start, 0)
 
 
-def _blocks_forward(layout, queries, keys, scale, bias):
+def _forward_rows(layout, direction, buffers, start, size, piece, after):
+    """Sends rows [start, start + size) of each buffer (a tuple) to the next shard in `direction`,
+    `piece` rows at a time, each arriving piece written over the rows that just left.
+
+    So a stream holds one block in flight, not the block leaving plus the one arriving. The writes
+    wait for `after` (a result of scoring these rows): otherwise XLA cannot order the scoring's
+    reads before the in-place writes and copies the whole buffer instead.
+    """
+    def one_piece(index, buffers):
+        at = start + index * piece
+        arriving = _send(layout, tuple(_slice(b, at, piece) for b in buffers), direction)
+        return tuple(_put(b, _in_turn(a, after), at) for b, a in zip(buffers, arriving))
+    if size == piece:
+        return one_piece(0, buffers)
+    return jax.lax.fori_loop(0, size // piece, one_piece, buffers)
+
+
+def _piece_rows(block_rows, chunk):
+    """Rows sent per ppermute: a chunk, or an eighth of an unchunked block (a divisor of it)."""
+    if chunk < block_rows:
+        return chunk
+    return max(d for d in range(1, -(-block_rows // 8) + 1) if block_rows % d == 0)
+
+
+def _blocks_forward(layout, queries, keys, scale, bias, after):
     """Loss sum of this shard's queries against every key, and their row logsumexp [rows].
 
-    `keys` is this shard's block ([global_batch, embed] already gathered for all_gather). The ring
-    forwards each chunk as soon as it is scored and the arriving chunk takes its slot in place, so
-    a stream holds one block (not the block being scored plus the one arriving).
+    `keys` is this shard's block ([global_batch, embed] already gathered for all_gather). Each ring
+    stream starts as a copy of the own block and is scored, then forwarded, chunk by chunk.
     """
     rows, block_rows = queries.shape[0], keys.shape[0]
     me = _shard_index(layout)
     row_ids = me * rows + jnp.arange(rows)
-    carry = _per_shard(layout, (jnp.zeros(()), jnp.full((rows,), -jnp.inf)))
+    loss, row_lse = _per_shard(layout, (jnp.zeros(()), jnp.full((rows,), -jnp.inf)))
+    carry = (_in_turn(loss, after), row_lse)
 
     def score(carry, chunk, column_ids):
         loss, row_lse = carry
-        chunk_loss, row_lse = _block_forward(layout.name, queries, _in_turn(chunk, loss), scale,
-                                             bias, row_ids, column_ids, row_lse)
+        chunk_loss, row_lse = _block_forward(layout.name, queries, chunk, scale, bias, row_ids,
+                                             column_ids, row_lse)
         return loss + chunk_loss, row_lse
 
     if layout.implementation == "chunked" and layout.axes:
@@ -212,50 +238,61 @@ def _blocks_forward(layout, queries, keys, scale, bias):
         loss, row_lse = jax.lax.fori_loop(0, block_rows // step, gathered_chunk, carry)
     else:
         chunk = layout.chunk_size or block_rows
-        own_owner = me if layout.implementation != "all_gather" else 0
+        piece = _piece_rows(block_rows, chunk)
         hops = _ring_hops(layout)
+        own_owner = 0 if layout.implementation == "all_gather" else me
 
-        def one_hop(hop, state, scored, forwarded, own):
+        def one_hop(hop, state, scored, forwarded, own=False):
             def chunk_step(index, state):
                 carry, streams = state
                 start = index * chunk
-                for d in scored:
-                    block = keys if own else streams[d]
+                for i, d in enumerate(scored):
                     owner = own_owner if own else (me - d * hop) % layout.num_shards
-                    carry = score(carry, _slice(block, start, chunk),
+                    block_chunk = _slice(streams[d], start, chunk)
+                    if i:  # both streams of a bidirectional ring: one after the other
+                        block_chunk = _in_turn(block_chunk, carry[0])
+                    carry = score(carry, block_chunk,
                                   _column_ids(layout, owner, block_rows, start, chunk))
                 for d in forwarded:
-                    arriving = _send(layout, _slice(keys if own else streams[d], start, chunk), d)
-                    streams = {**streams, d: _put(streams[d], arriving, start)}
+                    streams = {**streams, d: _forward_rows(layout, d, (streams[d],), start,
+                                                           chunk, piece, carry[0])[0]}
                 return carry, streams
             return jax.lax.fori_loop(0, block_rows // chunk, chunk_step, state)
 
-        streams = {d: _per_shard(layout, jnp.zeros(keys.shape)) for d in hops}
-        state = one_hop(0, (carry, streams), scored=(0,), forwarded=tuple(hops), own=True)
+        # Streams are fresh copies of the keys in any case; making them wait costs nothing more.
+        # (d * after: distinct expressions, so that XLA does not merge the streams' copies.)
+        streams = {d: _in_turn(keys, d * after) for d in hops} or {1: keys}
+        state = one_hop(0, (carry, streams), scored=(1,), forwarded=tuple(hops), own=True)
         for first, last, scored, forwarded in _ring_schedule(layout):
             state = _run_hops(first, last, functools.partial(
-                one_hop, scored=scored, forwarded=forwarded, own=False), state)
+                one_hop, scored=scored, forwarded=forwarded), state)
         (loss, row_lse), _ = state
     if layout.name == "softmax":
         loss = loss + jnp.sum(row_lse)
     return loss, row_lse
 
 
-def _blocks_backward(layout, queries, keys, scale, bias, row_lse, cotangent):
+def _blocks_backward(layout, queries, keys, scale, bias, row_lse, forward_loss, cotangent):
     """Scores the keys against the queries again. Each key chunk's gradient travels with it and is
     sent home when the stream has been everywhere; d_queries, d_scale and d_bias stay local."""
     rows, block_rows = queries.shape[0], keys.shape[0]
     me = _shard_index(layout)
     row_ids = me * rows + jnp.arange(rows)
-    grads = _per_shard(layout, (jnp.zeros(queries.shape), jnp.zeros(()), jnp.zeros(())))
+    d_queries, d_scale, d_bias = _per_shard(layout, (jnp.zeros(queries.shape), jnp.zeros(()),
+                                                     jnp.zeros(())))
+    # The sigmoid backward needs nothing the forward computed, so XLA could interleave the two and
+    # hold both passes' blocks at once: the backward's scalar chain starts from the forward loss,
+    # and so do the ring streams below.
+    grads = (d_queries, _in_turn(d_scale, forward_loss), d_bias)
 
     def gradients(grads, chunk, column_ids):
         """(grads plus this chunk's share of d_queries, d_scale, d_bias; the chunk's d_keys)."""
         d_queries, d_scale, d_bias = grads
-        dq, dk, ds, db = _block_backward(layout.name, queries, _in_turn(chunk, d_scale), scale,
-                                         bias, row_ids, column_ids, row_lse, cotangent)
+        dq, dk, ds, db = _block_backward(layout.name, queries, chunk, scale, bias, row_ids,
+                                         column_ids, row_lse, cotangent)
         return (d_queries + dq, d_scale + ds, d_bias + db), dk
 
+    zeros = lambda: _per_shard(layout, jnp.zeros(keys.shape))  # noqa: E731
     if layout.implementation == "chunked" and layout.axes:
         step = layout.chunk_size // layout.num_shards
 
@@ -269,56 +306,50 @@ def _blocks_backward(layout, queries, keys, scale, bias, row_lse, cotangent):
             d_own = jax.lax.psum_scatter(dk, layout.axes, scatter_dimension=0, tiled=True)
             return grads, _put(d_keys, d_own, start)
         (d_queries, d_scale, d_bias), d_keys = jax.lax.fori_loop(
-            0, block_rows // step, gathered_chunk,
-            (grads, _per_shard(layout, jnp.zeros(keys.shape))))
+            0, block_rows // step, gathered_chunk, (grads, zeros()))
         return d_queries, d_keys, d_scale, d_bias
 
     chunk = layout.chunk_size or block_rows
-    own_owner = me if layout.implementation != "all_gather" else 0
+    piece = _piece_rows(block_rows, chunk)
     hops = _ring_hops(layout)
+    own_owner = 0 if layout.implementation == "all_gather" else me
 
-    def one_hop(hop, state, scored, forwarded, own):
+    def one_hop(hop, state, scored, forwarded, own=False):
         def chunk_step(index, state):
-            grads, d_keys, streams = state
+            grads, streams = state
             start = index * chunk
-            outgoing = {}  # direction -> (key chunk, its gradient so far, or None: zeros)
-            if own:
-                grads, dk = gradients(grads, _slice(keys, start, chunk),
-                                      _column_ids(layout, own_owner, block_rows, start, chunk))
-                if not hops:
-                    d_keys = _put(d_keys, dk, start)
-                # The own block's gradient rides the forward stream; the backward one starts at 0.
-                outgoing = {d: (_slice(keys, start, chunk), dk if d == 1 else None)
-                            for d in forwarded}
-            for d in () if own else scored:
+            for i, d in enumerate(scored):
                 block, d_block = streams[d]
-                grads, dk = gradients(grads, _slice(block, start, chunk), _column_ids(
-                    layout, (me - d * hop) % layout.num_shards, block_rows, start, chunk))
-                d_chunk = _slice(d_block, start, chunk) + dk
-                if d in forwarded:
-                    outgoing[d] = (_slice(block, start, chunk), d_chunk)
-                else:  # the stream's last stop: its gradient waits here to be sent home
-                    streams = {**streams, d: (block, _put(d_block, d_chunk, start))}
-            for d, (key_chunk, d_chunk) in outgoing.items():
-                block, d_block = streams[d]
-                if d_chunk is None:
-                    block = _put(block, _send(layout, key_chunk, d), start)
-                else:
-                    key_chunk, d_chunk = _send(layout, (key_chunk, d_chunk), d)
-                    block, d_block = _put(block, key_chunk, start), _put(d_block, d_chunk, start)
+                owner = own_owner if own else (me - d * hop) % layout.num_shards
+                block_chunk = _slice(block, start, chunk)
+                if i:  # both streams of a bidirectional ring: one after the other
+                    block_chunk = _in_turn(block_chunk, grads[1])
+                grads, dk = gradients(grads, block_chunk,
+                                      _column_ids(layout, owner, block_rows, start, chunk))
+                d_block = _put(d_block, _slice(d_block, start, chunk) + dk, start)
                 streams = {**streams, d: (block, d_block)}
-            return grads, d_keys, streams
+            for d in forwarded:
+                # At hop 0 only the forward stream carries a gradient (the own block's).
+                travelling = streams[d] if not own or d == 1 else streams[d][:1]
+                # Both matmuls reading the chunk feed `scored`: d_scale and d_queries.
+                scored_all = grads[1] + grads[0][0, 0]
+                sent = _forward_rows(layout, d, travelling, start, chunk, piece, scored_all)
+                streams = {**streams, d: sent + streams[d][len(sent):]}
+            return grads, streams
         return jax.lax.fori_loop(0, block_rows // chunk, chunk_step, state)
 
-    zeros = lambda: _per_shard(layout, jnp.zeros(keys.shape))  # noqa: E731
-    streams = {d: (zeros(), zeros()) for d in hops}
-    state = (grads, None if hops else zeros(), streams)
-    state = one_hop(0, state, scored=(0,), forwarded=tuple(hops), own=True)
+    # Streams are fresh copies of the keys in any case; making them wait costs nothing more.
+    streams = ({d: (_in_turn(keys, d * forward_loss), zeros()) for d in hops}
+               or {1: (keys, zeros())})
+    state = one_hop(0, (grads, streams), scored=(1,), forwarded=tuple(hops), own=True)
     for first, last, scored, forwarded in _ring_schedule(layout):
         state = _run_hops(first, last, functools.partial(
-            one_hop, scored=scored, forwarded=forwarded, own=False), state)
-    (d_queries, d_scale, d_bias), d_keys, streams = state
+            one_hop, scored=scored, forwarded=forwarded), state)
+    (d_queries, d_scale, d_bias), streams = state
+    if not hops:
+        return d_queries, streams[1][1], d_scale, d_bias
     # Each travelling gradient ends `count` shards past its keys' owner: one permute home.
+    d_keys = None
     for d, count in hops.items():
         home = _send(layout, streams[d][1], -d * count)
         d_keys = home if d_keys is None else d_keys + home
@@ -326,19 +357,26 @@ def _blocks_backward(layout, queries, keys, scale, bias, row_lse, cotangent):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blockwise_loss_sum(layout, queries, keys, scale, bias):
-    """Sum over this shard's queries [rows, embed] of their loss against all keys; scalar []."""
-    return _blocks_forward(layout, queries, keys, scale, bias)[0]
+def _blockwise_loss_sum(layout, queries, keys, scale, bias, after):
+    """Sum over this shard's queries [rows, embed] of their loss against all keys; scalar [].
+
+    `after` is a scalar that the computation waits for (the other softmax direction's loss), so
+    the two directions' rings run one after the other instead of holding both at once. Its
+    gradient is zero; in the backward pass it carries the order back the other way.
+    """
+    return _blocks_forward(layout, queries, keys, scale, bias, after)[0]
 
 
-def _blockwise_loss_sum_fwd(layout, queries, keys, scale, bias):
-    loss, row_lse = _blocks_forward(layout, queries, keys, scale, bias)
+def _blockwise_loss_sum_fwd(layout, queries, keys, scale, bias, after):
+    loss, row_lse = _blocks_forward(layout, queries, keys, scale, bias, after)
     # Residuals are shard-local ([rows] and the inputs), so the backward memory is flat too.
-    return loss, (queries, keys, scale, bias, row_lse)
+    return loss, (queries, keys, scale, bias, row_lse, loss)
 
 
 def _blockwise_loss_sum_bwd(layout, residuals, cotangent):
-    return _blocks_backward(layout, *residuals, cotangent)
+    d_queries, d_keys, d_scale, d_bias = _blocks_backward(layout, *residuals, cotangent)
+    # Exactly zero, but computed from this backward pass: the one before waits for it.
+    return d_queries, d_keys, d_scale, d_bias, _in_turn(jnp.zeros(()), d_scale)
 
 
 _blockwise_loss_sum.defvjp(_blockwise_loss_sum_fwd, _blockwise_loss_sum_bwd)
@@ -431,11 +469,11 @@ def contrastive_loss(image_embeddings, text_embeddings, log_temperature, bias, *
         if axes:  # replicated scalars meet per-shard sums: their cotangents differ per shard
             scale, b = (jax.lax.pcast(v, axes, to="varying") for v in (scale, b))
         pairs = [(images, texts)] if name == "sigmoid" else [(images, texts), (texts, images)]
-        total = 0.0
+        total = _per_shard(layout, jnp.zeros(()))
         for queries, keys in pairs:
             if axes and implementation == "all_gather":  # this shard's rows against all keys
                 keys = jax.lax.all_gather(keys, axes, tiled=True)
-            total = total + _blockwise_loss_sum(layout, queries, keys, scale, b)
+            total = total + _blockwise_loss_sum(layout, queries, keys, scale, b, total)
         return total
 
     normaliser = batch if name == "sigmoid" else 2 * batch  # softmax: mean of two directions
