@@ -1,19 +1,19 @@
 """Per-device memory and step time of the sharded contrastive-loss variants.
 
 Compiles value_and_grad of `contrastive_loss` with respect to both embeddings, t and b (what the
-train step compiles) on 2, 4 and 8 simulated CPU devices at a fixed per-device batch, and prints the
-per-device temporary bytes from `compiled.memory_analysis()`. Then times each variant at 8 devices,
-as a ratio to `all_gather` measured in the same run (CPU timings rank the variants; they are not
-accelerator timings).
+train step compiles) on 2, 4, 8 and 16 simulated CPU devices at a fixed per-device batch, and prints
+the per-device temporary bytes from `compiled.memory_analysis()`. Then times each variant at 8
+devices, as a ratio to `all_gather` measured in the same run (CPU timings rank the variants; they
+are not accelerator timings).
 
-    python bench/loss_memory.py [--batch_per_device 1024] [--width 768] \
-        [--time_batch_per_device 256] [--chunk_size 256] [--losses sigmoid,softmax]
+    python bench/loss_memory.py [--batch_per_device 1024] [--width 768] [--chunk_size 256] \
+        [--time_batch_per_device 256] [--losses sigmoid,softmax]
 """
 import os
 
 # Simulated devices must be configured before JAX initialises its backends.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8")
+                           + " --xla_force_host_platform_device_count=16")
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_num_cpu_devices", 16)
 jax.config.update("jax_platforms", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from siglip_jax import losses  # noqa: E402
@@ -33,11 +33,12 @@ def variants(chunk_size):
     """Row label -> keyword arguments of contrastive_loss."""
     return {
         "all_gather": dict(implementation="all_gather"),
-        f"all_gather+chunked({chunk_size})": dict(implementation="all_gather",
-                                                  chunk_size=chunk_size),
+        f"chunked({chunk_size})": dict(implementation="chunked", chunk_size=chunk_size),
         "ring": dict(implementation="ring"),
-        "ring bidirectional": dict(implementation="ring", bidirectional=True),
         f"ring+chunked({chunk_size})": dict(implementation="ring", chunk_size=chunk_size),
+        "ring bidirectional": dict(implementation="ring", bidirectional=True),
+        f"ring bidirectional+chunked({chunk_size})": dict(implementation="ring", bidirectional=True,
+                                                          chunk_size=chunk_size),
     }
 
 
@@ -82,36 +83,40 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch_per_device", type=int, default=1024, help="for memory")
     parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--chunk_size", type=int, default=256)
+    parser.add_argument("--chunk_size", type=int, default=256, help="keys scored at once")
     parser.add_argument("--time_batch_per_device", type=int, default=256,
-                        help="smaller than the memory batch: 8 simulated devices share the CPU")
+                        help="smaller than the memory batch: 8 simulated devices share the CPU; "
+                             "the timed chunk is scaled by the same factor")
     parser.add_argument("--time_rounds", type=int, default=7)
     parser.add_argument("--losses", default="sigmoid,softmax")
     args = parser.parse_args()
-    device_counts = (2, 4, 8)
+    device_counts, timed_devices = (2, 4, 8, 16), 8
+    time_chunk = args.chunk_size * args.time_batch_per_device // args.batch_per_device
 
     for loss_name in args.losses.split(","):
         print(f"\n{loss_name}: per-device temp MiB of value_and_grad, batch/device "
-              f"{args.batch_per_device}, width {args.width}; step time at 8 devices "
-              f"(batch/device {args.time_batch_per_device}) relative to all_gather, fastest of "
-              f"{args.time_rounds}\n")
-        print(f"| variant | {' | '.join(f'{n} dev' for n in device_counts)} | 8 dev / 2 dev "
-              f"| 8 dev / 4 dev | time vs all_gather |")
+              f"{args.batch_per_device}, width {args.width}; step time at {timed_devices} devices "
+              f"(batch/device {args.time_batch_per_device}, chunks of {time_chunk}) relative to "
+              f"all_gather, fastest of {args.time_rounds}\n")
+        print(f"| variant | {' | '.join(f'{n} dev' for n in device_counts)} | 8 / 2 dev "
+              f"| 16 / 2 dev | time vs all_gather |")
         print("|---|" + "---:|" * (len(device_counts) + 3))
         temp = {label: [compile_step(loss_name, options, n, args.batch_per_device,
                                      args.width)[0].memory_analysis().temp_size_in_bytes
                         for n in device_counts]
                 for label, options in variants(args.chunk_size).items()}
-        timed = {label: compile_step(loss_name, options, 8, args.time_batch_per_device, args.width)
-                 for label, options in variants(args.chunk_size).items()}
-        seconds = seconds_per_step(timed, (8 * args.time_batch_per_device, args.width),
-                                   args.time_rounds)
+        timed = {label: compile_step(loss_name, options, timed_devices,
+                                     args.time_batch_per_device, args.width)
+                 for label, options in zip(temp, variants(time_chunk).values())}
+        seconds = seconds_per_step(
+            timed, (timed_devices * args.time_batch_per_device, args.width), args.time_rounds)
         baseline = seconds["all_gather"]
         for label, sizes in temp.items():
             cells = " | ".join(f"{b / 2**20:.1f}" for b in sizes)
-            print(f"| {label} | {cells} | {sizes[-1] / sizes[0]:.2f}x "
-                  f"| {sizes[-1] / sizes[1]:.2f}x | {seconds[label] / baseline:.2f} "
+            print(f"| {label} | {cells} | {sizes[2] / sizes[0]:.2f}x "
+                  f"| {sizes[3] / sizes[0]:.2f}x | {seconds[label] / baseline:.2f} "
                   f"({seconds[label] * 1e3:.0f} ms) |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ from typing import Any
 import ml_collections
 
 LOSS_NAMES = ("sigmoid", "softmax")
+LOSS_IMPLEMENTATIONS = ("all_gather", "ring", "chunked")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -113,8 +114,8 @@ def default_config() -> ml_collections.ConfigDict:
             ),
             loss=dict(
                 name="sigmoid",  # "sigmoid" (SigLIP) or "softmax" (CLIP)
-                implementation="all_gather",  # how the global batch meets across devices, see losses.py
-                chunk_size=0,  # >0: logits computed in blocks of this many rows per device
+                implementation="all_gather",  # "all_gather", "ring" or "chunked", see losses.py
+                chunk_size=0,  # keys scored at once: needed by "chunked", optional for "ring"
                 bidirectional=False,  # ring only: pass blocks both ways, half the hops
             ),
             optim=dict(
@@ -203,6 +204,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _check_keys(entry, ml_collections.ConfigDict({**EVAL_DEFAULTS, "source": source_config("demo")}), f"evals.{name}.")
         _check_choice(entry.kind, EVAL_KINDS, f"evals.{name}.kind")
     _check_choice(config.loss.name, LOSS_NAMES, "loss.name")
+    _check_choice(config.loss.implementation, LOSS_IMPLEMENTATIONS, "loss.implementation")
     _check_choice(config.optim.name, OPTIMIZERS, "optim.name")
     _check_choice(config.optim.schedule, SCHEDULES, "optim.schedule")
     if not set(config.mesh.axis_names) <= set(MESH_AXES):

@@ -1,18 +1,21 @@
 """Sigmoid (SigLIP) and softmax (CLIP) contrastive losses, plain and sharded over the batch.
 
-Every variant computes the same number: the loss over the GLOBAL batch. They differ in where the
-logits live:
+Every variant computes the same number: the loss over the GLOBAL batch. They differ in how the
+other side's embeddings ("keys") reach a device's own rows ("queries"):
 
-* `all_gather`: each device gathers the other side's embeddings ([global_batch, embed]) and scores
-  its own rows against all of them. Simple; memory grows with the number of devices.
-* `ring`: each device keeps its own rows and passes blocks of the other side's embeddings around a
-  ring with `jax.lax.ppermute` (n-1 hops, or n/2 with `bidirectional`). It holds the block being
-  scored and the one arriving (twice that, and their gradients, in the backward pass and when
-  bidirectional), so memory does not depend on the number of devices.
-* `chunk_size > 0` ("chunked"): within a device the logits are computed `chunk_size` columns at a
-  time, so no [per_device_batch, block] logits matrix is materialised. Combines with both.
+* `all_gather`: each device gathers all keys ([global_batch, embed]) and scores its rows against
+  them at once. Simple and fast; memory grows with the number of devices.
+* `ring`: each device keeps its rows and passes blocks of keys around a ring with
+  `jax.lax.ppermute` (n-1 hops, or n/2 with `bidirectional`). A block is forwarded in pieces,
+  each arriving piece written over the one that left, so a stream holds one block (plus its
+  gradient in the backward pass): memory does not depend on the number of devices.
+* `chunked`: keys are all-gathered and scored `chunk_size` at a time (chunk_size / n from every
+  device), so neither the gathered keys nor the [rows, global_batch] logits are materialised;
+  the chunk gradients are reduce-scattered back. The smallest memory, flat in the device count.
+* `ring` with `chunk_size`: the ring scores each block `chunk_size` keys at a time and forwards
+  each chunk as soon as it is scored (the combination of the two).
 
-Both losses are written as a sum over "query" rows scored against all "key" rows, the positive of
+Both losses are written as a sum over query rows scored against all key rows, the positive of
 query i being key i:
     sigmoid: sum_i sum_j softplus(-z_ij l_ij),        queries = images, keys = texts
     softmax: sum_i logsumexp_j(l_ij) - l_ii,         once images->texts, once texts->images
@@ -21,7 +24,11 @@ the towers swapped, so no device ever needs a column of the global matrix.
 
 Autodiff through a ring loop would save every hop's block for the backward pass (memory growing
 with the number of devices), so the blockwise sum has a custom VJP: the backward pass runs the ring
-again, recomputing each logits block and sending the key gradients around with the keys.
+again, recomputing each logits chunk and sending the key gradients around with the keys.
+
+Memory also depends on the order XLA runs things in, which data dependencies alone fix here
+(`_in_turn`): chunks one after another, the backward after the forward, in-place writes after the
+reads they overwrite. `bench/loss_memory.py` measures the result.
 """
 import functools
 from typing import NamedTuple

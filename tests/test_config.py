@@ -50,6 +50,18 @@ def test_bad_choice_lists_valid_values():
     config.loss.name = "hinge"
     with pytest.raises(ValueError, match="valid values: sigmoid, softmax"):
         config_lib.validate(config)
+    config.loss.name = "sigmoid"
+    config.loss.implementation = "ring_chunked"
+    with pytest.raises(ValueError, match="'loss.implementation' is 'ring_chunked'; valid values: "
+                                         "all_gather, ring, chunked"):
+        config_lib.validate(config)
+
+
+def test_config_choices_are_the_loss_modules():
+    from siglip_jax import losses  # the config module stays free of JAX imports
+
+    assert config_lib.LOSS_NAMES == losses.LOSS_NAMES
+    assert config_lib.LOSS_IMPLEMENTATIONS == losses.LOSS_IMPLEMENTATIONS
 
 
 def test_eval_entries_are_checked():

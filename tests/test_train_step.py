@@ -55,6 +55,8 @@ def _config(variant="plain"):
     overrides = {"optim.name": "sgd", "optim.learning_rate": 0.5, "optim.b1": 0.0}
     if variant == "ring_scan":
         overrides.update({"loss.implementation": "ring", "loss.chunk_size": 1, "model.scan_layers": True})
+    if variant == "chunked":  # 8 keys per chunk: one from each of the 8 shards on the 4x2 mesh
+        overrides.update({"loss.implementation": "chunked", "loss.chunk_size": 8})
     return tiny_config(**overrides)
 
 
@@ -65,8 +67,8 @@ def single_device_result(batch):
 
 @pytest.mark.parametrize(
     "variant, mesh_shape",
-    [("plain", (8, 1, 1)), ("plain", (4, 2, 1)), ("ring_scan", (2, 2, 2))],
-    ids=["data8", "data4xfsdp2", "ring-chunked-scan-2x2x2"],
+    [("plain", (8, 1, 1)), ("plain", (4, 2, 1)), ("ring_scan", (2, 2, 2)), ("chunked", (4, 2, 1))],
+    ids=["data8", "data4xfsdp2", "ring-chunked-scan-2x2x2", "chunked-data4xfsdp2"],
 )
 def test_sharded_step_equals_single_device(variant, mesh_shape, batch, single_device_result):
     if variant == "plain":
