@@ -128,11 +128,12 @@ def _per_shard(layout, value):
 def _in_turn(value, previous_result):
     """`value`, made to depend on a scalar computed earlier, so XLA cannot start with it sooner.
 
-    Used so that chunks are scored one after another (XLA unrolls loops of one iteration and could
-    then compute two blocks' logits side by side) and that the backward pass starts after the
-    forward one. isfinite makes the added term exactly 0 even when previous_result is inf or NaN;
-    XLA does not fold 0 * x for floats, so the dependency survives (barriers do not on every
-    backend). It costs one pass over `value`.
+    Orders what data alone does not: in-place writes after the reads they overwrite, the second
+    stream of a bidirectional hop after the first (else both logits blocks live at once), the
+    backward pass after the forward, one softmax direction after the other. isfinite makes the
+    added term exactly 0 even when previous_result is inf or NaN; XLA does not fold 0 * x for
+    floats, so the dependency survives (optimization barriers do not on every backend). It costs
+    one pass over `value`, so it is applied to chunks, pieces and scalars where it can be.
     """
     return value + 0.0 * jnp.isfinite(previous_result).astype(value.dtype)
 
@@ -174,7 +175,7 @@ def _run_hops(first, last, one_hop, state):
     return jax.lax.fori_loop(first, last + 1, one_hop, state)
 
 
-def _column_ids(layout, owner, block_rows, start, size):
+def _column_ids(owner, block_rows, start, size):
     """Global batch indices of keys [start, start + size) of `owner`'s block."""
     return owner * block_rows + start + jnp.arange(size)
 
@@ -259,7 +260,7 @@ def _blocks_forward(layout, queries, keys, scale, bias, after):
                     if i:  # both streams of a bidirectional ring: one after the other
                         block_chunk = _in_turn(block_chunk, carry[0])
                     carry = score(carry, block_chunk,
-                                  _column_ids(layout, owner, block_rows, start, chunk))
+                                  _column_ids(owner, block_rows, start, chunk))
                 for d in forwarded:
                     streams = {**streams, d: _forward_rows(layout, d, (streams[d],), start,
                                                            chunk, piece, carry[0])[0]}
@@ -332,7 +333,7 @@ def _blocks_backward(layout, queries, keys, scale, bias, row_lse, forward_loss, 
                 if i:  # both streams of a bidirectional ring: one after the other
                     block_chunk = _in_turn(block_chunk, grads[1])
                 grads, dk = gradients(grads, block_chunk,
-                                      _column_ids(layout, owner, block_rows, start, chunk))
+                                      _column_ids(owner, block_rows, start, chunk))
                 d_block = _put(d_block, _slice(d_block, start, chunk) + dk, start)
                 streams = {**streams, d: (block, d_block)}
             for d in forwarded:

@@ -202,6 +202,35 @@ def test_absent_batch_axes_are_ignored():
     assert_close(loss, expected_loss)
 
 
+# ------------------------------------------------------------------------------------- memory
+def _temp_bytes(name, options, num_devices, per_device=256, width=128):
+    """Per-device temporary bytes of the compiled value_and_grad (exact: from the compiler)."""
+    mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:num_devices])
+    embeddings = jax.ShapeDtypeStruct((num_devices * per_device, width), jnp.float32,
+                                      sharding=NamedSharding(mesh, PartitionSpec("data")))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    loss_fn = functools.partial(losses.contrastive_loss, name=name, mesh=mesh, **options)
+    compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3))).lower(
+        embeddings, embeddings, scalar, scalar).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("name, options", [
+    ("sigmoid", dict(implementation="ring")),
+    ("sigmoid", dict(implementation="ring", chunk_size=64)),
+    ("sigmoid", dict(implementation="chunked", chunk_size=128)),
+    ("softmax", dict(implementation="ring", chunk_size=64)),
+    ("softmax", dict(implementation="chunked", chunk_size=128)),
+], ids=["sigmoid-ring", "sigmoid-ring-chunked", "sigmoid-chunked", "softmax-ring-chunked",
+        "softmax-chunked"])
+def test_ring_and_chunked_memory_does_not_grow_with_devices(name, options):
+    """A regression guard for the in-place ring and the data-dependency ordering, at small shapes;
+    bench/loss_memory.py measures the figures at full size. all_gather shows the measure is live."""
+    assert _temp_bytes(name, {}, 8) >= 3 * _temp_bytes(name, {}, 2)
+    assert _temp_bytes(name, options, 8) <= 1.1 * _temp_bytes(name, options, 2)
+
+
 # ------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="clip"), "valid names are ('sigmoid', 'softmax')"),
