@@ -27,8 +27,8 @@ with the number of devices), so the blockwise sum has a custom VJP: the backward
 again, recomputing each logits chunk and sending the key gradients around with the keys.
 
 Memory also depends on the order XLA runs things in, which data dependencies alone fix here
-(`_in_turn`): chunks one after another, the backward after the forward, in-place writes after the
-reads they overwrite. `bench/loss_memory.py` measures the result.
+(`_in_turn`): in-place writes after the reads they overwrite, the backward after the forward, one
+softmax direction after the other. `bench/loss_memory.py` measures the result.
 """
 import functools
 from typing import NamedTuple
@@ -175,15 +175,34 @@ def _run_hops(first, last, one_hop, state):
     return jax.lax.fori_loop(first, last + 1, one_hop, state)
 
 
-def _column_ids(owner, block_rows, start, size):
-    """Global batch indices of keys [start, start + size) of `owner`'s block."""
+def _column_ids(layout, block_rows, start, size, hop, direction, own):
+    """Global batch indices of keys [start, start + size) of the block scored at `hop` from
+    stream `direction` (`own`: hop 0, this shard's own block, or the whole gathered batch)."""
+    if own:
+        owner = 0 if layout.implementation == "all_gather" else _shard_index(layout)
+    else:
+        owner = (_shard_index(layout) - direction * hop) % layout.num_shards
     return owner * block_rows + start + jnp.arange(size)
 
 
-def _gathered_column_ids(layout, block_rows, start, size):
-    """Global indices of an all-gathered chunk: rows [start, start + size) of every shard's block."""
-    shards = jnp.arange(layout.num_shards)[:, None] * block_rows
-    return (shards + start + jnp.arange(size)[None, :]).reshape(-1)
+def _gathered_chunk(layout, keys, index):
+    """Chunk `index` of the `chunked` implementation: rows [start, start + step) of every shard's
+    keys, all-gathered ([chunk_size, embed]), their global batch indices, and start."""
+    step = layout.chunk_size // layout.num_shards  # each shard's share of a chunk
+    start = index * step
+    chunk = jax.lax.all_gather(_slice(keys, start, step), layout.axes, tiled=True)
+    shards = jnp.arange(layout.num_shards)[:, None] * keys.shape[0]
+    return chunk, (shards + start + jnp.arange(step)[None, :]).reshape(-1), start
+
+
+def _run_ring(layout, one_hop, state):
+    """Hop 0 (the own block, which starts every stream; +1 holds it), then the ring's later hops
+    run by run. Without a ring it is hop 0 alone: the keys already hold everything."""
+    state = one_hop(0, state, scored=(1,), forwarded=tuple(_ring_hops(layout)), own=True)
+    for first, last, scored, forwarded in _ring_schedule(layout):
+        state = _run_hops(first, last, functools.partial(
+            one_hop, scored=scored, forwarded=forwarded), state)
+    return state
 
 
 def _slice(block, start, size):
@@ -225,8 +244,7 @@ def _blocks_forward(layout, queries, keys, scale, bias, after):
     stream starts as a copy of the own block and is scored, then forwarded, chunk by chunk.
     """
     rows, block_rows = queries.shape[0], keys.shape[0]
-    me = _shard_index(layout)
-    row_ids = me * rows + jnp.arange(rows)
+    row_ids = _shard_index(layout) * rows + jnp.arange(rows)
     loss, row_lse = _per_shard(layout, (jnp.zeros(()), jnp.full((rows,), -jnp.inf)))
     carry = (_in_turn(loss, after), row_lse)
 
@@ -237,30 +255,26 @@ def _blocks_forward(layout, queries, keys, scale, bias, after):
         return loss + chunk_loss, row_lse
 
     if layout.implementation == "chunked" and layout.axes:
-        step = layout.chunk_size // layout.num_shards  # each shard's share of a gathered chunk
-
         def gathered_chunk(index, carry):
-            start = index * step
-            chunk = jax.lax.all_gather(_slice(keys, start, step), layout.axes, tiled=True)
-            return score(carry, chunk, _gathered_column_ids(layout, block_rows, start, step))
-        loss, row_lse = jax.lax.fori_loop(0, block_rows // step, gathered_chunk, carry)
+            chunk, column_ids, _ = _gathered_chunk(layout, keys, index)
+            return score(carry, chunk, column_ids)
+        loss, row_lse = jax.lax.fori_loop(
+            0, block_rows * layout.num_shards // layout.chunk_size, gathered_chunk, carry)
     else:
         chunk = layout.chunk_size or block_rows
         piece = _piece_rows(block_rows, chunk)
         hops = _ring_hops(layout)
-        own_owner = 0 if layout.implementation == "all_gather" else me
 
         def one_hop(hop, state, scored, forwarded, own=False):
             def chunk_step(index, state):
                 carry, streams = state
                 start = index * chunk
                 for i, d in enumerate(scored):
-                    owner = own_owner if own else (me - d * hop) % layout.num_shards
                     block_chunk = _slice(streams[d], start, chunk)
                     if i:  # both streams of a bidirectional ring: one after the other
                         block_chunk = _in_turn(block_chunk, carry[0])
-                    carry = score(carry, block_chunk,
-                                  _column_ids(owner, block_rows, start, chunk))
+                    carry = score(carry, block_chunk, _column_ids(
+                        layout, block_rows, start, chunk, hop, d, own))
                 for d in forwarded:
                     streams = {**streams, d: _forward_rows(layout, d, (streams[d],), start,
                                                            chunk, piece, carry[0])[0]}
@@ -270,11 +284,7 @@ def _blocks_forward(layout, queries, keys, scale, bias, after):
         # Streams are fresh copies of the keys in any case; making them wait costs nothing more.
         # (d * after: distinct expressions, so that XLA does not merge the streams' copies.)
         streams = {d: _in_turn(keys, d * after) for d in hops} or {1: keys}
-        state = one_hop(0, (carry, streams), scored=(1,), forwarded=tuple(hops), own=True)
-        for first, last, scored, forwarded in _ring_schedule(layout):
-            state = _run_hops(first, last, functools.partial(
-                one_hop, scored=scored, forwarded=forwarded), state)
-        (loss, row_lse), _ = state
+        (loss, row_lse), _ = _run_ring(layout, one_hop, (carry, streams))
     if layout.name == "softmax":
         loss = loss + jnp.sum(row_lse)
     return loss, row_lse
@@ -284,8 +294,7 @@ def _blocks_backward(layout, queries, keys, scale, bias, row_lse, forward_loss, 
     """Scores the keys against the queries again. Each key chunk's gradient travels with it and is
     sent home when the stream has been everywhere; d_queries, d_scale and d_bias stay local."""
     rows, block_rows = queries.shape[0], keys.shape[0]
-    me = _shard_index(layout)
-    row_ids = me * rows + jnp.arange(rows)
+    row_ids = _shard_index(layout) * rows + jnp.arange(rows)
     d_queries, d_scale, d_bias = _per_shard(layout, (jnp.zeros(queries.shape), jnp.zeros(()),
                                                      jnp.zeros(())))
     # The sigmoid backward needs nothing the forward computed, so XLA could interleave the two and
@@ -302,25 +311,21 @@ def _blocks_backward(layout, queries, keys, scale, bias, row_lse, forward_loss, 
 
     zeros = lambda: _per_shard(layout, jnp.zeros(keys.shape))  # noqa: E731
     if layout.implementation == "chunked" and layout.axes:
-        step = layout.chunk_size // layout.num_shards
-
         def gathered_chunk(index, state):
             grads, d_keys = state
-            start = index * step
-            chunk = jax.lax.all_gather(_slice(keys, start, step), layout.axes, tiled=True)
-            grads, dk = gradients(grads, chunk,
-                                  _gathered_column_ids(layout, block_rows, start, step))
+            chunk, column_ids, start = _gathered_chunk(layout, keys, index)
+            grads, dk = gradients(grads, chunk, column_ids)
             # Each shard's gradient for the gathered chunk, summed and split back to the owners.
             d_own = jax.lax.psum_scatter(dk, layout.axes, scatter_dimension=0, tiled=True)
             return grads, _put(d_keys, d_own, start)
         (d_queries, d_scale, d_bias), d_keys = jax.lax.fori_loop(
-            0, block_rows // step, gathered_chunk, (grads, zeros()))
+            0, block_rows * layout.num_shards // layout.chunk_size, gathered_chunk,
+            (grads, zeros()))
         return d_queries, d_keys, d_scale, d_bias
 
     chunk = layout.chunk_size or block_rows
     piece = _piece_rows(block_rows, chunk)
     hops = _ring_hops(layout)
-    own_owner = 0 if layout.implementation == "all_gather" else me
 
     def one_hop(hop, state, scored, forwarded, own=False):
         def chunk_step(index, state):
@@ -328,20 +333,19 @@ def _blocks_backward(layout, queries, keys, scale, bias, row_lse, forward_loss, 
             start = index * chunk
             for i, d in enumerate(scored):
                 block, d_block = streams[d]
-                owner = own_owner if own else (me - d * hop) % layout.num_shards
                 block_chunk = _slice(block, start, chunk)
                 if i:  # both streams of a bidirectional ring: one after the other
                     block_chunk = _in_turn(block_chunk, grads[1])
-                grads, dk = gradients(grads, block_chunk,
-                                      _column_ids(owner, block_rows, start, chunk))
+                grads, dk = gradients(grads, block_chunk, _column_ids(
+                    layout, block_rows, start, chunk, hop, d, own))
                 d_block = _put(d_block, _slice(d_block, start, chunk) + dk, start)
                 streams = {**streams, d: (block, d_block)}
+            # Both matmuls that read the chunk feed this: d_scale and d_queries.
+            chunk_result = grads[1] + grads[0][0, 0]
             for d in forwarded:
                 # At hop 0 only the forward stream carries a gradient (the own block's).
                 travelling = streams[d] if not own or d == 1 else streams[d][:1]
-                # Both matmuls reading the chunk feed `scored`: d_scale and d_queries.
-                scored_all = grads[1] + grads[0][0, 0]
-                sent = _forward_rows(layout, d, travelling, start, chunk, piece, scored_all)
+                sent = _forward_rows(layout, d, travelling, start, chunk, piece, chunk_result)
                 streams = {**streams, d: sent + streams[d][len(sent):]}
             return grads, streams
         return jax.lax.fori_loop(0, block_rows // chunk, chunk_step, state)
@@ -349,11 +353,7 @@ def _blocks_backward(layout, queries, keys, scale, bias, row_lse, forward_loss, 
     # Streams are fresh copies of the keys in any case; making them wait costs nothing more.
     streams = ({d: (_in_turn(keys, d * forward_loss), zeros()) for d in hops}
                or {1: (keys, zeros())})
-    state = one_hop(0, (grads, streams), scored=(1,), forwarded=tuple(hops), own=True)
-    for first, last, scored, forwarded in _ring_schedule(layout):
-        state = _run_hops(first, last, functools.partial(
-            one_hop, scored=scored, forwarded=forwarded), state)
-    (d_queries, d_scale, d_bias), streams = state
+    (d_queries, d_scale, d_bias), streams = _run_ring(layout, one_hop, (grads, streams))
     if not hops:
         return d_queries, streams[1][1], d_scale, d_bias
     # Each travelling gradient ends `count` shards past its keys' owner: one permute home.
