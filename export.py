@@ -5,12 +5,11 @@
 converts between formats (e.g. a released .npz to HF).
 """
 import dataclasses
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from siglip_jax import inference, metrics
+from siglip_jax import loading, metrics
 from siglip_jax.export import formats
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe the workdir was trained with (workdir case).")
@@ -29,16 +28,12 @@ flags.mark_flags_as_required(["format", "output"])
 def main(argv):
     del argv
     metrics.quiet_library_logs()
-    if _CHECKPOINT.value and os.path.exists(_CHECKPOINT.value) and not _WORKDIR.value:
-        exported = inference.load_params(_CHECKPOINT.value)
-    elif _WORKDIR.value:
-        step = int(_CHECKPOINT.value) if _CHECKPOINT.value else None
-        exported = inference.load_workdir_params(_WORKDIR.value, step)
-    else:
-        raise app.UsageError("Pass --workdir (and optionally --checkpoint STEP), or --checkpoint PATH to an "
-                             f"existing params file / HF directory / .npz (got {_CHECKPOINT.value!r}).")
-    if _CONFIG.value is not None:
-        exported = dataclasses.replace(exported, config=_CONFIG.value)
+    try:
+        source, step = loading.source_from_flags(_WORKDIR.value, _CHECKPOINT.value)
+    except (ValueError, FileNotFoundError) as error:
+        raise app.UsageError(str(error)) from error
+    exported = loading.load_model(source, step=step)
+    exported = dataclasses.replace(exported, config=loading.with_overrides(exported.config, _CONFIG.value))
     formats.export_model(exported, _FORMAT.value, _OUTPUT.value, _DTYPE.value, _PLATFORMS.value)
     print(f"wrote {_FORMAT.value} export to {_OUTPUT.value}")
 

@@ -26,8 +26,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from siglip_jax import config as config_lib
 from siglip_jax import sharding
-from siglip_jax.train_step import param_shardings
+from siglip_jax.models.two_towers import param_shardings
 
 logger = logging.getLogger(__name__)
 
@@ -318,18 +319,32 @@ def _resolve(path: str, step: int | None) -> tuple[epath.Path, int]:
     return root, step
 
 
+def read_saved_config(step_dir: epath.Path) -> ml_collections.ConfigDict:
+    """The config saved with a checkpoint step, merged over the defaults and validated: the one way a
+    saved config is read (see config.from_json)."""
+    return config_lib.from_json((step_dir / CONFIG / "metadata").read_text())  # JsonSave's file
+
+
+def saved_params_shapes(path: str, *, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
+    """(config, the parameters' shapes and dtypes) of a checkpoint, from its metadata: no array is read."""
+    root, step = _resolve(path, step)
+    step_dir = root / str(step)
+    return read_saved_config(step_dir), ocp.PyTreeCheckpointHandler().metadata(step_dir / STATE).tree["params"]
+
+
 def restore_params(
     path: str, *, step: int | None = None, mesh: Mesh | None = None, shardings: Any = None
 ) -> tuple[Any, ml_collections.ConfigDict]:
     """The parameters (no optimizer state) and the config of a checkpoint.
 
     `path` is a workdir, its checkpoints/ directory or one step's directory; without `step`, the latest
-    complete checkpoint. Placement: `shardings` (a tree like the parameters) if given, else the training
-    layout on `mesh` if given, else all on the first local device.
+    complete checkpoint. Placement: `shardings` (a tree like the parameters, or a dict over some of
+    their groups: only those are read) if given, else the training layout on `mesh` if given, else all
+    on the first local device. Orbax restores each array straight into its sharding.
     """
     root, step = _resolve(path, step)
     step_dir = root / str(step)
-    config = ml_collections.ConfigDict(json.loads((step_dir / CONFIG / "metadata").read_text()))  # JsonSave's file
+    config = read_saved_config(step_dir)
     state_dir = step_dir / STATE
     with ocp.PyTreeCheckpointer() as reader:
         saved_params = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree["params"]
@@ -339,6 +354,8 @@ def restore_params(
             else:
                 device = SingleDeviceSharding(jax.local_devices()[0])
                 shardings = jax.tree.map(lambda _: device, saved_params)
+        if isinstance(shardings, dict) and set(shardings) < set(saved_params):
+            saved_params = {group: saved_params[group] for group in shardings}
         target = abstract_like(saved_params, shardings)
         restored = reader.restore(
             state_dir,
@@ -360,6 +377,8 @@ __all__ = [
     "abstract_like",
     "config_differences",
     "latest_step",
+    "read_saved_config",
     "redistribute_data_states",
     "restore_params",
+    "saved_params_shapes",
 ]

@@ -7,19 +7,9 @@ from typing import Any
 
 import ml_collections
 
-from siglip_jax import inference, sharding, trainer
+from siglip_jax import inference, loading, sharding
+from siglip_jax.data.from_config import build_source, build_tokenizer
 from siglip_jax.evaluation import runner
-
-
-def _load(workdir: str | None, checkpoint_arg: str | None):
-    """(params, config) of the model to evaluate."""
-    if workdir:
-        exported = inference.load_workdir_params(workdir, int(checkpoint_arg) if checkpoint_arg else None)
-    elif checkpoint_arg:
-        exported = inference.load_params(checkpoint_arg)
-    else:
-        raise ValueError("Pass --workdir (optionally with --checkpoint STEP) or --checkpoint PATH.")
-    return exported.params, exported.config
 
 
 def read_pairs(path: str) -> list[dict[str, str]]:
@@ -38,22 +28,19 @@ def read_pairs(path: str) -> list[dict[str, str]]:
 def run(config: ml_collections.ConfigDict | None, workdir: str | None, checkpoint_arg: str | None,
         pairs_path: str | None = None) -> dict[str, Any]:
     """Metrics of every eval (and pair probabilities), plus a printable "table"."""
-    params, saved_config = _load(workdir, checkpoint_arg)
-    if config is None:
-        config = saved_config
-    else:
-        # The recipe says what to evaluate; the model is the checkpoint's.
-        config = ml_collections.ConfigDict(config.to_dict())
-        config.model = saved_config.model
+    source, step = loading.source_from_flags(workdir, checkpoint_arg)
+    exported = loading.load_model(source, step=step)
+    params = exported.params
+    config = loading.with_overrides(exported.config, config)  # the recipe says what to evaluate
     results: dict[str, Any] = {}
     tables = []
     if config.evals:
         mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axis_names)
-        metrics = runner.evaluate_params(config, params, trainer.build_tokenizer(config), trainer.build_source, mesh)
+        metrics = runner.evaluate_params(config, params, build_tokenizer(config), build_source, mesh)
         results["metrics"] = metrics
         tables.append(runner.format_table(metrics))
     if pairs_path:
-        embedder = inference.Embedder(config, params, trainer.build_tokenizer(config))
+        embedder = inference.Embedder(config, params, build_tokenizer(config))
         pairs = read_pairs(pairs_path)
         probabilities = embedder.score_pairs([pair["image"] for pair in pairs], [pair["text"] for pair in pairs])
         results["pairs"] = [{**pair, "probability": float(p)} for pair, p in zip(pairs, probabilities)]

@@ -1,5 +1,5 @@
-"""Embed and score for users and servers: load a model from an exported params file, an HF SigLIP
-directory, a big_vision .npz (or, through a hook, a training workdir); embed images (paths, bytes or
+"""Embed and score for users and servers: load a model from any source siglip_jax.loading reads (an
+exported params file, an HF SigLIP directory, a big_vision .npz, a training workdir); embed images (paths, bytes or
 arrays) and texts (strings) with the model's own preprocessing and tokenizer; score image-text pairs.
 
 Batches are padded up to a bucket (powers of two up to `batch_size`) and each bucket is compiled once,
@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from siglip_jax import checkpoint
+from siglip_jax import loading
 from siglip_jax.data import images as images_lib
-from siglip_jax.export import big_vision, hf, params as params_lib
+from siglip_jax.export import params as params_lib
 from siglip_jax.models import two_towers
 
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
@@ -28,43 +28,9 @@ ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
 
 # ------------------------------------------------------------------------------------------ loading
 
-def load_workdir_params(workdir: str, step: int | None = None) -> params_lib.ExportedParams:
-    """Config, params and tokenizer of a training workdir's checkpoint (the latest complete one, or `step`),
-    on one device."""
-    params, saved_config = checkpoint.restore_params(workdir, step=step)
-    config = params_lib.config_from_json(saved_config.to_json())
-    name, data = params_lib.tokenizer_asset(config)
-    return params_lib.ExportedParams(config=config, params=params, tokenizer_file_name=name, tokenizer_file=data)
-
-
-def load_params(path: str) -> params_lib.ExportedParams:
-    """Config, params and tokenizer from any supported source, told apart by content:
-
-      * a file written by `export.py --format params` (siglip_jax.export.params),
-      * a big_vision `.npz` release (config inferred from the shapes),
-      * an HF SigLIP directory (config.json + model.safetensors),
-      * otherwise a directory is taken to be a training workdir (see `load_workdir_params`).
-    """
-    path = os.fspath(path)
-    if params_lib.is_params_file(path):
-        return params_lib.load_params_file(path)
-    if os.path.isfile(path) and path.endswith(".npz"):
-        config, params = big_vision.load_npz(path)
-        return params_lib.ExportedParams(config=config, params=params)
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        config, params = hf.load_hf_directory(path)
-        return params_lib.ExportedParams(config=config, params=params)
-    if os.path.isdir(path):
-        return load_workdir_params(path)
-    raise FileNotFoundError(
-        f"Cannot load a model from {path!r}: expected an exported params file (export.py --format params), a "
-        "big_vision .npz, an HF SigLIP directory (config.json + model.safetensors) or a training workdir."
-    )
-
-
 def load(path: str, *, batch_size: int = 32) -> "Embedder":
-    """An Embedder for the model at `path` (see `load_params` for what `path` may be)."""
-    return Embedder.from_exported(load_params(path), batch_size=batch_size)
+    """An Embedder for the model at `path`: anything siglip_jax.loading.load_model reads."""
+    return Embedder.from_exported(loading.load_model(path), batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------------ preprocessing

@@ -82,3 +82,17 @@ def build_optimizer(optim_config: ml_collections.ConfigDict, total_steps: int) -
         return {name: ("frozen" if name in frozen else "trained") for name in params}
 
     return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def update_count(opt_state: Any) -> jax.Array:
+    """The number of updates the optimizer has applied: the count its learning-rate schedule reads. It
+    lags TrainState.step by the non-finite steps that were skipped, so it, not the step, gives the
+    learning rate an update used."""
+    counts = [
+        state.count
+        for state in jax.tree.leaves(opt_state, is_leaf=lambda node: isinstance(node, optax.ScaleByScheduleState))
+        if isinstance(state, optax.ScaleByScheduleState)
+    ]
+    if len(counts) != 1:
+        raise ValueError(f"Expected one learning-rate schedule in the optimizer state, found {len(counts)}.")
+    return counts[0]

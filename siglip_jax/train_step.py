@@ -1,6 +1,9 @@
-"""The train state and the pure train step; no I/O. The trainer jit-compiles `train_step` once."""
+"""The train state, the pure train step, and `build_training`: everything a run needs (model, optimizer,
+sharded state, the one jitted step) from a config and a mesh. No I/O. The trainer, the benches and the
+tests all step through `build_training(...).step`, the only jit of the train step."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -10,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from siglip_jax import losses
+from siglip_jax import losses, optim, sharding
 from siglip_jax.models import two_towers
 from siglip_jax.sharding import logical_to_shardings
 
@@ -21,10 +24,9 @@ from siglip_jax.sharding import logical_to_shardings
 class TrainState:
     """Everything a step reads and writes. Immutable: `apply_gradients` returns a new state."""
 
-    step: jax.Array  # int32 scalar: the number of updates applied so far
+    step: jax.Array  # int32 scalar: the number of batches consumed (updates applied plus non-finite skips)
     params: Any
     opt_state: Any
-    rng: jax.Array  # key for stochastic layers and augmentation, folded with the step
 
     def apply_gradients(self, grads: Any, optimizer: optax.GradientTransformation) -> "TrainState":
         updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
@@ -157,7 +159,7 @@ def train_step(
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, skipped)
     metrics = {
         "loss": loss,
-        "learning_rate": schedule(state.step),
+        "learning_rate": schedule(optim.update_count(state.opt_state)),  # what this update applied
         "grad_norm": grad_norm,
         "param_norm": optax.global_norm(state.params),
         "temperature": jnp.exp(new_state.params["t"]),
@@ -184,10 +186,11 @@ def create_train_state(
     tokens = jnp.zeros((1, text_length), jnp.int32)
 
     def init_boxed(rng: jax.Array) -> TrainState:
-        params_rng, state_rng = jax.random.split(rng)
+        # The split keeps the initial parameters those of earlier versions, which also kept a state key.
+        params_rng, _ = jax.random.split(rng)
         params = model.init(params_rng, images, tokens)["params"]
         # The optimizer state inherits the parameters' logical boxes, so it is sharded like them.
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=state_rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
     # No logical-rules context here: out_shardings alone places the state; activation constraints on a
     # batch of one would only add work to the initialisation.
@@ -197,11 +200,80 @@ def create_train_state(
     return state, shardings
 
 
-def param_shardings(model_config: ml_collections.ConfigDict, mesh: Mesh, axis_rules: Any) -> Any:
-    """The parameters' layout on `mesh` (as in training), from their logical axis names."""
-    model = two_towers.build_model(model_config)
-    size, length = model_config.image.image_size, model_config.text.max_len
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    tokens = jnp.zeros((1, length), jnp.int32)
-    boxed = jax.eval_shape(lambda rng: model.init(rng, images, tokens)["params"], jax.random.key(0))
-    return logical_to_shardings(boxed, mesh, axis_rules)
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """Everything a run needs, built once from a config and a mesh (see `build_training`)."""
+
+    model: nn.Module
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: Mesh
+    axis_rules: Any
+    batch_axes: tuple[str, ...]  # the mesh axes the global batch is split over
+    state_shardings: Any  # a TrainState of NamedShardings
+    abstract_state: Any  # a TrainState of ShapeDtypeStructs carrying those shardings: what a restore targets
+    batch_sharding: NamedSharding
+    # (state, batch) -> (new state, scalar metrics); donates the state. Call inside `jax.set_mesh(mesh)`.
+    step: Any
+    state: TrainState | None  # the freshly initialised, sharded state; None when built with initialise=False
+
+
+def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, initialise: bool = True) -> Training:
+    """Model, optimizer, schedule, the state's shardings and the one jitted train step for `config` on
+    `mesh`; with `initialise`, also the initial state (from `config.seed`), created already sharded.
+
+    A run that is about to restore a checkpoint passes initialise=False and restores into
+    `abstract_state`, so a fresh state never occupies the devices next to the restored one.
+    """
+    axis_rules = sharding.rules_as_tuples(config.mesh.axis_rules)
+    sharding.check_batch_size(config.data.batch_size, mesh, axis_rules)
+    sharding.check_accumulation(config.data.batch_size, config.accum_steps, mesh, axis_rules)
+    batch_sharding = sharding.batch_sharding(mesh, axis_rules)
+    batch_axes = sharding.batch_axes(mesh, axis_rules)
+    model = two_towers.build_model(config.model)
+    schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
+    optimizer = optim.build_optimizer(config.optim, config.total_steps)
+    create = functools.partial(
+        create_train_state, model, optimizer, image_size=config.model.image.image_size,
+        text_length=config.model.text.max_len, mesh=mesh, axis_rules=axis_rules,
+    )
+    rng = jax.random.key(config.seed)
+    # Shardings come out of the traced initialiser too, so tracing alone (no compile) gives both.
+    traced_shardings = {}
+
+    def trace(rng: jax.Array) -> TrainState:
+        state, traced_shardings["state"] = create(rng=rng)
+        return state
+
+    if initialise:
+        state, state_shardings = create(rng=rng)
+    else:
+        state = None
+        abstract = jax.eval_shape(trace, rng)
+        state_shardings = traced_shardings["state"]
+    abstract_state = jax.tree.map(
+        lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
+        state if state is not None else abstract, state_shardings,
+    )
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            loss_config=config.loss,
+            axis_rules=axis_rules,
+            mesh=mesh,
+            batch_axes=batch_axes,
+            accum_steps=config.accum_steps,
+            frozen=tuple(config.optim.frozen),
+        ),
+        in_shardings=(state_shardings, batch_sharding),  # (state, batch)
+        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),  # (state, scalar metrics)
+        donate_argnums=0,  # the old state's buffers are reused for the new one
+    )
+    return Training(
+        model=model, optimizer=optimizer, schedule=schedule, mesh=mesh, axis_rules=axis_rules,
+        batch_axes=batch_axes, state_shardings=state_shardings, abstract_state=abstract_state,
+        batch_sharding=batch_sharding, step=step, state=state,
+    )

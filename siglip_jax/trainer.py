@@ -1,153 +1,27 @@
-"""The training loop: builds mesh, data, model, optimizer and the compiled step from a config, then
-steps, with logging and evaluation hung off the loop as every-N-steps hooks. The only module that knows
-all the others."""
+"""The training loop: builds mesh, data and the compiled step (train_step.build_training) from a config,
+then steps; every periodic action (log, eval, checkpoint, profile window, non-finite check, progress,
+preemption) is a hook from hooks.py with its cadence from the config. The only module that knows all
+the others; only the CLIs import it."""
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import os
 import time
-import zlib
-from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from siglip_jax import config as config_lib
+from siglip_jax import checkpoint, hooks, loading, preemption, sharding
 from siglip_jax import metrics as metrics_lib
-from siglip_jax import checkpoint, optim, preemption, sharding
-from siglip_jax.data import pipeline, sources, tokenizers
+from siglip_jax.data import pipeline
+from siglip_jax.data.from_config import build_source, build_tokenizer
 from siglip_jax.evaluation import runner
-from siglip_jax.models import flops, two_towers
-from siglip_jax.train_step import TrainState, create_train_state, train_step
+from siglip_jax.models import flops
+from siglip_jax.train_step import build_training
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Hook:
-    """Runs `fn(step, state) -> metrics` every `every_steps` steps (0: never periodically) and at the end."""
-
-    every_steps: int
-    fn: Callable[[int, TrainState], dict[str, float]]
-    at_end: bool = True
-
-    def due(self, step: int, is_last: bool) -> bool:
-        return (is_last and self.at_end) or (self.every_steps > 0 and step % self.every_steps == 0)
-
-
-class NonFiniteGuard:
-    """Counts steps whose loss or gradient was not finite (the step skipped the update) and stops the run
-    after `max_in_a_row` in a row. Reads each step's flag only after the next step is dispatched, so the
-    check never leaves the accelerator idle."""
-
-    def __init__(self, max_in_a_row: int, checkpointer: checkpoint.Checkpointer):
-        self.max_in_a_row = max_in_a_row
-        self.checkpointer = checkpointer
-        self.total = 0
-        self.in_a_row = 0
-        self._held: tuple[int, Any] | None = None
-
-    def check_previous_and_hold(self, step: int, step_metrics: Any) -> None:
-        self.check_held()
-        self._held = (step, step_metrics["nonfinite"])
-
-    def check_held(self) -> None:
-        if self._held is None:
-            return
-        step, flag = self._held
-        self._held = None
-        if not int(flag):
-            self.in_a_row = 0
-            return
-        self.total += 1
-        self.in_a_row += 1
-        logger.warning("Step %d had a non-finite loss or gradient; its update was skipped (%d in a row).", step, self.in_a_row)
-        if self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
-            latest = self.checkpointer.latest_step()
-            where = f"step {latest} in {self.checkpointer.root}" if latest is not None else "none saved yet"
-            raise FloatingPointError(
-                f"{self.in_a_row} steps in a row had a NaN or Inf loss or gradient, the last at step {step}. "
-                f"Last good checkpoint: {where}. Lower optim.learning_rate, check the data, or raise "
-                "max_nonfinite_steps."
-            )
-
-
-class Profiler:
-    """Traces steps [first, last) with jax.profiler (view in TensorBoard's profile tab or Perfetto)."""
-
-    def __init__(self, logdir: str, first: int, last: int):
-        if last < first:
-            raise ValueError(f"profile_steps ({first}, {last}) must be (first, last) with last >= first.")
-        self.logdir, self.first, self.last = logdir, first, last
-        self.active = False
-
-    def before_step(self, step: int) -> None:
-        if step == self.first and self.last > self.first and jax.process_index() == 0:
-            jax.profiler.start_trace(self.logdir)
-            self.active = True
-
-    def after_step(self, step: int, step_metrics: Any) -> None:
-        if self.active and step == self.last - 1:
-            jax.block_until_ready(step_metrics)  # the trace must hold the whole step
-            self.stop()
-
-    def stop(self) -> None:
-        if self.active:
-            jax.profiler.stop_trace()
-            self.active = False
-            logger.info("Wrote a profile of steps %d-%d to %s", self.first, self.last - 1, self.logdir)
-
-
-def initial_params(config: ml_collections.ConfigDict, params: Any, shardings: Any) -> Any:
-    """`params` with the groups in `config.init_towers` (all when empty) replaced by those of the model at
-    `config.init_from`: a workdir, an exported params file, an HF SigLIP directory or a big_vision .npz."""
-    from siglip_jax import inference  # loading every format is only needed here
-
-    loaded = inference.load_params(config.init_from).params
-    groups = tuple(config.init_towers) or tuple(params)
-    unknown = sorted(set(groups) - set(params))
-    if unknown:
-        raise ValueError(f"init_towers names {unknown}; valid parameter groups: {sorted(params)}.")
-    differences = []
-    for group in groups:
-        if group not in loaded:
-            differences.append(f"{group}: missing in {config.init_from}")
-            continue
-        mine = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params[group])}
-        theirs = {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(loaded[group])}
-        for key in sorted(set(mine) | set(theirs)):
-            if mine.get(key) != theirs.get(key):
-                differences.append(f"{group}{key}: {theirs.get(key, 'missing')} there, {mine.get(key, 'missing')} here")
-    if differences:
-        raise ValueError(
-            f"init_from={config.init_from!r} does not match this model; differing arrays:\n  " + "\n  ".join(differences[:20])
-        )
-    replaced = {group: jax.device_put(loaded[group], shardings[group]) for group in groups}
-    logger.warning("Initialised %s from %s.", ", ".join(groups), config.init_from)
-    return {**params, **replaced}
-
-
-def build_source(source: ml_collections.ConfigDict) -> Any:
-    return sources.make_source(source.kind, **source.args.to_dict())
-
-
-def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
-    tokenizer = tokenizers.make_tokenizer(
-        config.data.tokenizer,
-        max_len=config.model.text.max_len,
-        lowercase=config.data.lowercase,
-        path=config.data.tokenizer_path or None,
-    )
-    if tokenizer.vocab_size > config.model.text.vocab_size:
-        raise ValueError(
-            f"The tokenizer has {tokenizer.vocab_size} ids but model.text.vocab_size is "
-            f"{config.model.text.vocab_size}; set model.text.vocab_size >= {tokenizer.vocab_size}."
-        )
-    return tokenizer
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -156,23 +30,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     is_lead = jax.process_index() == 0
 
-    # ---- Mesh ------------------------------------------------------------------------------------
+    # ---- Mesh, model, optimizer, state and the one jitted step -------------------------------------
     mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axis_names)
-    axis_rules = sharding.rules_as_tuples(config.mesh.axis_rules)
-    sharding.check_batch_size(config.data.batch_size, mesh, axis_rules)
-    sharding.check_accumulation(config.data.batch_size, config.accum_steps, mesh, axis_rules)
-    batch_sharding = sharding.batch_sharding(mesh, axis_rules)
-    batch_axes = sharding.batch_axes(mesh, axis_rules)
+    checkpointer = checkpoint.Checkpointer(
+        workdir, keep_checkpoints=config.keep_checkpoints, keep_every_steps=config.keep_every_steps
+    )
+    resuming = checkpointer.latest_step() is not None
+    training = build_training(config, mesh, initialise=not resuming)
 
     # ---- Input -----------------------------------------------------------------------------------
-    image_size = config.model.image.image_size
     tokenizer = build_tokenizer(config)
-    local_batch_size = config.data.batch_size // jax.process_count()
     batches = pipeline.train_batches(
         build_source(config.data.train),
         tokenizer=tokenizer,
-        options=pipeline.ImageOptions(image_size, tuple(config.data.random_crop_scale), config.data.random_flip),
-        local_batch_size=local_batch_size,
+        options=pipeline.ImageOptions(
+            config.model.image.image_size, tuple(config.data.random_crop_scale), config.data.random_flip
+        ),
+        local_batch_size=config.data.batch_size // jax.process_count(),
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -180,85 +54,64 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         prefetch_batches=config.data.prefetch_batches,
     )
 
-    # ---- Model and optimizer ---------------------------------------------------------------------
-    model = two_towers.build_model(config.model)
-    schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
-    optimizer = optim.build_optimizer(config.optim, config.total_steps)
-    state, state_shardings = create_train_state(
-        model,
-        optimizer,
-        image_size=image_size,
-        text_length=config.model.text.max_len,
-        mesh=mesh,
-        axis_rules=axis_rules,
-        rng=jax.random.key(config.seed),
-    )
-
     # ---- Checkpoints: continue where the last run in this workdir stopped (see checkpoint.py) ------
-    checkpointer = checkpoint.Checkpointer(
-        workdir, keep_checkpoints=config.keep_checkpoints, keep_every_steps=config.keep_every_steps
-    )
-    if checkpointer.latest_step() is not None:
-        target = checkpoint.abstract_like(state, state_shardings)
-        del state  # frees the fresh state before the restored one arrives
-        state, restored_step = checkpointer.restore(target, batches, config)
+    if resuming:
+        state, restored_step = checkpointer.restore(training.abstract_state, batches, config)
         logger.warning("Resumed from step %d of %s.", restored_step, checkpointer.root)
     elif config.init_from:
-        state = state.replace(params=initial_params(config, state.params, state_shardings.params))
+        state = training.state.replace(
+            params=loading.initial_params(config, training.state.params, training.state_shardings.params)
+        )
+    else:
+        state = training.state
 
-    # ---- The step: one jit site ------------------------------------------------------------------
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            optimizer=optimizer,
-            schedule=schedule,
-            loss_config=config.loss,
-            axis_rules=axis_rules,
-            mesh=mesh,
-            batch_axes=batch_axes,
-            accum_steps=config.accum_steps,
-            frozen=tuple(config.optim.frozen),
-        ),
-        in_shardings=(state_shardings, batch_sharding),  # (state, batch)
-        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),  # (state, scalar metrics)
-        donate_argnums=0,  # the old state's buffers are reused for the new one
-    )
-
-    # ---- Evaluation hooks ------------------------------------------------------------------------
-    embedder = runner.Embedder(model, mesh, axis_rules, config.data.eval_batch_size, state_shardings.params)
-    evaluators = runner.build_evaluators(config, tokenizer, build_source)
-
-    def evaluate(step: int, state: TrainState) -> dict[str, float]:
-        return runner.run_evaluators(evaluators, embedder, state.params)
-
-    hooks = [Hook(config.eval_every_steps, evaluate)] if evaluators else []
-
-    def save_checkpoint(step: int, state: TrainState) -> dict[str, float]:
-        checkpointer.save(step, state, batches, config)  # asynchronous: returns once off the devices
-        return {}
-
-    hooks.append(Hook(config.checkpoint_every_steps, save_checkpoint))
-    preemption_watch = preemption.PreemptionWatch()
-
-    # ---- Loop ------------------------------------------------------------------------------------
+    # ---- Hooks, in the order they run after each step ----------------------------------------------
     first_step = int(state.step)
-    writers = [metrics_lib.ConsoleWriter(config.total_steps, first_step, enabled=is_lead)]
+    console = metrics_lib.ConsoleWriter(config.total_steps, first_step, enabled=is_lead)
+    writers = [console]
     if is_lead:
         # A resumed run rewrites the steps after its checkpoint, so drop the killed run's lines for them.
         writers.append(metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), keep_through_step=first_step))
         if config.tensorboard:
             writers.append(metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard")))
-    writer = metrics_lib.MultiWriter(writers)
     throughput = metrics_lib.Throughput(
         config.data.batch_size,
         mesh.size,
         flops.train_flops_per_example(config.model, config.data.batch_size),
         metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.peak_tflops_per_device),
     )
-    profiler = Profiler(os.path.join(workdir, "profile"), *config.profile_steps)
-    nonfinite = NonFiniteGuard(config.max_nonfinite_steps, checkpointer)
-    last_metrics: dict[str, float] = {}
+    embedder = runner.Embedder(
+        training.model, mesh, training.axis_rules, config.data.eval_batch_size, training.state_shardings.params
+    )
+    evaluators = runner.build_evaluators(config, tokenizer, build_source)
+
+    def evaluate(info: hooks.StepInfo) -> dict[str, float]:
+        results = runner.run_evaluators(evaluators, embedder, info.state.params)
+        throughput.reset(info.step)  # evaluation time is not training throughput
+        return results
+
+    def save_checkpoint(info: hooks.StepInfo) -> dict[str, float]:
+        checkpointer.save(info.step, info.state, batches, config)  # asynchronous: returns once off the devices
+        throughput.reset(info.step)
+        return {}
+
+    nonfinite = hooks.NonFiniteGuard(config.max_nonfinite_steps, checkpointer)
+    write = hooks.Write(metrics_lib.MultiWriter(writers))
+    preempted = hooks.Preemption(
+        preemption.PreemptionWatch(), lambda step, state: checkpointer.save(step, state, batches, config)
+    )
+    loop_hooks = [
+        hooks.ProfileWindow(os.path.join(workdir, "profile"), *config.profile_steps),
+        nonfinite,
+        hooks.Log(config.log_every_steps, first_step, throughput, nonfinite, config.log_batch_checksums),
+        *([hooks.Periodic(config.eval_every_steps, evaluate)] if evaluators else []),
+        hooks.Periodic(config.checkpoint_every_steps, save_checkpoint),
+        write,
+        hooks.Progress(console),
+        preempted,
+    ]
+
+    # ---- Loop ------------------------------------------------------------------------------------
     throughput.reset(first_step)
     num_skipped = 0
     try:
@@ -267,37 +120,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             local_batch = next(batches)
             throughput.add_data_wait(time.perf_counter() - wait_start)
             num_skipped += int(np.sum(local_batch.pop("num_skipped")))
-            batch = sharding.host_local_to_global(local_batch, batch_sharding)
-            profiler.before_step(step)
+            batch = sharding.host_local_to_global(local_batch, training.batch_sharding)
+            for hook in loop_hooks:
+                hook.before_step(step)
             with jax.set_mesh(mesh):
-                state, step_metrics = step_fn(state, batch)
-            profiler.after_step(step, step_metrics)
-            nonfinite.check_previous_and_hold(step, step_metrics)
-            is_last = step == config.total_steps
-            logged: dict[str, float] = {}
-            if step % config.log_every_steps == 0 or is_last or step == first_step + 1:
-                logged.update(metrics_lib.to_python(step_metrics))  # syncs with the device
-                logged.update(throughput.measure(step))
-                logged["data/num_skipped"] = float(num_skipped)  # records this process replaced in this run
-                logged["nonfinite_skipped_total"] = float(nonfinite.total)
-                if config.log_batch_checksums:  # exact in a float: CRC32 < 2**53
-                    logged["data/batch_crc32"] = float(zlib.crc32(local_batch["images"].tobytes() + local_batch["tokens"].tobytes()))
-            for hook in hooks:
-                if hook.due(step, is_last):
-                    logged.update(hook.fn(step, state))
-                    throughput.reset(step)  # evaluation time is not training throughput
-            if logged:
-                writer.write(step, logged)
-                last_metrics.update(logged)
-            writers[0].advance(step)
-            if not is_last and preemption_watch.should_stop(step):
-                checkpointer.save(step, state, batches, config)
-                logger.warning("Preempted: saved step %d; rerun the same command to continue.", step)
+                state, step_metrics = training.step(state, batch)
+            info = hooks.StepInfo(step, state, step_metrics, local_batch, step == config.total_steps, num_skipped)
+            hooks.run_hooks(loop_hooks, info)
+            if preempted.stop_requested:
                 break
-        nonfinite.check_held()
+        for hook in loop_hooks:
+            hook.finish()
     finally:
-        profiler.stop()
+        for hook in loop_hooks:
+            hook.close()
         checkpointer.close()  # waits for the last save to be complete on disk, also after an error
-        preemption_watch.close()
-        writer.close()
-    return last_metrics
+        write.writer.close()
+    return write.last

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax import checkpoint, optim, sharding, trainer
+from siglip_jax import checkpoint, optim, sharding
 from siglip_jax.data import pipeline
+from siglip_jax.data.from_config import build_source, build_tokenizer
 from siglip_jax.models import two_towers
 from siglip_jax.train_step import create_train_state
 from tests.helpers import tiny_config
@@ -50,7 +51,7 @@ def _restore_target(config, mesh_shape, devices):
 
 def _batches(config):
     return pipeline.train_batches(
-        trainer.build_source(config.data.train), tokenizer=trainer.build_tokenizer(config),
+        build_source(config.data.train), tokenizer=build_tokenizer(config),
         options=pipeline.ImageOptions(config.model.image.image_size), local_batch_size=config.data.batch_size, seed=0,
     )
 

@@ -1,15 +1,14 @@
 """FLOPs accounting, MFU, TensorBoard files and the plot tool."""
-import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from siglip_jax import metrics, optim, sharding
+from siglip_jax import metrics, sharding
 from siglip_jax.config import default_config
-from siglip_jax.models import flops, two_towers
-from siglip_jax.train_step import create_train_state, train_step
+from siglip_jax.models import flops
+from siglip_jax.train_step import build_training
 from tests.helpers import tiny_config
 
 
@@ -19,20 +18,14 @@ def test_analytic_flops_match_xla_cost_analysis_within_ten_percent():
         "model.image.variant": "mu/8", "model.image.image_size": size, "model.text.max_len": length,
         "model.image.width": width, "model.text.width": width, "model.image.mlp_dim": 4 * width,
         "model.text.mlp_dim": 4 * width, "model.image.num_heads": 4, "model.text.num_heads": 4,
+        "data.batch_size": batch_size, "total_steps": 10,
     })
     mesh = sharding.create_mesh((1, 1, 1), ("data", "fsdp", "tensor"), jax.devices()[:1])
-    rules = sharding.rules_as_tuples(config.mesh.axis_rules)
-    model = two_towers.build_model(config.model)
-    optimizer = optim.build_optimizer(config.optim, 10)
-    state, _ = create_train_state(model, optimizer, image_size=size, text_length=length, mesh=mesh,
-                                  axis_rules=rules, rng=jax.random.key(0))
-    batch = {"images": jnp.zeros((batch_size, size, size, 3), jnp.uint8), "tokens": jnp.ones((batch_size, length), jnp.int32)}
-    step = jax.jit(functools.partial(
-        train_step, model=model, optimizer=optimizer, schedule=optim.learning_rate_schedule(config.optim, 10),
-        loss_config=config.loss, axis_rules=rules, mesh=mesh, batch_axes=("data", "fsdp"),
-    ))
+    training = build_training(config, mesh, initialise=False)
+    batch = {"images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+             "tokens": jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
     with jax.set_mesh(mesh):
-        cost = step.lower(state, batch).compile().cost_analysis()
+        cost = training.step.lower(training.abstract_state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     analytic = flops.train_flops_per_example(config.model, batch_size)
     assert cost["flops"] / batch_size == pytest.approx(analytic, rel=0.10)

@@ -1,42 +1,22 @@
 """One train step on sharded meshes equals the same step on one device."""
-import functools
-
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
-from siglip_jax import optim, sharding
-from siglip_jax.models import two_towers
-from siglip_jax.train_step import create_train_state, train_step
+from siglip_jax import sharding
+from siglip_jax.train_step import build_training
 from tests.helpers import tiny_config
 
 
 def _run_one_step(config, mesh_shape, batch):
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = sharding.create_mesh(mesh_shape, ("data", "fsdp", "tensor"), devices)
-    rules = sharding.rules_as_tuples(config.mesh.axis_rules)
-    model = two_towers.build_model(config.model)
-    optimizer = optim.build_optimizer(config.optim, config.total_steps)
-    schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
-    state, shardings = create_train_state(
-        model, optimizer, image_size=16, text_length=12, mesh=mesh, axis_rules=rules, rng=jax.random.key(0)
-    )
-    initial_params = jax.device_get(state.params)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    step = jax.jit(
-        functools.partial(
-            train_step, model=model, optimizer=optimizer, schedule=schedule, loss_config=config.loss,
-            axis_rules=rules, mesh=mesh, batch_axes=sharding.batch_axes(mesh, rules),
-        ),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=0,
-    )
-    global_batch = jax.device_put(batch, batch_sharding)
+    training = build_training(config, mesh)
+    initial_params = jax.device_get(training.state.params)
+    global_batch = jax.device_put(batch, training.batch_sharding)
     with jax.set_mesh(mesh):
-        new_state, metrics = step(state, global_batch)
-    return jax.device_get(new_state.params), float(metrics["loss"]), new_state, (model, initial_params)
+        new_state, metrics = training.step(training.state, global_batch)
+    return jax.device_get(new_state.params), float(metrics["loss"]), new_state, (training.model, initial_params)
 
 
 @pytest.fixture(scope="module")

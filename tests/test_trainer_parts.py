@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax import metrics, trainer
+from siglip_jax import hooks, loading, metrics, trainer
 from siglip_jax.export import params as params_lib
 from tests.helpers import tiny_config
 
@@ -18,7 +18,7 @@ class _NoCheckpoints:
 
 
 def test_nonfinite_guard_counts_and_stops_after_n_in_a_row():
-    guard = trainer.NonFiniteGuard(3, _NoCheckpoints())
+    guard = hooks.NonFiniteGuard(3, _NoCheckpoints())
     flags = [0, 1, 1, 0, 1, 1]
     for step, flag in enumerate(flags, start=1):
         guard.check_previous_and_hold(step, {"nonfinite": np.int32(flag)})
@@ -43,20 +43,18 @@ def test_init_from_copies_chosen_towers_and_refuses_mismatches(tmp_path):
     source_config.total_steps = 1
     source_config.tensorboard = False
     trainer.train(source_config, str(tmp_path / "source"))
-    from siglip_jax import inference
-
-    trained = inference.load_params(str(tmp_path / "source")).params
+    trained = loading.load_model(str(tmp_path / "source")).params
     exported = str(tmp_path / "source.msgpack")
     params_lib.save_params_file(exported, source_config, trained)
 
     config = tiny_config(**{"seed": 7, "init_from": exported, "init_towers": ("img",)})
     fresh = {name: jax.tree.map(np.zeros_like, value) for name, value in trained.items()}
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), fresh)
-    params = trainer.initial_params(config, fresh, shardings)
+    params = loading.initial_params(config, fresh, shardings)
     jax.tree.map(np.testing.assert_array_equal, params["img"], trained["img"])
     jax.tree.map(np.testing.assert_array_equal, params["txt"], fresh["txt"])  # not copied
 
     wider = tiny_config(**{"init_from": exported, "model.image.width": 64})
     wider_params = {**fresh, "img": {**fresh["img"], "pos_embedding": np.zeros((1, 16, 64), np.float32)}}
     with pytest.raises(ValueError, match=r"differing arrays:\n  img\['pos_embedding'\]: \(1, 16, 32\) there, \(1, 16, 64\) here"):
-        trainer.initial_params(wider, wider_params, shardings)
+        loading.initial_params(wider, wider_params, shardings)

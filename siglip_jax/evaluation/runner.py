@@ -15,7 +15,7 @@ from siglip_jax import sharding
 from siglip_jax.data import pipeline
 from siglip_jax.evaluation import classification, retrieval
 from siglip_jax.models import two_towers
-from siglip_jax.train_step import param_shardings
+from siglip_jax.models.two_towers import param_shardings
 
 logger = logging.getLogger(__name__)
 

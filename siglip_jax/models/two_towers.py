@@ -6,16 +6,18 @@ Adding a tower is one builder function plus one entry in IMAGE_TOWERS or TEXT_TO
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 
 from siglip_jax.models import sizes
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import VisionTransformer
+from siglip_jax.sharding import logical_to_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -132,3 +134,13 @@ def build_model(model_config: ml_collections.ConfigDict) -> TwoTowers:
         temperature_init=model_config.temperature_init,
         bias_init=model_config.bias_init,
     )
+
+
+def param_shardings(model_config: ml_collections.ConfigDict, mesh: Mesh, axis_rules: Any) -> Any:
+    """The parameters' layout on `mesh` (as in training), from their logical axis names; traced only."""
+    model = build_model(model_config)
+    size, length = model_config.image.image_size, model_config.text.max_len
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    tokens = jnp.zeros((1, length), jnp.int32)
+    boxed = jax.eval_shape(lambda rng: model.init(rng, images, tokens)["params"], jax.random.key(0))
+    return logical_to_shardings(boxed, mesh, axis_rules)
