@@ -2,7 +2,7 @@
 data stream's position, so a rerun of the same command continues exactly where the last one stopped.
 
 A workdir holds `checkpoints/<step>/` with three items:
-  state/   the TrainState (step, params, opt_state, rng key), as sharded arrays
+  state/   the TrainState (step, params, opt_state), as sharded arrays
   data/    each process's grain iterator state, `process_<i>-of-<n>.json` (written by grain's handler)
   config/  the config the run used, as JSON
 

@@ -5,8 +5,8 @@
 
 MODEL is anything `siglip_jax.inference.load` reads (an exported params file, an HF SigLIP directory, a
 big_vision .npz). The index is an .npz of image paths, their embeddings [n, embed] and the model path, so
-`query` reloads the same model. Results print one per line: rank, SigLIP probability sigmoid(t cos + b),
-cosine similarity, path; ranking by either is the same.
+`query` reloads the same model. Results print one per line: rank, match probability (evaluation.scores: sigmoid(t cos + b)
+for SigLIP), cosine similarity, path; ranking by either is the same.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from siglip_jax import inference
 from siglip_jax.data import images as images_lib
+from siglip_jax.evaluation import retrieval
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 CHUNK = 256  # images decoded at a time: bounds memory for large folders
@@ -83,12 +84,13 @@ def load_index(path: str) -> Index:
 
 def query_index(index: Index, embedder: inference.Embedder, text: str, k: int = 10) -> list[Result]:
     """The k images most likely to match `text`, best first."""
-    text_embedding = embedder.embed_texts([text])[0]
-    cosines = index.embeddings @ text_embedding
-    temperature, bias = embedder.temperature_and_bias()
-    probabilities = 1.0 / (1.0 + np.exp(-(temperature * cosines + bias)))
-    best = np.argsort(-cosines, kind="stable")[:k]
-    return [Result(index.paths[i], float(probabilities[i]), float(cosines[i])) for i in best]
+    text_embedding = embedder.embed_texts([text])
+    # Embeddings are L2-normalised, so the dot product is the cosine.
+    cosines, best = retrieval.top_k_search(text_embedding, index.embeddings, k=min(k, len(index.paths)), normalize=False)
+    cosines, best = cosines[0], best[0]
+    # A softmax model normalises over the whole gallery, so score all of it, then pick.
+    probabilities = embedder.probabilities(index.embeddings, text_embedding, over="images")[best, 0]
+    return [Result(index.paths[i], float(p), float(c)) for i, p, c in zip(best, probabilities, cosines)]
 
 
 def write_html(path: str, text: str, results: Sequence[Result]) -> None:

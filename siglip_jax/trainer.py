@@ -17,6 +17,7 @@ from siglip_jax import checkpoint, hooks, loading, preemption, sharding
 from siglip_jax import metrics as metrics_lib
 from siglip_jax.data import pipeline
 from siglip_jax.data.from_config import build_source, build_tokenizer
+from siglip_jax.embedder import Embedder
 from siglip_jax.evaluation import runner
 from siglip_jax.models import flops
 from siglip_jax.train_step import build_training
@@ -80,7 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         flops.train_flops_per_example(config.model, config.data.batch_size),
         metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.peak_tflops_per_device),
     )
-    embedder = runner.Embedder(
+    embedder = Embedder(
         training.model, mesh, training.axis_rules, config.data.eval_batch_size, training.state_shardings.params
     )
     evaluators = runner.build_evaluators(config, tokenizer, build_source)

@@ -9,6 +9,7 @@ from siglip_jax import sharding
 from siglip_jax.config import DEFAULT_AXIS_RULES
 from siglip_jax.data.sources import ImageFolderSource
 from siglip_jax.data.tokenizers import ByteTokenizer
+from siglip_jax.embedder import Embedder
 from siglip_jax.evaluation import runner
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -61,7 +62,7 @@ def test_embedder_pads_the_last_batch_and_keeps_order():
     import flax.linen as nn
 
     params = nn.unbox(params)
-    embedder = runner.Embedder(model, mesh, DEFAULT_AXIS_RULES, batch_size=8)
+    embedder = Embedder(model, mesh, DEFAULT_AXIS_RULES, batch_size=8)
     batched = embedder.images(params, images)  # 8 + 8 + 5 (padded)
     direct = model.apply({"params": params}, images, method=model.embed_images)
     assert batched.shape == (21, 32)

@@ -1,75 +1,24 @@
-"""Runs evaluations against model parameters: embeds a source's images and captions sharded over the
-mesh, then computes the metrics. Hooks for the trainer and the engine of eval.py."""
+"""Runs evaluations against model parameters: embeds a source's images and captions with the one
+Embedder (siglip_jax.embedder, sharded over the mesh), then computes the metrics. Used by the trainer's
+eval hook and by eval.py."""
 from __future__ import annotations
 
 import logging
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from siglip_jax import sharding
 from siglip_jax.data import pipeline
+from siglip_jax.embedder import Embedder
 from siglip_jax.evaluation import classification, retrieval
 from siglip_jax.models import two_towers
 from siglip_jax.models.two_towers import param_shardings
 
 logger = logging.getLogger(__name__)
-
-
-class Embedder:
-    """Compiled image and text embedding with the batch sharded over the mesh's data-parallel axes.
-
-    Inputs of any length are split into fixed-size batches; the last one is padded (so there is one
-    compilation per shape) and the padding dropped from the result, so every item counts exactly once.
-    """
-
-    def __init__(self, model: nn.Module, mesh: Mesh, axis_rules: Any, batch_size: int, param_shardings: Any = None):
-        sharding.check_batch_size(batch_size, mesh, axis_rules, what="data.eval_batch_size")
-        self.batch_size = batch_size
-        self.mesh = mesh
-        self.axis_rules = axis_rules
-        self.batch_sharding = batch_sharding = sharding.batch_sharding(mesh, axis_rules)
-        replicated = NamedSharding(mesh, PartitionSpec())
-
-        def embed(method: Callable) -> Callable:
-            def run(params: Any, inputs: jax.Array) -> jax.Array:
-                with nn.logical_axis_rules(axis_rules):
-                    return model.apply({"params": params}, inputs, method=method)
-
-            return jax.jit(run, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
-
-        self._embed_images = embed(model.embed_images)
-        self._embed_texts = embed(model.embed_texts)
-
-    def _batched(self, function: Callable, params: Any, inputs: np.ndarray) -> np.ndarray:
-        outputs = []
-        for start in range(0, len(inputs), self.batch_size):
-            chunk = inputs[start : start + self.batch_size]
-            valid = len(chunk)
-            if valid < self.batch_size:
-                padding = np.zeros((self.batch_size - valid, *chunk.shape[1:]), chunk.dtype)
-                chunk = np.concatenate([chunk, padding])
-            with jax.set_mesh(self.mesh):
-                outputs.append(np.asarray(function(params, self._global_batch(chunk)))[:valid])
-        return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
-
-    def _global_batch(self, chunk: np.ndarray) -> jax.Array:
-        """Every process holds all eval inputs, so each fills its own devices' rows from its copy. (jit
-        refuses numpy for a sharding over other processes' devices, and process-local assembly would
-        need each process to hold different rows.) The output is replicated, so each process reads it."""
-        return jax.make_array_from_callback(chunk.shape, self.batch_sharding, lambda index: chunk[index])
-
-    def images(self, params: Any, images: np.ndarray) -> np.ndarray:
-        """uint8 or float images [n, s, s, 3] -> L2-normalised embeddings [n, d]."""
-        return self._batched(self._embed_images, params, images)
-
-    def texts(self, params: Any, tokens: np.ndarray) -> np.ndarray:
-        """Token ids [n, l] -> L2-normalised embeddings [n, d]."""
-        return self._batched(self._embed_texts, params, tokens)
 
 
 class RetrievalSet:

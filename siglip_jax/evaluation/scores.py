@@ -1,13 +1,21 @@
-"""SigLIP match probabilities: how likely an image and a text belong together.
+"""Match probabilities: how likely an image and a text belong together. The one scoring function of
+the package (eval.py --pairs, inference, search), and it follows the loss the model was trained with:
 
-The SigLIP loss trains sigmoid(t * x.y + b) with t = exp(t') to be 1 for a matching pair and 0
-otherwise (Zhai et al. 2023, eq. 1), so the same expression read at evaluation time is a calibrated
-per-pair probability, independent of the other items in the batch (unlike a softmax over CLIP logits).
-Both functions are pure and jit-able; pass the embeddings the model returns (already L2-normalised
-by the model) and its learned log temperature t' and bias b.
+  sigmoid (SigLIP): sigmoid(t * x.y + b) with t = exp(t'). The loss trains exactly this to be 1 for a
+      matching pair and 0 otherwise (Zhai et al. 2023, eq. 1), so it is a calibrated per-pair
+      probability, independent of the other items.
+  softmax (CLIP): softmax over the candidates of t * x.y (no bias, as in the loss): the probability that
+      this candidate, rather than another of those given, is the match. It depends on the candidate set;
+      by default the candidates of an image are the texts (`over="texts"`), for a text query over a
+      gallery pass `over="images"`. For pairs, the candidates of image i are all the given texts.
+
+The functions are pure and jit-able; pass the embeddings the model returns (already L2-normalised by
+the model) and its learned log temperature t' and bias b.
 """
 import jax
 import jax.numpy as jnp
+
+LOSSES = ("sigmoid", "softmax")
 
 
 def _check_pair_inputs(image_embeddings, text_embeddings) -> None:
@@ -21,13 +29,18 @@ def _check_pair_inputs(image_embeddings, text_embeddings) -> None:
             f"{text_embeddings.shape[1]}; both must come from the same two-tower model.")
 
 
-def _siglip_probability(dots, log_temperature, bias):
+def _probability(dots, log_temperature, bias, loss: str, axis: int):
+    if loss not in LOSSES:
+        raise ValueError(f"Unknown loss {loss!r} for match probabilities; valid: {', '.join(LOSSES)}.")
     temperature = jnp.exp(jnp.asarray(log_temperature, jnp.float32))
+    if loss == "softmax":
+        return jax.nn.softmax(temperature * dots, axis=axis)
     return jax.nn.sigmoid(temperature * dots + jnp.asarray(bias, jnp.float32))
 
 
-def pair_probabilities(image_embeddings, text_embeddings, log_temperature, bias) -> jax.Array:
-    """Probability that image i matches text i: sigmoid(exp(t') x_i . y_i + b).
+def pair_probabilities(image_embeddings, text_embeddings, log_temperature, bias, loss: str = "sigmoid") -> jax.Array:
+    """Probability that image i matches text i: sigmoid(exp(t') x_i . y_i + b), or for softmax the
+    diagonal of `match_probabilities` (text i among all the texts given).
 
     Args:
       image_embeddings: [num_pairs, width].
@@ -44,17 +57,23 @@ def pair_probabilities(image_embeddings, text_embeddings, log_temperature, bias)
             f"pair_probabilities scores row i against row i, so both need the same number of rows; got "
             f"{image_embeddings.shape[0]} images and {text_embeddings.shape[0]} texts. "
             "Use match_probabilities for every image against every text.")
+    if loss == "softmax":
+        return jnp.diagonal(match_probabilities(image_embeddings, text_embeddings, log_temperature, bias, loss))
     dots = jnp.einsum("nd,nd->n", image_embeddings, text_embeddings, preferred_element_type=jnp.float32)
-    return _siglip_probability(dots, log_temperature, bias)
+    return _probability(dots, log_temperature, bias, loss, axis=-1)
 
 
-def match_probabilities(image_embeddings, text_embeddings, log_temperature, bias) -> jax.Array:
+def match_probabilities(image_embeddings, text_embeddings, log_temperature, bias, loss: str = "sigmoid",
+                        over: str = "texts") -> jax.Array:
     """Every image against every text: [num_images, width] x [num_texts, width] -> [num_images, num_texts].
+    `over` ("texts" or "images") names the candidates a softmax normalises over; sigmoid ignores it.
 
     Builds the full matrix, so it is for small sets (a demo, a re-ranking shortlist); use
     retrieval.top_k_search for galleries.
     """
     image_embeddings, text_embeddings = jnp.asarray(image_embeddings), jnp.asarray(text_embeddings)
     _check_pair_inputs(image_embeddings, text_embeddings)
+    if over not in ("texts", "images"):
+        raise ValueError(f"over={over!r}: the candidates are 'texts' (each image's) or 'images' (each text's).")
     dots = jnp.einsum("nd,md->nm", image_embeddings, text_embeddings, preferred_element_type=jnp.float32)
-    return _siglip_probability(dots, log_temperature, bias)
+    return _probability(dots, log_temperature, bias, loss, axis=-1 if over == "texts" else 0)
