@@ -13,7 +13,7 @@ LAYERS = {
     "config": 0, "sharding": 0, "distributed": 0, "metrics": 0, "preemption": 0,
     "data": 1,
     "models": 2,
-    "losses": 3,
+    "losses": 3, "losses_blockwise": 3,
     "optim": 4, "train_step": 4,
     "checkpoint": 5, "embedder": 5, "evaluation": 5, "export": 5, "loading": 5, "inference": 5,
     "search": 5, "serving": 5, "evaluation_cli": 5,
