@@ -105,6 +105,9 @@ def read_shard(path: str, skip: int = 0) -> Iterator[dict]:
                     key, parts = member_key, {}
                 if index >= skip:  # skipped samples are passed over without reading their bytes
                     parts[extension] = archive.extractfile(info).read()
+            if archive.fileobj.tell() == archive.offset:
+                # tarfile ends quietly at a missing header; a complete tar ends with a zero block instead
+                raise tarfile.ReadError("no end-of-archive block: the file was cut short")
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         logger.warning("Shard %s is truncated or unreadable after %d samples (%s: %s); going on with the next.",
                        path, index, type(error).__name__, error)
