@@ -199,3 +199,49 @@ def test_changed_process_count_starts_the_next_epoch_everywhere(shard_dir):
     assert len(seen) == len(set(seen)) == 60, "the three processes read disjoint shards of epoch 1, all of it"
     with pytest.raises(ValueError, match="num_workers"):
         streaming.redistribute_stream_states({0: {"workers_state": {}}}, 2)
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+def _mixture(shard_dir, on_exhausted="restart", web_weight=0.9):
+    return make_source("mixture", on_exhausted=on_exhausted, sources={
+        "web": dict(kind="webdataset_stream", weight=web_weight, args=dict(shards=_pattern(shard_dir), shuffle_buffer=4)),
+        "curated": dict(kind="demo", weight=1 - web_weight, args=dict(split="train", size=30, image_size=16)),
+    })
+
+
+def test_mixture_shares_follow_the_weights(shard_dir):
+    iterator = iter(_mixture(shard_dir).stream(seed=0, process_index=0, process_count=1))
+    counts = collections.Counter(next(iterator)["source"] for _ in range(20_000))
+    assert abs(counts["web"] / 20_000 - 0.9) < 0.02 and abs(counts["curated"] / 20_000 - 0.1) < 0.02
+
+
+def test_mixture_position_restores_each_source(shard_dir):
+    stream = _mixture(shard_dir, web_weight=0.6).stream(seed=1, process_index=0, process_count=1)
+    reference = [(record["source"], record["id"]) for record in _take(iter(stream), 150)]
+    iterator = iter(stream)
+    _take(iterator, 77)
+    state = json.loads(json.dumps(iterator.get_state()))
+    assert set(state["sources"]) == {"web", "curated"} and state["count"] == 77
+    resumed = iter(stream)
+    resumed.set_state(state)
+    assert [(record["source"], record["id"]) for record in _take(resumed, 73)] == reference[77:]
+
+
+def test_mixture_restarts_or_ends_when_a_source_runs_out(shard_dir):
+    ended = iter(_mixture(shard_dir, on_exhausted="end", web_weight=0.5).stream(seed=0, process_index=0, process_count=1))
+    records = list(ended)  # the 30 demo records run out first, after about 60 examples
+    assert collections.Counter(record["source"] for record in records)["curated"] == 30
+    assert len(records) < 30 + NUM_SHARDS * PER_SHARD
+    restarted = iter(_mixture(shard_dir, web_weight=0.5).stream(seed=0, process_index=0, process_count=1))
+    curated = [record for record in _take(restarted, 400) if record["source"] == "curated"]
+    assert {record["epoch"] for record in curated} >= {0, 1, 2}
+    first_epoch = [record["id"] for record in curated if record["epoch"] == 0]
+    assert sorted(first_epoch) == sorted(set(first_epoch)) and len(first_epoch) == 30
+
+
+def test_mixture_config_errors(shard_dir):
+    with pytest.raises(ValueError, match="valid: restart, end"):
+        make_source("mixture", sources={"a": dict(kind="demo")}, on_exhausted="stop")
+    with pytest.raises(ValueError, match="weights must be positive"):
+        make_source("mixture", sources={"a": dict(kind="demo", weight=0, args=dict(split="train"))})

@@ -18,6 +18,7 @@ from siglip_jax.data.sources.captions import (CaptionFolderSource, CocoCaptionsS
 from siglip_jax.data.sources.shard_stream import WebDatasetStreamSource
 from siglip_jax.data.sources.webdataset import (WebDatasetSource, expand_shard_paths,
                                                 shard_paths_for)
+from siglip_jax.data.mixture import MixtureSource  # noqa: E402 -- needs shard_stream above
 
 SOURCES: dict[str, Callable] = {
     "demo": DemoSource,                     # split in train/eval, size, image_size, seed (generated)
@@ -27,6 +28,7 @@ SOURCES: dict[str, Callable] = {
     "coco2017": coco2017,                   # path, split in train/val
     "webdataset": WebDatasetSource,         # shards (path, glob, {000..009} range or list)
     "webdataset_stream": WebDatasetStreamSource,  # shards ({00000..09999} ranges, lists), shuffle_buffer, open_shards, resampled
+    "mixture": MixtureSource,               # sources {name: dict(kind, weight, args)}, on_exhausted restart/end
     "arrayrecord": ArrayRecordSource,       # paths (path, glob or list)
     "image_folder": ImageFolderSource,      # path (root/<class>/<image>), max_per_class; for classification
     "tfds": TfdsSource,                     # name, split, data_dir, image_key, caption_key, id_key

@@ -204,10 +204,14 @@ class ShardStreamIterator(grain.DatasetIterator):
         """Reads the block that starts at the saved position and permutes it."""
         state = self._state
         if state["slots"] is None:  # a fresh start: open the first shards
+            self._readers = None
             state["slots"] = [slot for slot in (self._next_shard(state["cursor"]) for _ in range(self._stream.open_shards)) if slot]
         slots = [list(slot) for slot in state["slots"]]
         cursor, turn = list(state["cursor"]), state["turn"]
-        readers = [self._open(slot) for slot in slots]
+        if self._readers is not None:  # the shards stay open from one block to the next
+            readers = self._readers
+        else:  # after set_state: reopen each shard and pass over the samples already read
+            readers = [self._open(slot) for slot in slots]
         block: list[dict] = []
         while len(block) < self._stream.shuffle_buffer and slots:
             turn %= len(slots)
@@ -225,6 +229,7 @@ class ShardStreamIterator(grain.DatasetIterator):
         rng = np.random.default_rng([self._stream.seed, *self._stream.slot, state["block"]])
         self._block = [block[i] for i in rng.permutation(len(block))]
         self._after_block = {"cursor": cursor, "slots": slots, "turn": turn, "block": state["block"] + 1, "taken": 0}
+        self._readers = readers
 
     def __next__(self) -> dict:
         if self._block is None:
@@ -232,7 +237,7 @@ class ShardStreamIterator(grain.DatasetIterator):
         if self._state["taken"] >= len(self._block):
             if not self._block:
                 raise StopIteration
-            self._state = {"kind": STATE_KIND, **self._after_block}
+            self._state = json.loads(json.dumps({"kind": STATE_KIND, **self._after_block}))
             self._fill()
             if not self._block:
                 raise StopIteration
@@ -248,8 +253,8 @@ class ShardStreamIterator(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("kind") != STATE_KIND:
             raise ValueError(f"Not a shard stream position: {state!r}. Was the checkpoint made with another data.train?")
-        self._state = {key: state[key] for key in ("kind", "cursor", "slots", "turn", "block", "taken")}
-        self._block = None
+        self._state = json.loads(json.dumps({key: state[key] for key in ("kind", "cursor", "slots", "turn", "block", "taken")}))
+        self._block, self._readers = None, None
 
 
 def fresh_state(epoch: int) -> dict[str, Any]:
