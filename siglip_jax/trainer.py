@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from siglip_jax import config as config_lib
 from siglip_jax import metrics as metrics_lib
-from siglip_jax import checkpoint, optim, preemption, sharding
+from siglip_jax import checkpoint, optim, preemption, sharding, storage
 from siglip_jax.data import pipeline, sources, tokenizers
 from siglip_jax.evaluation import runner
 from siglip_jax.models import flops, two_towers
@@ -153,7 +153,8 @@ def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains per `config`, writing metrics to `workdir`; returns the last logged metrics."""
     config = config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)  # a local directory or a bucket prefix
+    storage.check_writable(workdir)
     is_lead = jax.process_index() == 0
 
     # ---- Mesh ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import grain
 import numpy as np
 from etils import epath
 
+from siglip_jax import storage
 from siglip_jax.data.sources.webdataset import IMAGE_EXTENSIONS, _expand_braces, _split_key
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def expand_patterns(shards: str | Sequence[str]) -> list[str]:
                 paths.append(name)
     if not paths:
         raise ValueError(f"No shards given ({shards!r}); pass a pattern like 'dir/{{00000..00099}}.tar' or a list.")
-    if not epath.Path(paths[0]).exists():
+    if not storage.with_retries(epath.Path(paths[0]).exists, f"Looking up the first shard {paths[0]}"):
         raise FileNotFoundError(
             f"The first shard {paths[0]!r} of {shards!r} does not exist ({len(paths)} names from the pattern). "
             "Check the path, the brace range and, for gs:// or s3://, the bucket name and credentials."
@@ -92,7 +93,8 @@ def read_shard(path: str, skip: int = 0) -> Iterator[dict]:
     unreadable shard ends early with a warning; the samples read before stay valid."""
     key, parts, index = None, {}, 0
     try:
-        with epath.Path(path).open("rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+        opened = storage.with_retries(lambda: epath.Path(path).open("rb"), f"Opening shard {path}")
+        with opened as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
             for info in archive:
                 if not info.isfile():
                     continue
