@@ -17,7 +17,7 @@ from siglip_jax import metrics, storage
 from siglip_jax.data.sources import make_source
 from tests import test_resume
 from tests.remote_servers import storage_servers  # noqa: F401 -- a fixture
-from tests.test_streaming import NUM_SHARDS, PER_SHARD, _shard_members, _take, _write_tar
+from tests.test_streaming import NUM_SHARDS, _jpeg, PER_SHARD, _shard_members, _take, _write_tar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,11 +109,17 @@ def test_train_kill_rerun_eval_export_in_a_bucket(storage_servers, tmp_path):  #
     assert "Resumed from step" in open(log).read()
     assert np.isfinite(resumed[test_resume.TOTAL_STEPS]["loss"])
     environment = dict(os.environ, **storage_servers["env"], JAX_PLATFORMS="cpu")
-    evaluated = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}"], cwd=REPO, env=environment,
-                               capture_output=True, text=True, timeout=300)
-    exported = subprocess.run([sys.executable, "export.py", f"--workdir={workdir}", f"--output={workdir}/export"],
-                              cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(_jpeg(5))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"image": str(image), "text": "photo 5 of set 0"}) + "\n")
+    evaluated = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", f"--pairs={pairs}", f"--output={workdir}/eval.json"],
+                               cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    exported = subprocess.run([sys.executable, "export.py", f"--workdir={workdir}", "--format=params",
+                               f"--output={workdir}/export/model.msgpack"], cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    assert "pairs" in json.loads((storage.path(workdir) / "eval.json").read_text()) or (storage.path(workdir) / "eval.json").exists()
+    assert (storage.path(workdir) / "export" / "model.msgpack").exists()
     for scheme in ("gs:", "s3:"):
         assert not os.path.exists(os.path.join(REPO, scheme))
