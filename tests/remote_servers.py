@@ -33,7 +33,7 @@ def _serve(command, port, log_path):
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 process.wait()
-                pytest.skip(f"{command[0]} did not start on port {port}; see {log_path}")
+                raise RuntimeError(f"{command[0]} did not start on port {port} within {START_TIMEOUT_S} s; see {log_path}")
             time.sleep(0.2)
 
 
@@ -50,36 +50,52 @@ def _stop(process, log):
 def _tool(name):
     found = shutil.which(name) or os.path.join(os.path.dirname(sys.executable), name)
     if not os.path.exists(found):
-        pytest.skip(f"{name} is not installed (pip install -r requirements-test.txt)")
+        raise RuntimeError(f"{name} is not installed (pip install -r requirements-test.txt)")
     return found
 
 
-@pytest.fixture(scope="session")
-def storage_servers(tmp_path_factory):
-    """{"env": variables for clients (also for subprocesses), "gs": bucket URL, "s3": bucket URL}."""
-    directory = tmp_path_factory.mktemp("servers")
+def start_servers(directory):
+    """Starts both servers; returns (client environment, gs:// bucket, s3:// bucket, stop())."""
     gcs_port, s3_port = _free_port(), _free_port()
     gcs = _serve([_tool("gcp-storage-emulator"), "start", "-H", "127.0.0.1", "--port", str(gcs_port),
-                  "--default-bucket", GCS_BUCKET, "--in-memory", "-q"], gcs_port, str(directory / "gcs.log"))
-    s3 = _serve([_tool("moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], s3_port, str(directory / "s3.log"))
+                  "--default-bucket", GCS_BUCKET, "--in-memory", "-q"], gcs_port, os.path.join(directory, "gcs.log"))
+    try:
+        s3 = _serve([_tool("moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], s3_port, os.path.join(directory, "s3.log"))
+    except RuntimeError:
+        _stop(*gcs)
+        raise
     env = {
         "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gcs_port}",  # gcsfs
         "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{gcs_port}",  # tensorstore (Orbax's arrays)
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",  # s3fs (botocore) and tensorstore
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
     }
+
+    def stop():
+        _stop(*gcs)
+        _stop(*s3)
+
+    return env, f"gs://{GCS_BUCKET}", f"s3://{S3_BUCKET}", stop
+
+
+@pytest.fixture(scope="session")
+def storage_servers(tmp_path_factory):
+    """{"env": variables for clients (also for subprocesses), "gs": bucket URL, "s3": bucket URL}."""
+    try:
+        env, gs_bucket, s3_bucket, stop = start_servers(str(tmp_path_factory.mktemp("servers")))
+    except RuntimeError as error:
+        pytest.skip(str(error))
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
         import fsspec
 
         fsspec.filesystem("s3", skip_instance_cache=True).mkdir(S3_BUCKET)
-        yield {"env": env, "gs": f"gs://{GCS_BUCKET}", "s3": f"s3://{S3_BUCKET}"}
+        yield {"env": env, "gs": gs_bucket, "s3": s3_bucket}
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        _stop(gcs[0], gcs[1])
-        _stop(s3[0], s3[1])
+        stop()
