@@ -13,6 +13,7 @@ import zlib
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from siglip_jax import metrics as metrics_lib
 
@@ -30,6 +31,7 @@ class StepInfo:
     local_batch: dict[str, Any]  # this process's rows of the batch, as numpy
     is_last: bool
     num_skipped: int = 0  # records this process's input replaced (unreadable) so far in this run
+    epochs: Any = None  # streamed sources: the epoch each example of the local batch is from
     logged: dict[str, float] = dataclasses.field(default_factory=dict)  # what the due hooks returned so far
 
 
@@ -89,6 +91,8 @@ class Log(Hook):
         logged.update(self.throughput.measure(info.step))
         logged["data/num_skipped"] = float(info.num_skipped)  # records this process replaced in this run
         logged["nonfinite_skipped_total"] = float(self.nonfinite.total)
+        if info.epochs is not None:
+            logged["data/epoch"] = float(np.max(info.epochs))
         if self.batch_checksums:  # exact in a float: CRC32 < 2**53
             batch = info.local_batch
             logged["data/batch_crc32"] = float(zlib.crc32(batch["images"].tobytes() + batch["tokens"].tobytes()))

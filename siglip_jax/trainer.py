@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from siglip_jax import config as config_lib
-from siglip_jax import checkpoint, hooks, loading, preemption, sharding
+from siglip_jax import checkpoint, hooks, loading, preemption, sharding, storage
 from siglip_jax import metrics as metrics_lib
 from siglip_jax.data import pipeline
 from siglip_jax.data.from_config import build_source, build_tokenizer
@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains per `config`, writing metrics to `workdir`; returns the last logged metrics."""
     config = config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)  # a local directory or a bucket prefix
+    storage.check_writable(workdir)
     is_lead = jax.process_index() == 0
 
     # ---- Mesh, model, optimizer, state and the one jitted step -------------------------------------
@@ -121,12 +122,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             local_batch = next(batches)
             throughput.add_data_wait(time.perf_counter() - wait_start)
             num_skipped += int(np.sum(local_batch.pop("num_skipped")))
+            epochs = local_batch.pop("epoch", None)  # streamed sources say which epoch each example is from
             batch = sharding.host_local_to_global(local_batch, training.batch_sharding)
             for hook in loop_hooks:
                 hook.before_step(step)
             with jax.set_mesh(mesh):
                 state, step_metrics = training.step(state, batch)
-            info = hooks.StepInfo(step, state, step_metrics, local_batch, step == config.total_steps, num_skipped)
+            info = hooks.StepInfo(step, state, step_metrics, local_batch, step == config.total_steps, num_skipped, epochs)
             hooks.run_hooks(loop_hooks, info)
             if preempted.stop_requested:
                 break
