@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import time
@@ -10,6 +12,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 import tqdm
+
+logger = logging.getLogger(__name__)
 
 # Terminal columns: metric key -> (label, format).
 CONSOLE_COLUMNS = {
@@ -37,6 +41,28 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {key: float(np.asarray(value)) for key, value in host.items()}
 
 
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A line that is not JSON (the last one torn by a kill mid-write) is
+    dropped with a warning naming the file and line, so a resume or a plot never fails on it; metrics
+    that were NaN or Inf read back as None (see JsonlWriter)."""
+    records = []
+    with open(path) as stream:
+        for line_number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("Dropped line %d of %s: not JSON (a write cut short?): %r", line_number, path, line[:80])
+    return records
+
+
+def _strict_json(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN and Inf -> None: the literals json writes for them are not JSON, and other tools refuse them."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in metrics.items()}
+
+
 class JsonlWriter:
     """Appends one JSON object per call: {"step": N, **metrics}. Appending keeps earlier runs' lines."""
 
@@ -44,17 +70,19 @@ class JsonlWriter:
         """`keep_through_step`: drop existing lines of later steps (a resumed run writes them again)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        if keep_through_step is not None and os.path.exists(path):
+        if os.path.exists(path):
             with open(path) as stream:
                 lines = [line for line in stream if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= keep_through_step]
-            if len(kept) != len(lines):
+            records = read_jsonl(path)  # a torn line is left out (and named)
+            if keep_through_step is not None:
+                records = [record for record in records if record.get("step", 0) <= keep_through_step]
+            if len(records) != len(lines) or (lines and not lines[-1].endswith("\n")):
                 with open(path, "w") as stream:
-                    stream.writelines(kept)
+                    stream.writelines(json.dumps(_strict_json(record), allow_nan=False) + "\n" for record in records)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         with open(self.path, "a") as stream:
-            stream.write(json.dumps({"step": step, **metrics}) + "\n")
+            stream.write(json.dumps(_strict_json({"step": step, **metrics}), allow_nan=False) + "\n")
 
     def close(self) -> None:
         pass
