@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 from typing import Any, Mapping, Sequence
@@ -45,15 +44,16 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl. A line that is not JSON (the last one torn by a kill mid-write) is
     dropped with a warning naming the file and line, so a resume or a plot never fails on it; metrics
     that were NaN or Inf read back as None (see JsonlWriter)."""
+    from siglip_jax import storage  # local or gs:// / s3:// alike
+
     records = []
-    with open(path) as stream:
-        for line_number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning("Dropped line %d of %s: not JSON (a write cut short?): %r", line_number, path, line[:80])
+    for line_number, line in enumerate(storage.path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("Dropped line %d of %s: not JSON (a write cut short?): %r", line_number, path, line[:80])
     return records
 
 
@@ -68,21 +68,22 @@ class JsonlWriter:
 
     def __init__(self, path: str, keep_through_step: int | None = None):
         """`keep_through_step`: drop existing lines of later steps (a resumed run writes them again)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
-        if os.path.exists(path):
-            with open(path) as stream:
-                lines = [line for line in stream if line.strip()]
-            records = read_jsonl(path)  # a torn line is left out (and named)
+        from siglip_jax import storage  # local or gs:// / s3:// alike
+
+        self.path = storage.path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            records = read_jsonl(self.path)  # a torn line is left out (and named)
             if keep_through_step is not None:
                 records = [record for record in records if record.get("step", 0) <= keep_through_step]
-            if len(records) != len(lines) or (lines and not lines[-1].endswith("\n")):
-                with open(path, "w") as stream:
-                    stream.writelines(json.dumps(_strict_json(record), allow_nan=False) + "\n" for record in records)
+            if len(records) != len(lines) or (lines and not self.path.read_text().endswith("\n")):
+                self.path.write_text("".join(json.dumps(_strict_json(record), allow_nan=False) + "\n" for record in records))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        with open(self.path, "a") as stream:
-            stream.write(json.dumps(_strict_json({"step": step, **metrics}), allow_nan=False) + "\n")
+        from siglip_jax import storage
+
+        storage.append_text(self.path, json.dumps(_strict_json({"step": step, **metrics}), allow_nan=False) + "\n")
 
     def close(self) -> None:
         pass

@@ -59,13 +59,16 @@ def set_aside_old_metrics(path: str) -> str | None:
     """A run starting at step 0 beside an earlier run's non-empty metrics file (its checkpoints emptied or
     never written) moves that file to path.1 (or .2, ...) with a warning, rather than dropping its lines.
     Returns where it went."""
-    if not os.path.exists(path) or not os.path.getsize(path):
+    from siglip_jax import storage  # local or gs:// / s3:// alike
+
+    file = storage.path(path)
+    if not file.exists() or not file.read_text().strip():
         return None
     number = 1
-    while os.path.exists(f"{path}.{number}"):
+    while storage.path(f"{path}.{number}").exists():
         number += 1
     target = f"{path}.{number}"
-    os.replace(path, target)
+    file.rename(storage.path(target))
     logger.warning("No checkpoint to resume from, but %s holds an earlier run's metrics: this run restarts from "
                    "step 0, and the old metrics were moved to %s.", path, target)
     return target
