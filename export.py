@@ -22,6 +22,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output directory (hf, stablehlo) 
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16 (hf also float16).")
 _PLATFORMS = flags.DEFINE_list("platforms", None, "stablehlo: platforms to lower for, e.g. cpu,cuda,tpu "
                                "(default: the one JAX runs on).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Write into a non-empty --output directory (or over an existing "
+                                "params file), replacing files of the same names.")
 flags.mark_flags_as_required(["format", "output"])
 
 
@@ -34,7 +36,7 @@ def main(argv):
         raise app.UsageError(str(error)) from error
     exported = loading.load_model(source, step=step)
     exported = dataclasses.replace(exported, config=loading.with_overrides(exported.config, _CONFIG.value))
-    formats.export_model(exported, _FORMAT.value, _OUTPUT.value, _DTYPE.value, _PLATFORMS.value)
+    formats.export_model(exported, _FORMAT.value, _OUTPUT.value, _DTYPE.value, _PLATFORMS.value, _OVERWRITE.value)
     print(f"wrote {_FORMAT.value} export to {_OUTPUT.value}")
 
 

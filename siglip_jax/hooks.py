@@ -79,15 +79,18 @@ class Log(Hook):
     and on the last. Reading the metrics is the loop's only regular sync with the device."""
 
     def __init__(self, every_steps: int, first_step: int, throughput: metrics_lib.Throughput,
-                 nonfinite: "NonFiniteGuard", batch_checksums: bool):
+                 nonfinite: "NonFiniteGuard", batch_checksums: bool, loss_watch: Any = None):
         self.every_steps, self.first_step = every_steps, first_step
         self.throughput, self.nonfinite, self.batch_checksums = throughput, nonfinite, batch_checksums
+        self.loss_watch = loss_watch  # safeguards.LossWatch: warns when the loss climbs far above its start
 
     def due(self, step: int, is_last: bool) -> bool:
         return super().due(step, is_last) or step == self.first_step + 1
 
     def run(self, info: StepInfo) -> dict[str, float]:
         logged = metrics_lib.to_python(info.metrics)  # syncs with the device
+        if self.loss_watch is not None:
+            logged.update(self.loss_watch.check(info.step, logged))
         logged.update(self.throughput.measure(info.step))
         logged["data/num_skipped"] = float(info.num_skipped)  # records this process replaced in this run
         logged["nonfinite_skipped_total"] = float(self.nonfinite.total)
@@ -100,7 +103,7 @@ class Log(Hook):
 
 
 class NonFiniteGuard(Hook):
-    """Counts steps whose loss or gradient was not finite (the step skipped the update) and stops the run
+    """Counts steps whose loss, gradient or update was not finite (the step skipped the update) and stops the run
     after `max_in_a_row` in a row. Reads each step's flag only after the next step is dispatched, so the
     check never leaves the accelerator idle."""
 
@@ -122,6 +125,10 @@ class NonFiniteGuard(Hook):
         self.check_held()
         self._held = (step, step_metrics["nonfinite"])
 
+    def held_step_finite(self) -> bool:
+        """Whether the step just held (not yet counted) had a finite loss, gradient and update; waits for it."""
+        return self._held is None or not int(self._held[1])
+
     def check_held(self) -> None:
         if self._held is None:
             return
@@ -132,12 +139,14 @@ class NonFiniteGuard(Hook):
             return
         self.total += 1
         self.in_a_row += 1
-        logger.warning("Step %d had a non-finite loss or gradient; its update was skipped (%d in a row).", step, self.in_a_row)
+        logger.warning("Step %d had a non-finite loss, gradient or update; it was skipped (%d in a row).", step, self.in_a_row)
         if self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
+            # Steps inside the streak are never saved (see held_step_finite), so the latest is from before it.
             latest = self.checkpointer.latest_step()
-            where = f"step {latest} in {self.checkpointer.root}" if latest is not None else "none saved yet"
+            where = (f"step {latest} in {self.checkpointer.root} (saved before the streak began at step "
+                     f"{step - self.in_a_row + 1})" if latest is not None else "none saved yet")
             raise FloatingPointError(
-                f"{self.in_a_row} steps in a row had a NaN or Inf loss or gradient, the last at step {step}. "
+                f"{self.in_a_row} steps in a row had a NaN or Inf loss, gradient or update, the last at step {step}. "
                 f"Last good checkpoint: {where}. Lower optim.learning_rate, check the data, or raise "
                 "max_nonfinite_steps."
             )
@@ -199,12 +208,12 @@ class Progress(Hook):
 
 
 class Preemption(Hook):
-    """On SIGTERM (see preemption.py), checked every step but the last: saves the state and asks the loop
-    to stop, so a rerun of the same command continues."""
+    """On SIGTERM (see preemption.py), checked every step but the last: saves the state (`save` returns
+    whether it did: a non-finite step is not saved) and asks the loop to stop, so a rerun continues."""
 
     at_end = False
 
-    def __init__(self, watch: Any, save: Callable[[int, Any], None]):
+    def __init__(self, watch: Any, save: Callable[[int, Any], bool]):
         self.watch, self.save = watch, save
         self.stop_requested = False
 
@@ -213,8 +222,9 @@ class Preemption(Hook):
 
     def run(self, info: StepInfo) -> dict[str, float]:
         if self.watch.should_stop(info.step):
-            self.save(info.step, info.state)
-            logger.warning("Preempted: saved step %d; rerun the same command to continue.", info.step)
+            saved = self.save(info.step, info.state)
+            logger.warning("Preempted: %s; rerun the same command to continue.",
+                           f"saved step {info.step}" if saved else f"step {info.step} was not finite, so not saved")
             self.stop_requested = True
         return {}
 

@@ -109,10 +109,7 @@ def source_from_flags(workdir: str | None, checkpoint_arg: str | None) -> tuple[
     """(source, step) for load_model from the CLIs' --workdir / --checkpoint flags: a workdir with
     an optional step, or a path alone."""
     if workdir:
-        if checkpoint_arg and not checkpoint_arg.isdigit():
-            raise ValueError(f"With --workdir, --checkpoint is a step number; got {checkpoint_arg!r}. "
-                             "To load a file, pass --checkpoint PATH without --workdir.")
-        return workdir, int(checkpoint_arg) if checkpoint_arg else None
+        return workdir, checkpoint.parse_step(checkpoint_arg)
     if checkpoint_arg:
         if not os.path.exists(checkpoint_arg):
             raise FileNotFoundError(f"--checkpoint {checkpoint_arg!r} does not exist; pass a workdir, an exported "

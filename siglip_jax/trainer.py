@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from siglip_jax import config as config_lib
-from siglip_jax import checkpoint, hooks, loading, preemption, sharding, storage
+from siglip_jax import checkpoint, hooks, loading, preemption, safeguards, sharding, storage
 from siglip_jax import metrics as metrics_lib
 from siglip_jax.data import pipeline
 from siglip_jax.data.from_config import build_source, build_tokenizer
@@ -59,6 +59,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # ---- Checkpoints: continue where the last run in this workdir stopped (see checkpoint.py) ------
     if resuming:
         state, restored_step = checkpointer.restore(training.abstract_state, batches, config)
+        safeguards.check_restored_params(state.params, restored_step, checkpointer.root)
+        safeguards.check_total_steps(restored_step, config.total_steps, checkpointer.root)
         logger.warning("Resumed from step %d of %s.", restored_step, checkpointer.root)
     elif config.init_from:
         state = training.state.replace(
@@ -72,6 +74,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     console = metrics_lib.ConsoleWriter(config.total_steps, first_step, enabled=is_lead)
     writers = [console]
     if is_lead:
+        if first_step == 0:  # nothing restored: an earlier run's metrics are moved aside, not dropped
+            safeguards.set_aside_old_metrics(os.path.join(workdir, "metrics.jsonl"))
         # A resumed run rewrites the steps after its checkpoint, so drop the killed run's lines for them.
         writers.append(metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), keep_through_step=first_step))
         if config.tensorboard:
@@ -88,24 +92,34 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     evaluators = runner.build_evaluators(config, tokenizer, build_source)
 
     def evaluate(info: hooks.StepInfo) -> dict[str, float]:
-        results = runner.run_evaluators(evaluators, embedder, info.state.params)
+        # Non-finite embeddings are reported as a metric, not raised, so the checkpoint after it is still saved.
+        results = safeguards.run_evals(evaluators, embedder, info.state.params, info.step)
         throughput.reset(info.step)  # evaluation time is not training throughput
         return results
 
+    nonfinite = hooks.NonFiniteGuard(config.max_nonfinite_steps, checkpointer)
+
+    def save_if_finite(step: int, state) -> bool:
+        """Saves `step` unless it was non-finite (and skipped): every checkpoint is then a good one."""
+        if not nonfinite.held_step_finite():
+            logger.warning("Not saving step %d: it was non-finite and skipped; the latest checkpoint stays step %s.",
+                           step, checkpointer.latest_step())
+            return False
+        checkpointer.save(step, state, batches, config)  # asynchronous: returns once off the devices
+        return True
+
     def save_checkpoint(info: hooks.StepInfo) -> dict[str, float]:
-        checkpointer.save(info.step, info.state, batches, config)  # asynchronous: returns once off the devices
+        save_if_finite(info.step, info.state)
         throughput.reset(info.step)
         return {}
 
-    nonfinite = hooks.NonFiniteGuard(config.max_nonfinite_steps, checkpointer)
     write = hooks.Write(metrics_lib.MultiWriter(writers))
-    preempted = hooks.Preemption(
-        preemption.PreemptionWatch(), lambda step, state: checkpointer.save(step, state, batches, config)
-    )
+    preempted = hooks.Preemption(preemption.PreemptionWatch(), save_if_finite)
     loop_hooks = [
         hooks.ProfileWindow(os.path.join(workdir, "profile"), *config.profile_steps),
         nonfinite,
-        hooks.Log(config.log_every_steps, first_step, throughput, nonfinite, config.log_batch_checksums),
+        hooks.Log(config.log_every_steps, first_step, throughput, nonfinite, config.log_batch_checksums,
+                  safeguards.LossWatch(config.loss_rise_factor)),
         *([hooks.Periodic(config.eval_every_steps, evaluate)] if evaluators else []),
         hooks.Periodic(config.checkpoint_every_steps, save_checkpoint),
         write,
