@@ -1,7 +1,6 @@
 """Divergence and damaged runs (issue 19): the step skips updates that make parameters non-finite, only finite
 steps are saved (and named "last good"), a rising loss is warned about and logged, evals report non-finite
 embeddings instead of raising, and restarts/resumes that would silently do the wrong thing say so."""
-import functools
 import json
 import logging
 import os
@@ -11,11 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax import optim, safeguards, sharding, trainer
+from siglip_jax import hooks, safeguards, sharding, trainer
+from siglip_jax.data import from_config
 from siglip_jax.config import eval_config, source_config
 from siglip_jax.evaluation import runner
 from siglip_jax.models import two_towers
-from siglip_jax.train_step import create_train_state, train_step
+from siglip_jax.train_step import build_training
 from tests.helpers import tiny_config
 
 
@@ -23,22 +23,17 @@ from tests.helpers import tiny_config
 
 def test_step_whose_update_overflows_is_skipped_though_loss_and_gradient_are_finite():
     # SGD with a learning rate that is inf in float32: loss and gradient stay finite, the new parameters do not.
-    config = tiny_config(**{"optim.name": "sgd", "optim.learning_rate": 1e39, "optim.b1": 0.0})
+    config = tiny_config(**{"optim.name": "sgd", "optim.learning_rate": 1e39, "optim.b1": 0.0,
+                            "data.batch_size": 16, "total_steps": 4})
     mesh = sharding.create_mesh((1, 1, 1), ("data", "fsdp", "tensor"), jax.devices()[:1])
-    rules = sharding.rules_as_tuples(config.mesh.axis_rules)
-    model = two_towers.build_model(config.model)
-    optimizer = optim.build_optimizer(config.optim, config.total_steps)
-    state, _ = create_train_state(model, optimizer, image_size=16, text_length=12, mesh=mesh, axis_rules=rules,
-                                  rng=jax.random.key(0))
-    before = jax.device_get(state.params)
+    training = build_training(config, mesh)
+    before = jax.device_get(training.state.params)
     rng = np.random.default_rng(0)
-    batch = {"images": rng.integers(0, 256, (16, 16, 16, 3)).astype(np.uint8),
-             "tokens": rng.integers(3, 259, (16, 12)).astype(np.int32)}
-    step = jax.jit(functools.partial(
-        train_step, model=model, optimizer=optimizer, schedule=optim.learning_rate_schedule(config.optim, 4),
-        loss_config=config.loss, axis_rules=rules, mesh=mesh, batch_axes=sharding.batch_axes(mesh, rules)))
+    size, length = config.model.image.image_size, config.model.text.max_len
+    batch = jax.device_put({"images": rng.integers(0, 256, (16, size, size, 3)).astype(np.uint8),
+                            "tokens": rng.integers(3, 259, (16, length)).astype(np.int32)}, training.batch_sharding)
     with jax.set_mesh(mesh):
-        new_state, metrics = step(state, batch)
+        new_state, metrics = training.step(training.state, batch)
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
     assert int(metrics["nonfinite"]) == 1 and int(new_state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.params), before)
@@ -57,7 +52,7 @@ class _Checkpoints:
 
 
 def test_guard_says_whether_the_held_step_was_finite_and_names_the_checkpoint_before_the_streak():
-    guard = trainer.NonFiniteGuard(2, _Checkpoints(3))
+    guard = hooks.NonFiniteGuard(2, _Checkpoints(3))
     assert guard.held_step_finite()  # nothing held yet
     guard.check_previous_and_hold(4, {"nonfinite": np.int32(1)})
     assert not guard.held_step_finite() and guard.total == 0  # asking does not count it
@@ -96,7 +91,7 @@ def test_eval_of_nan_parameters_is_reported_not_raised(caplog):
     params = random_params(config)
     params["img"] = jax.tree.map(lambda leaf: np.full_like(leaf, np.nan), params["img"])
     embedder = runner.Embedder(model, mesh, rules, 8)
-    evaluators = runner.build_evaluators(config, trainer.build_tokenizer(config), trainer.build_source)
+    evaluators = runner.build_evaluators(config, from_config.build_tokenizer(config), from_config.build_source)
     with caplog.at_level(logging.WARNING):
         results = safeguards.run_evals(evaluators, embedder, params, step=12)
     assert results == {"shapes/nonfinite_embeddings": 1.0}

@@ -17,7 +17,7 @@ LAYERS = {
     "optim": 4, "train_step": 4,
     "checkpoint": 5, "embedder": 5, "evaluation": 5, "export": 5, "loading": 5, "inference": 5,
     "search": 5, "serving": 5, "evaluation_cli": 5,
-    "hooks": 6, "trainer": 6,
+    "hooks": 6, "safeguards": 6, "trainer": 6,
 }
 CONSUMERS = 5
 
