@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from siglip_jax import config as config_lib
 from siglip_jax import metrics as metrics_lib
+from siglip_jax import workdir as workdir_lib
 from siglip_jax import checkpoint, optim, preemption, sharding
 from siglip_jax.data import pipeline, sources, tokenizers
 from siglip_jax.evaluation import runner
@@ -153,7 +154,7 @@ def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains per `config`, writing metrics to `workdir`; returns the last logged metrics."""
     config = config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.prepare(workdir)  # creates and locks it (see workdir.py)
     is_lead = jax.process_index() == 0
 
     # ---- Mesh ------------------------------------------------------------------------------------

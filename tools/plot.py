@@ -9,6 +9,12 @@ import argparse
 import json
 import math
 import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from siglip_jax import cli  # noqa: E402
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -67,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
