@@ -17,7 +17,7 @@ from siglip_jax import checkpoint
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "tests", "resume_recipe.py")
 NUM_KILLS = 20
-TOTAL_STEPS = 40
+TOTAL_STEPS = 80
 OVERRIDES = [f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=2",
              "--config.tensorboard=False"]
 RUN_TIMEOUT_S = 600
@@ -95,7 +95,8 @@ def test_twenty_sigkills_then_the_same_losses_as_uninterrupted(tmp_path):
             done = max(_metrics_by_step(workdir), default=0) if _mtime_ns(workdir) != before else 0
             if during_save and done > resumed_from and _saving(workdir):
                 break
-            if not during_save and done >= resumed_from + steps_ahead:
+            # A kill only after this run completed a new checkpoint (then 1-3 more steps), so the run advances.
+            if not during_save and max(_complete_steps(workdir), default=0) > resumed_from and done >= max(_complete_steps(workdir)) + steps_ahead:
                 time.sleep(rng.uniform(0, 0.3))
                 break
             time.sleep(0.002)
