@@ -70,6 +70,21 @@ def _wait(process, timeout=RUN_TIMEOUT_S):
         pytest.fail("train.py did not finish in time")
 
 
+def _wait_for_kill_moment(process, workdir, kill, resumed_from, before, during_save, steps_ahead, rng, deadline):
+    while True:
+        assert process.poll() is None, f"kill {kill}: train.py exited ({process.returncode}) before its kill"
+        assert time.monotonic() < deadline, f"kill {kill}: no progress; see {workdir}.log"
+        # Until this run first writes metrics.jsonl, the lines in it are the killed run's.
+        done = max(_metrics_by_step(workdir), default=0) if _mtime_ns(workdir) != before else 0
+        if during_save and done > resumed_from and _saving(workdir):
+            break
+        # A kill only after this run completed a new checkpoint (then 1-3 more steps), so the run advances.
+        if not during_save and max(_complete_steps(workdir), default=0) > resumed_from and done >= max(_complete_steps(workdir)) + steps_ahead:
+            time.sleep(rng.uniform(0, 0.3))
+            break
+        time.sleep(0.002)
+
+
 @pytest.mark.slow
 def test_twenty_sigkills_then_the_same_losses_as_uninterrupted(tmp_path):
     cache_dir = str(tmp_path / "jax_cache")
@@ -88,22 +103,13 @@ def test_twenty_sigkills_then_the_same_losses_as_uninterrupted(tmp_path):
         during_save = rng.random() < 0.3
         steps_ahead = rng.randint(1, 3)
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"kill {kill}: train.py exited ({process.returncode}) before its kill"
-            assert time.monotonic() < deadline, f"kill {kill}: no progress; see {workdir}.log"
-            # Until this run first writes metrics.jsonl, the lines in it are the killed run's.
-            done = max(_metrics_by_step(workdir), default=0) if _mtime_ns(workdir) != before else 0
-            if during_save and done > resumed_from and _saving(workdir):
-                break
-            # A kill only after this run completed a new checkpoint (then 1-3 more steps), so the run advances.
-            if not during_save and max(_complete_steps(workdir), default=0) > resumed_from and done >= max(_complete_steps(workdir)) + steps_ahead:
-                time.sleep(rng.uniform(0, 0.3))
-                break
-            time.sleep(0.002)
-        complete_before = _complete_steps(workdir)
-        saving_at_kill = _saving(workdir)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        try:
+            _wait_for_kill_moment(process, workdir, kill, resumed_from, before, during_save, steps_ahead, rng, deadline)
+        finally:  # also when an assertion fails: never leave a child training
+            complete_before = _complete_steps(workdir)
+            saving_at_kill = _saving(workdir)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         kills_during_save += saving_at_kill
         # Nothing complete before the kill is lost: at worst the steps since the last complete save.
         assert max(_complete_steps(workdir), default=0) >= max(complete_before, default=0)
