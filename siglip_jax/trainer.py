@@ -154,7 +154,7 @@ def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains per `config`, writing metrics to `workdir`; returns the last logged metrics."""
     config = config_lib.validate(config)
-    workdir_lib.prepare(workdir)  # creates and locks it (see workdir.py)
+    workdir_lib.prepare(workdir)  # creates it (a local directory or a bucket prefix), checks and locks it
     is_lead = jax.process_index() == 0
 
     # ---- Mesh ------------------------------------------------------------------------------------
@@ -268,6 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             local_batch = next(batches)
             throughput.add_data_wait(time.perf_counter() - wait_start)
             num_skipped += int(np.sum(local_batch.pop("num_skipped")))
+            epochs = local_batch.pop("epoch", None)  # streamed sources say which epoch each example is from
             batch = sharding.host_local_to_global(local_batch, batch_sharding)
             profiler.before_step(step)
             with jax.set_mesh(mesh):
@@ -281,6 +282,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 logged.update(throughput.measure(step))
                 logged["data/num_skipped"] = float(num_skipped)  # records this process replaced in this run
                 logged["nonfinite_skipped_total"] = float(nonfinite.total)
+                if epochs is not None:
+                    logged["data/epoch"] = float(np.max(epochs))
                 if config.log_batch_checksums:  # exact in a float: CRC32 < 2**53
                     logged["data/batch_crc32"] = float(zlib.crc32(local_batch["images"].tobytes() + local_batch["tokens"].tobytes()))
             for hook in hooks:

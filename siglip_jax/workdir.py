@@ -20,6 +20,8 @@ from typing import Any
 import jax
 from etils import epath
 
+from siglip_jax import storage
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "train.lock"
@@ -28,11 +30,12 @@ LOCK_FILE = "train.lock"
 def prepare(workdir: str) -> epath.Path:
     """Creates `workdir` (refusing a file there) and, on process 0, takes its lock until this process
     exits; returns the workdir's path. Raises FileExistsError when another live run holds the lock."""
-    path = epath.Path(workdir)
+    path = storage.path(workdir)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"The workdir {workdir} is a file, not a directory: give a directory path as --workdir.")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        storage.check_writable(workdir)  # a bucket: fails here, with the fix, rather than late in the run
         if jax.process_index() == 0:
             _take_lock(path / LOCK_FILE)
     except PermissionError as error:
