@@ -8,10 +8,10 @@ SigLIP match probabilities for given image-text pairs.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from siglip_jax import evaluation_cli, metrics, storage
+from siglip_jax import cli, evaluation_cli, metrics, storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose `evals` to run (default: the checkpoint's own config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: evaluates its latest checkpoint.")
@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

@@ -9,7 +9,7 @@ import dataclasses
 from absl import app, flags
 from ml_collections import config_flags
 
-from siglip_jax import loading, metrics
+from siglip_jax import cli, loading, metrics
 from siglip_jax.export import formats
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe the workdir was trained with (workdir case).")
@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

@@ -2,10 +2,10 @@
 
 Multi-process runs (docs/multihost.md): on TPU pods, SLURM and Open MPI the processes find each other;
 elsewhere give every process --coordinator_address, --num_processes and its own --process_id."""
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from siglip_jax import distributed, metrics, trainer
+from siglip_jax import cli, distributed, metrics, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and logs.")
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

@@ -8,7 +8,9 @@ A workdir holds `checkpoints/<step>/` with three items:
 
 Orbax writes a step into a temporary directory and renames it when every item is complete, so a save
 killed midway leaves the previous checkpoint as the latest. A checkpoint that cannot be read anyway
-(a disk error, a deleted file) is skipped with a warning naming it and the one used instead.
+(a disk error, a deleted file) is skipped with a warning naming it and the one used instead, and moved
+aside to `checkpoints/broken/<step>.<time>` (kept for inspection, never deleted) so that the resumed
+run can save that step again.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import re
+import time
 from typing import Any, Iterable
 
 import grain
@@ -33,6 +36,7 @@ from siglip_jax.models.two_towers import param_shardings
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_SUBDIR = "checkpoints"
+BROKEN_SUBDIR = "broken"  # under checkpoints/: unreadable steps set aside (not a step number, so Orbax ignores it)
 STATE, DATA, CONFIG = "state", "data", "config"
 # A checkpoint made with a different value under these keys holds a different model: it is refused.
 MODEL_KEYS = ("model",)
@@ -134,6 +138,10 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep_checkpoints: int = 3, keep_every_steps: int = 0):
         self.root = checkpoint_root(workdir)
         self._manager = _manager(self.root, keep_checkpoints=keep_checkpoints, keep_every_steps=keep_every_steps)
+        # A step directory Orbax does not list (emptied, or its commit marker lost) would block saving that step.
+        listed = set(self._manager.all_steps())
+        self._set_aside([int(p.name) for p in epath.Path(self.root).iterdir() if p.name.isdigit() and int(p.name) not in listed],
+                        "it is not a complete checkpoint")
         self.last_saved_step: int | None = self._manager.latest_step()
 
     def __enter__(self) -> "Checkpointer":
@@ -175,6 +183,21 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
+    def _set_aside(self, steps: list[int], reason: str) -> None:
+        """Renames each step's directory to broken/<step>.<time> (process 0 only; all then see the result)."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            (epath.Path(self.root) / BROKEN_SUBDIR).mkdir(parents=True, exist_ok=True)
+            for step in sorted(steps):
+                target = epath.Path(self.root) / BROKEN_SUBDIR / f"{step}.{stamp}"
+                (epath.Path(self.root) / str(step)).rename(target)
+                logger.warning("Moved the checkpoint of step %d aside to %s (%s), so that step can be saved again.", step, target, reason)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("siglip_jax_set_aside_broken_checkpoints")
+        self._manager.reload()
+
     def read_config(self, step: int) -> dict[str, Any]:
         return self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
@@ -192,8 +215,9 @@ class Checkpointer:
         readable, raises NoCheckpointError listing why each failed.
         """
         current = config_as_json(config)
-        failures = []
+        failures, failed_steps = [], []
         for step in sorted(self._manager.all_steps(), reverse=True):
+            failed_steps.append(step)  # until it restores
             try:
                 saved = self.read_config(step)
             except Exception as error:  # noqa: BLE001 -- any read failure means: try the previous one
@@ -212,6 +236,7 @@ class Checkpointer:
                     "Could not read the newer checkpoint(s) (%s); resuming from the previous complete one, step %d.",
                     "; ".join(failures), step,
                 )
+                self._set_aside(failed_steps[:-1], "unreadable")
             other_changes = config_differences(saved, current)
             if other_changes:
                 logger.info("Resuming step %d with changed config keys: %s", step, "; ".join(other_changes))

@@ -2,6 +2,7 @@
 that name the bad key and the valid ones. Recipes in configs/ start from `default_config()`."""
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -164,15 +165,37 @@ def default_config() -> ml_collections.ConfigDict:
 FREE_FORM_KEYS = ("args", "evals")  # checked elsewhere: source arguments by the source, evals below
 
 
+def _unknown_key(full: str, valid: Any) -> ValueError:
+    key = full.rsplit(".", 1)[-1]
+    nearest = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.6)
+    near = f" Did you mean {' or '.join(repr(full[: len(full) - len(key)] + name) for name in nearest)}?" if nearest else ""
+    return ValueError(
+        f"Unknown config key {full!r}.{near} Valid keys at this level: {', '.join(sorted(valid))}. "
+        "Fix the key's spelling (recipe or --config.<key>=value)."
+    )
+
+
+def check_override_keys(names: list[str]) -> None:
+    """Refuses dotted override names (`optim.learning_rate` from `--config.optim.learning_rate=...`) that
+    are not keys of the schema, as validate() would, before config_flags applies them."""
+    for name in names:
+        node: Any = default_config()
+        parts = name.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part in FREE_FORM_KEYS:
+                break  # past a leaf (config_flags reports it) or into free-form keys (checked by their owner)
+            if part not in node:
+                raise _unknown_key(".".join(parts[: depth + 1]), node.keys())
+            node = node[part]
+
+
 def _check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, path: str) -> None:
     for key in config.keys():
         full = f"{path}{key}"
         if key in FREE_FORM_KEYS:
             continue
         if key not in reference:
-            raise ValueError(
-                f"Unknown config key {full!r}. Valid keys at this level: {', '.join(sorted(reference.keys()))}."
-            )
+            raise _unknown_key(full, reference.keys())
         value, expected = config[key], reference[key]
         if isinstance(expected, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from siglip_jax import inference
+from siglip_jax import cli, inference
 from siglip_jax.data import images as images_lib
 from siglip_jax.evaluation import retrieval
 
@@ -176,4 +176,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -18,6 +18,7 @@ from siglip_jax import metrics as metrics_lib
 from siglip_jax.data import pipeline
 from siglip_jax.data.from_config import build_source, build_tokenizer
 from siglip_jax.embedder import Embedder
+from siglip_jax import workdir as workdir_lib
 from siglip_jax.evaluation import runner
 from siglip_jax.models import flops
 from siglip_jax.train_step import build_training
@@ -28,8 +29,7 @@ logger = logging.getLogger(__name__)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains per `config`, writing metrics to `workdir`; returns the last logged metrics."""
     config = config_lib.validate(config)
-    storage.path(workdir).mkdir(parents=True, exist_ok=True)  # a local directory or a bucket prefix
-    storage.check_writable(workdir)
+    workdir_lib.prepare(workdir)  # creates it (a local directory or a bucket prefix), checks and locks it
     is_lead = jax.process_index() == 0
 
     # ---- Mesh, model, optimizer, state and the one jitted step -------------------------------------

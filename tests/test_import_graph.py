@@ -10,7 +10,8 @@ PACKAGE = os.path.join(os.path.dirname(__file__), "..", "siglip_jax")
 # Each module's layer, left to right. The consumers of a trained model (checkpoint, evaluation, export,
 # loading, inference, search, serving) read parameters and the model, never the training machinery.
 LAYERS = {
-    "config": 0, "sharding": 0, "distributed": 0, "metrics": 0, "preemption": 0, "storage": 0,
+    "config": 0, "sharding": 0, "distributed": 0, "metrics": 0, "preemption": 0, "storage": 0, "cli": 0,
+    "workdir": 0,
     "data": 1,
     "models": 2,
     "losses": 3, "losses_blockwise": 3,

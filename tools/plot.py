@@ -13,7 +13,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from siglip_jax import metrics  # noqa: E402
+from siglip_jax import cli, metrics  # noqa: E402
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -73,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
