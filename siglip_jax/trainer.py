@@ -153,6 +153,7 @@ def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains per `config`, writing metrics to `workdir`; returns the last logged metrics."""
     config = config_lib.validate(config)
+    storage.check_checkpoint_location(workdir)
     storage.path(workdir).mkdir(parents=True, exist_ok=True)  # a local directory or a bucket prefix
     storage.check_writable(workdir)
     is_lead = jax.process_index() == 0
@@ -265,7 +266,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     try:
         for step in range(first_step + 1, config.total_steps + 1):
             wait_start = time.perf_counter()
-            local_batch = next(batches)
+            try:
+                local_batch = next(batches)
+            except StopIteration:  # a mixture with on_exhausted="end" ran out of one of its sources
+                checkpointer.save(step - 1, state, batches, config)
+                logger.warning("The data ended before step %d (a mixture with on_exhausted=\"end\"): saved step %d, stopping.", step, step - 1)
+                break
             throughput.add_data_wait(time.perf_counter() - wait_start)
             num_skipped += int(np.sum(local_batch.pop("num_skipped")))
             epochs = local_batch.pop("epoch", None)  # streamed sources say which epoch each example is from
