@@ -30,7 +30,7 @@ from etils import epath
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from siglip_jax import config as config_lib
-from siglip_jax import sharding
+from siglip_jax import sharding, storage
 from siglip_jax.models.two_towers import param_shardings
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _manager(root: str, *, keep_checkpoints: int | None = None, keep_every_steps
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=True,
     )
-    return ocp.CheckpointManager(root, options=options)
+    return ocp.CheckpointManager(root, options=options, item_handlers=storage.checkpoint_item_handlers(root, arrays=STATE, grain_state=DATA, json_items=(CONFIG,)))
 
 
 def latest_step(workdir: str) -> int | None:

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import tqdm
 
+from siglip_jax import storage
+
 logger = logging.getLogger(__name__)
 
 # Terminal columns: metric key -> (label, format).
@@ -147,16 +149,19 @@ class TensorBoardWriter:
     def __init__(self, logdir: str):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(logdir)
+        self.mirror = storage.LocalMirror(logdir)  # tensorboardX writes local files only; a bucket gets copies
+        self.writer = SummaryWriter(self.mirror.local)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():
             # TensorBoard tags allow letters, digits and _.-/ only: "recall@5" -> "recall_at_5".
             self.writer.add_scalar(re.sub(r"[^A-Za-z0-9_.\-/]", "_", key.replace("@", "_at_")), value, step)
         self.writer.flush()
+        self.mirror.sync()
 
     def close(self) -> None:
         self.writer.close()
+        self.mirror.sync()
 
 
 class MultiWriter:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from typing import Callable, TypeVar
 
@@ -74,3 +75,52 @@ def check_writable(location: str | os.PathLike) -> None:
             "and that credentials are set (gs://: gcloud auth application-default login or "
             "GOOGLE_APPLICATION_CREDENTIALS; s3://: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)."
         ) from error
+
+
+def check_checkpoint_location(workdir: str | os.PathLike) -> None:
+    """Refuses, at start-up, a workdir where checkpoints cannot be written: Orbax (0.12) takes local
+    paths and gs:// but not s3:// (data shards and metrics do work from s3://)."""
+    if os.fspath(workdir).startswith("s3://"):
+        raise ValueError(
+            f"--workdir={os.fspath(workdir)}: checkpoints cannot be written to s3:// (Orbax does not support it). "
+            "Use a gs:// or a local workdir (an S3 bucket mounted with s3fs-fuse or mountpoint-s3 is local); "
+            "shards may still be read from s3://."
+        )
+
+
+def checkpoint_item_handlers(root: str, *, arrays: str, grain_state: str, json_items: tuple[str, ...]) -> dict | None:
+    """Orbax handlers for a checkpoint root: None (Orbax's defaults, OCDBT) for a local one; in a bucket,
+    arrays are written without OCDBT. OCDBT reads its manifest back with the object's generation, which
+    GCS emulators (gcp-storage-emulator) leave out of media downloads, and a flat layout of one object
+    per chunk is what plain object stores handle best anyway."""
+    if not is_remote(root):
+        return None
+    import grain.checkpoint
+    import orbax.checkpoint as ocp
+
+    handlers = {arrays: ocp.StandardCheckpointHandler(use_ocdbt=False), grain_state: grain.checkpoint.CheckpointHandler()}
+    handlers.update({name: ocp.JsonCheckpointHandler() for name in json_items})
+    return handlers
+
+
+class LocalMirror:
+    """A local folder for a library that writes only local files (tensorboardX), copied to a bucket
+    location by `sync()`; for a local location it is that folder and `sync()` does nothing. Each sync
+    uploads the files that changed since the last one, so a killed run loses at most what was written
+    after its last sync."""
+
+    def __init__(self, location: str | os.PathLike):
+        self.remote = path(location) if is_remote(location) else None
+        self.local = tempfile.mkdtemp(prefix="siglip_jax_mirror_") if self.remote else os.fspath(location)
+        self._sizes: dict[str, int] = {}
+
+    def sync(self) -> None:
+        if self.remote is None:
+            return
+        for name in sorted(os.listdir(self.local)):
+            local = os.path.join(self.local, name)
+            size = os.path.getsize(local)
+            if os.path.isfile(local) and self._sizes.get(name) != size:
+                data = open(local, "rb").read()
+                with_retries(lambda: (self.remote / name).write_bytes(data), f"Writing {self.remote / name}")
+                self._sizes[name] = size

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains per `config`, writing metrics to `workdir`; returns the last logged metrics."""
     config = config_lib.validate(config)
+    storage.check_checkpoint_location(workdir)  # before anything is written
     workdir_lib.prepare(workdir)  # creates it (a local directory or a bucket prefix), checks and locks it
     is_lead = jax.process_index() == 0
 
@@ -133,7 +134,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     try:
         for step in range(first_step + 1, config.total_steps + 1):
             wait_start = time.perf_counter()
-            local_batch = next(batches)
+            try:
+                local_batch = next(batches)
+            except StopIteration:  # a mixture with on_exhausted="end" ran out of one of its sources
+                if step - 1 > first_step and checkpointer.latest_step() != step - 1:
+                    save_if_finite(step - 1, state)
+                logger.warning("The data ended before step %d (a mixture with on_exhausted=\"end\"): stopping after "
+                               "step %d.", step, step - 1)
+                break
             throughput.add_data_wait(time.perf_counter() - wait_start)
             num_skipped += int(np.sum(local_batch.pop("num_skipped")))
             epochs = local_batch.pop("epoch", None)  # streamed sources say which epoch each example is from

@@ -240,6 +240,24 @@ def test_mixture_restarts_or_ends_when_a_source_runs_out(shard_dir):
     assert sorted(first_epoch) == sorted(set(first_epoch)) and len(first_epoch) == 30
 
 
+def test_an_ended_mixture_ends_the_run_with_a_final_checkpoint(tmp_path, caplog):
+    """on_exhausted="end": the 32 examples of one half-weighted source run out after about 64 examples,
+    i.e. within 4 batches of 16, long before step 40; the run stops there, saving the last step."""
+    from siglip_jax import trainer
+    from siglip_jax.config import source_config
+    from tests.helpers import tiny_config
+
+    config = tiny_config(total_steps=40, checkpoint_every_steps=100)
+    config.data.train = source_config("mixture", on_exhausted="end", sources={
+        name: dict(kind="demo", weight=0.5, args=dict(split="train", size=32, image_size=16)) for name in ("a", "b")})
+    with caplog.at_level("WARNING", logger="siglip_jax.trainer"):
+        trainer.train(config, str(tmp_path))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 2 <= max(steps) <= 5 and steps == list(range(1, max(steps) + 1))
+    assert checkpoint.latest_step(str(tmp_path)) == max(steps)
+    assert f"The data ended before step {max(steps) + 1}" in caplog.text
+
+
 def test_mixture_config_errors(shard_dir):
     with pytest.raises(ValueError, match="valid: restart, end"):
         make_source("mixture", sources={"a": dict(kind="demo")}, on_exhausted="stop")
