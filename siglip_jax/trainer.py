@@ -107,7 +107,9 @@ def initial_params(config: ml_collections.ConfigDict, params: Any, shardings: An
     `config.init_from`: a workdir, an exported params file, an HF SigLIP directory or a big_vision .npz."""
     from siglip_jax import inference  # loading every format is only needed here
 
-    loaded = inference.load_params(config.init_from).params
+    from siglip_jax.models import layout
+
+    loaded = layout.to_layout(inference.load_params(config.init_from).params, config.model.scan_layers)
     groups = tuple(config.init_towers) or tuple(params)
     unknown = sorted(set(groups) - set(params))
     if unknown:
