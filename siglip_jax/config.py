@@ -97,6 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
             keep_every_steps=0,  # ...and also every one at a multiple of N steps, for good; 0: none
             init_from="",  # start from the parameters of this workdir or checkpoint (fresh optimizer and step)
             init_towers=(),  # with init_from: the parameter groups to copy, e.g. ("img",); (): all
+            init_skip=(),  # with init_from: regexes of parameter paths keeping their fresh init, e.g. ("img/MAPHead_0/.*",)
             max_nonfinite_steps=5,  # stop after this many steps in a row with a NaN/Inf loss or gradient
             log_batch_checksums=False,  # log a CRC32 of each logged step's batch, to check resumed runs see the same data
             evals={},  # name -> eval_config(...); free-form names, each entry checked by validate()

@@ -114,21 +114,15 @@ def initial_params(config: ml_collections.ConfigDict, params: Any, shardings: An
     unknown = sorted(set(groups) - set(params))
     if unknown:
         raise ValueError(f"init_towers names {unknown}; valid parameter groups: {sorted(params)}.")
-    differences = []
-    for group in groups:
-        if group not in loaded:
-            differences.append(f"{group}: missing in {config.init_from}")
-            continue
-        mine = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params[group])}
-        theirs = {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(loaded[group])}
-        for key in sorted(set(mine) | set(theirs)):
-            if mine.get(key) != theirs.get(key):
-                differences.append(f"{group}{key}: {theirs.get(key, 'missing')} there, {mine.get(key, 'missing')} here")
-    if differences:
-        raise ValueError(
-            f"init_from={config.init_from!r} does not match this model; differing arrays:\n  " + "\n  ".join(differences[:20])
-        )
-    replaced = {group: jax.device_put(loaded[group], shardings[group]) for group in groups}
+    from siglip_jax.models import init_mapping
+
+    try:
+        fitted, notes = init_mapping.fit_params(loaded, jax.device_get(params), tuple(config.init_skip), groups)
+    except ValueError as error:
+        raise ValueError(f"init_from={config.init_from!r} does not fit this model. {error}") from None
+    for note in notes:
+        logger.warning("init_from: %s", note)
+    replaced = {group: jax.device_put(fitted[group], shardings[group]) for group in groups}
     logger.warning("Initialised %s from %s.", ", ".join(groups), config.init_from)
     return {**params, **replaced}
 
