@@ -11,7 +11,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from siglip_jax import evaluation_cli, metrics
+from siglip_jax import evaluation_cli, metrics, storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose `evals` to run (default: the checkpoint's own config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: evaluates its latest checkpoint.")
@@ -26,9 +26,9 @@ def main(argv):
     results = evaluation_cli.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _PAIRS.value)
     print(results.pop("table"))
     if _OUTPUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-        with open(_OUTPUT.value, "w") as stream:
-            json.dump(results, stream, indent=2, sort_keys=True)
+        output = storage.path(_OUTPUT.value)  # a local file or gs:// / s3://
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2, sort_keys=True))
         print(f"Wrote {_OUTPUT.value}")
 
 

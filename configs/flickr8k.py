@@ -6,6 +6,16 @@
 
 Data is read in place from ../shared/data beside the repository; point elsewhere with
 --config.data.train.args.path=/data/flickr8k (and the evals' source args likewise).
+
+From WebDataset shards instead (the path for data in a bucket, or larger than a disk): write them once in
+img2dataset's layout, then give their pattern after the variant (local, gs:// or s3://):
+
+    python -m tools.convert --source flickr8k --path ../shared/data/flickr8k --arg split=train \
+        --format webdataset --name "" --shard_size_mb 64 --output_dir /data/flickr8k_wds
+    python train.py --config 'configs/flickr8k.py:small,shards=/data/flickr8k_wds/{00000..00004}.tar' --workdir W
+
+(convert prints the pattern.) Training then streams the shards (webdataset_stream: per-host shards,
+a shuffle buffer over open shards, reshuffled each epoch); the evals read the original files.
 """
 import os
 
@@ -15,7 +25,7 @@ SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..
 
 
 def get_config(arg: str | None = None):
-    variant = arg or "small"
+    variant, _, shards = (arg or "small").partition(",shards=")
     config = default_config()
     flickr = os.path.normpath(os.path.join(SHARED_DATA, "flickr8k"))
     cifar = os.path.normpath(os.path.join(SHARED_DATA, "cifar10", "test"))
@@ -59,4 +69,6 @@ def get_config(arg: str | None = None):
         config.data.num_workers = 8
     else:
         raise ValueError(f"Unknown flickr8k recipe argument {variant!r}; use 'small' or a variant such as 'B/16'.")
+    if shards:  # streamed shards written by tools/convert.py (see the module docstring)
+        config.data.train = source_config("webdataset_stream", shards=shards, shuffle_buffer=2_000, open_shards=4)
     return config

@@ -277,6 +277,10 @@ def redistribute_data_states(states: dict[int, Any], process_count: int) -> list
     any process count (the global batch stays the same). So each new process continues at the same
     batch count, "next_index".
     """
+    from siglip_jax.data import streaming  # streamed sources have their own rule (data/streaming.py)
+
+    if any(streaming.is_stream_state(state) for state in states.values()):
+        return streaming.redistribute_stream_states(states, process_count)
     saved_count = len(states)
     for index, state in states.items():
         if not (isinstance(state, dict) and set(state) == {"next_index"}):

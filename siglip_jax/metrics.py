@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from typing import Any, Mapping, Sequence
@@ -42,19 +41,20 @@ class JsonlWriter:
 
     def __init__(self, path: str, keep_through_step: int | None = None):
         """`keep_through_step`: drop existing lines of later steps (a resumed run writes them again)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
-        if keep_through_step is not None and os.path.exists(path):
-            with open(path) as stream:
-                lines = [line for line in stream if line.strip()]
+        from siglip_jax import storage  # local or gs:// / s3:// alike
+
+        self.path = storage.path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_through_step is not None and self.path.exists():
+            lines = [line + "\n" for line in self.path.read_text().splitlines() if line.strip()]
             kept = [line for line in lines if json.loads(line).get("step", 0) <= keep_through_step]
             if len(kept) != len(lines):
-                with open(path, "w") as stream:
-                    stream.writelines(kept)
+                self.path.write_text("".join(kept))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        with open(self.path, "a") as stream:
-            stream.write(json.dumps({"step": step, **metrics}) + "\n")
+        from siglip_jax import storage
+
+        storage.append_text(self.path, json.dumps({"step": step, **metrics}) + "\n")
 
     def close(self) -> None:
         pass

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from siglip_jax import config as config_lib
 from siglip_jax import metrics as metrics_lib
-from siglip_jax import checkpoint, optim, preemption, sharding
+from siglip_jax import checkpoint, optim, preemption, sharding, storage
 from siglip_jax.data import pipeline, sources, tokenizers
 from siglip_jax.evaluation import runner
 from siglip_jax.models import flops, two_towers
@@ -149,7 +149,8 @@ def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains per `config`, writing metrics to `workdir`; returns the last logged metrics."""
     config = config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)  # a local directory or a bucket prefix
+    storage.check_writable(workdir)
     is_lead = jax.process_index() == 0
 
     # ---- Mesh ------------------------------------------------------------------------------------
@@ -263,6 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             local_batch = next(batches)
             throughput.add_data_wait(time.perf_counter() - wait_start)
             num_skipped += int(np.sum(local_batch.pop("num_skipped")))
+            epochs = local_batch.pop("epoch", None)  # streamed sources say which epoch each example is from
             batch = sharding.host_local_to_global(local_batch, batch_sharding)
             profiler.before_step(step)
             with jax.set_mesh(mesh):
@@ -276,6 +278,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 logged.update(throughput.measure(step))
                 logged["data/num_skipped"] = float(num_skipped)  # records this process replaced in this run
                 logged["nonfinite_skipped_total"] = float(nonfinite.total)
+                if epochs is not None:
+                    logged["data/epoch"] = float(np.max(epochs))
                 if config.log_batch_checksums:  # exact in a float: CRC32 < 2**53
                     logged["data/batch_crc32"] = float(zlib.crc32(local_batch["images"].tobytes() + local_batch["tokens"].tobytes()))
             for hook in hooks:

@@ -4,6 +4,8 @@ from tests.helpers import tiny_config
 
 
 def get_config(arg: str | None = None):
+    if arg:  # "--config=tests/resume_recipe.py:<shard pattern>": the same run from streamed shards
+        return get_shard_config(arg)
     config = tiny_config()
     config.total_steps = 40
     config.log_every_steps = 1  # every step's loss and batch checksum, to compare runs step by step
@@ -11,4 +13,13 @@ def get_config(arg: str | None = None):
     config.checkpoint_every_steps = 10
     config.keep_checkpoints = 2
     config.data.prefetch_batches = 1
+    return config
+
+
+def get_shard_config(shards: str):
+    """The same run reading streamed WebDataset shards (tests/test_streaming_resume.py)."""
+    from siglip_jax.config import source_config
+
+    config = get_config()
+    config.data.train = source_config("webdataset_stream", shards=shards, shuffle_buffer=16, open_shards=2)
     return config

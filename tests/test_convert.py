@@ -90,3 +90,19 @@ def test_cli_converts_real_coco_mini(tmp_path):
     original = sources.make_source("coco2017", path=root, split="val")
     converted = sources.ArrayRecordSource(str(tmp_path / "val-*.array_record"))
     assert _records(converted) == _records(original)
+
+
+def test_img2dataset_layout_by_target_shard_size_streams_back(folder_source, tmp_path):
+    output = tmp_path / "wds"
+    image_bytes = len(folder_source[0]["image"]) + 2048  # the size estimate per record, as documented
+    manifest = convert.convert(folder_source, output, format="webdataset", name="", progress=False,
+                               shard_size_mb=2.5 * image_bytes / 1e6)
+    assert manifest["shards"] == [f"{shard:05d}.tar" for shard in range(len(manifest["shards"]))]
+    assert 2 <= len(manifest["shards"]) <= 4  # 7 records at about 2 per shard
+    assert (output / "shards.manifest.json").exists()
+    stream = sources.make_source("webdataset_stream", shards=manifest["pattern"]).stream(
+        seed=0, process_index=0, process_count=1, num_epochs=1)
+    streamed = sorted((record["id"], tuple(record["captions"]), record["image"]) for record in stream)
+    expected = sorted((record["id"], tuple(record["captions"]), record["image"]) for record in _records(folder_source)
+                      if record["id"] != "img3.jpg")
+    assert streamed == expected

@@ -39,6 +39,8 @@ def shard_ranges(num_records: int, num_shards: int) -> list[range]:
 
 def shard_path(output_dir: str, name: str, shard: int, num_shards: int, format: str) -> str:
     extension = "array_record" if format == "arrayrecord" else "tar"
+    if not name and format == "webdataset":  # img2dataset's layout: 00000.tar, 00001.tar, ...
+        return os.path.join(output_dir, f"{shard:05d}.tar")
     return os.path.join(output_dir, f"{name}-{shard:05d}-of-{num_shards:05d}.{extension}")
 
 
@@ -91,8 +93,18 @@ _WRITERS: dict[str, Callable[[str, Iterator[dict]], int]] = {
     "arrayrecord": _write_arrayrecord, "webdataset": _write_webdataset}
 
 
+def records_for_shard_size(source, shard_size_mb: float, sample: int = 64) -> int:
+    """Records per shard for shards of about `shard_size_mb`, from the mean size of the first images
+    (plus ~2 KB of tar headers, caption and json per record)."""
+    sizes = []
+    for index in range(min(sample, len(source))):
+        image = source[index]["image"]
+        sizes.append((len(image) if isinstance(image, (bytes, bytearray)) else getattr(image, "nbytes", 0)) + 2048)
+    return max(1, int(shard_size_mb * 1e6 / max(1.0, sum(sizes) / max(1, len(sizes)))))
+
+
 def convert(source, output_dir, *, format: str = "arrayrecord", name: str = "data",
-            num_shards: int | None = None, records_per_shard: int = 10_000,
+            num_shards: int | None = None, records_per_shard: int = 10_000, shard_size_mb: float = 0.0,
             validate: bool = True, progress: bool = True) -> dict:
     """Writes every readable record of `source` into shards; returns (and saves as
     output_dir/NAME.manifest.json) the counts, the shard paths and the skipped records."""
@@ -101,6 +113,8 @@ def convert(source, output_dir, *, format: str = "arrayrecord", name: str = "dat
     if format not in _WRITERS:
         raise ValueError(f"Unknown output format {format!r}; valid formats: {list(FORMATS)}.")
     num_records = len(source)
+    if num_shards is None and shard_size_mb > 0:
+        records_per_shard = records_for_shard_size(source, shard_size_mb)
     if num_shards is None:
         num_shards = max(1, math.ceil(num_records / records_per_shard))
     if not 1 <= num_shards:
@@ -134,7 +148,9 @@ def convert(source, output_dir, *, format: str = "arrayrecord", name: str = "dat
     manifest = {"source": repr(source), "format": format, "records_in_source": num_records,
                 "records_written": written, "records_skipped": len(skipped),
                 "shards": [os.path.basename(path) for path in shards], "skipped": skipped}
-    with open(os.path.join(output_dir, f"{name}.manifest.json"), "w") as file:
+    if not name and format == "webdataset":
+        manifest["pattern"] = os.path.join(output_dir, f"{{00000..{num_shards - 1:05d}}}.tar")  # for webdataset_stream
+    with open(os.path.join(output_dir, f"{name or 'shards'}.manifest.json"), "w") as file:
         json.dump(manifest, file, indent=1)
     return manifest
 
@@ -144,19 +160,23 @@ def main(argv=None) -> dict:
     add_source_flags(parser)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--format", default="arrayrecord", choices=FORMATS)
-    parser.add_argument("--name", default="data", help="shard file prefix, e.g. train")
+    parser.add_argument("--name", default="data", help="shard file prefix, e.g. train; '' with "
+                        "--format webdataset: img2dataset's 00000.tar, 00001.tar, ... for webdataset_stream")
     parser.add_argument("--num_shards", type=int, default=None,
                         help="default: ceil(records / --records_per_shard)")
     parser.add_argument("--records_per_shard", type=int, default=10_000)
+    parser.add_argument("--shard_size_mb", type=float, default=0.0,
+                        help="target shard size; sets records per shard from the first images (img2dataset uses ~256)")
     parser.add_argument("--no_validate", action="store_true",
                         help="copy images without decoding them once (faster, keeps bad files)")
     args = parser.parse_args(argv)
     manifest = convert(source_from_flags(args), args.output_dir, format=args.format,
                        name=args.name, num_shards=args.num_shards,
-                       records_per_shard=args.records_per_shard, validate=not args.no_validate)
+                       records_per_shard=args.records_per_shard, shard_size_mb=args.shard_size_mb,
+                       validate=not args.no_validate)
     print(f"Wrote {manifest['records_written']} records in {len(manifest['shards'])} shards to "
           f"{args.output_dir}; skipped {manifest['records_skipped']} (see "
-          f"{args.name}.manifest.json).")
+          f"{args.name or 'shards'}.manifest.json)." + (f" Pattern: {manifest['pattern']}" if "pattern" in manifest else ""))
     return manifest
 
 

@@ -62,25 +62,29 @@ class TrainExamples:
         )
 
     def _example(self, record: dict, rng: np.random.Generator) -> dict | str:
-        """The example, or why the record cannot give one."""
-        record_id = record.get("id", "?")
-        captions = [caption for caption in record.get("captions", ()) if caption and caption.strip()]
-        if not captions:
-            return f"record {record_id}: no non-empty caption"
-        caption = captions[rng.integers(len(captions))]
-        try:
-            image = images.decode_image(record["image"])
-        except images.DecodeError as error:
-            return f"record {record_id}: {error}"
-        scale = tuple(self.options.random_crop_scale)
-        if scale == (1.0, 1.0) and image.shape[:2] == (self.options.image_size,) * 2 and not self.options.random_flip:
-            pixels = image  # already the model's size, nothing to crop (the demo data)
-        else:
-            ratio = (1.0, 1.0) if scale == (1.0, 1.0) else (3 / 4, 4 / 3)
-            pixels = images.train_transform(
-                image, self.options.image_size, rng, scale=scale, ratio=ratio, flip=self.options.random_flip
-            )
-        return {"images": pixels, "tokens": self.tokenizer([caption])[0]}
+        return make_example(record, rng, self.tokenizer, self.options)
+
+
+def make_example(record: dict, rng: np.random.Generator, tokenizer: Callable, options: ImageOptions) -> dict | str:
+    """The example {"images", "tokens"} of a record, or why the record cannot give one."""
+    record_id = record.get("id", "?")
+    captions = [caption for caption in record.get("captions", ()) if caption and caption.strip()]
+    if not captions:
+        return f"record {record_id}: no non-empty caption"
+    caption = captions[rng.integers(len(captions))]
+    try:
+        image = images.decode_image(record["image"])
+    except images.DecodeError as error:
+        return f"record {record_id}: {error}"
+    scale = tuple(options.random_crop_scale)
+    if scale == (1.0, 1.0) and image.shape[:2] == (options.image_size,) * 2 and not options.random_flip:
+        pixels = image  # already the model's size, nothing to crop (the demo data)
+    else:
+        ratio = (1.0, 1.0) if scale == (1.0, 1.0) else (3 / 4, 4 / 3)
+        pixels = images.train_transform(
+            image, options.image_size, rng, scale=scale, ratio=ratio, flip=options.random_flip
+        )
+    return {"images": pixels, "tokens": tokenizer([caption])[0]}
 
 
 def train_batches(
@@ -103,6 +107,13 @@ def train_batches(
     together the processes see every record once per epoch, and after b batches each they have used
     exactly the first b x global_batch positions, whatever n is.
     """
+    from siglip_jax.data import streaming  # streams build on make_example above
+
+    if streaming.is_stream(source):  # shard streams and mixtures: sequential, positioned by shard
+        return streaming.stream_batches(
+            source, tokenizer=tokenizer, options=options, local_batch_size=local_batch_size, seed=seed,
+            process_index=process_index, process_count=process_count, num_workers=num_workers,
+        )
     if len(source) < process_count * local_batch_size:
         raise ValueError(
             f"The training source has {len(source)} records, fewer than one global batch "

@@ -15,8 +15,10 @@ from siglip_jax.data.sources.arrayrecord import (ArrayRecordSource, TfdsSource, 
 from siglip_jax.data.sources.image_folder import ImageFolderSource
 from siglip_jax.data.sources.captions import (CaptionFolderSource, CocoCaptionsSource, coco2017,
                                               flickr8k, read_caption_table)
+from siglip_jax.data.sources.shard_stream import WebDatasetStreamSource
 from siglip_jax.data.sources.webdataset import (WebDatasetSource, expand_shard_paths,
                                                 shard_paths_for)
+from siglip_jax.data.mixture import MixtureSource  # noqa: E402 -- needs shard_stream above
 
 SOURCES: dict[str, Callable] = {
     "demo": DemoSource,                     # split in train/eval, size, image_size, seed (generated)
@@ -25,6 +27,8 @@ SOURCES: dict[str, Callable] = {
     "flickr8k": flickr8k,                   # path, split in train/dev/test/all
     "coco2017": coco2017,                   # path, split in train/val
     "webdataset": WebDatasetSource,         # shards (path, glob, {000..009} range or list)
+    "webdataset_stream": WebDatasetStreamSource,  # shards ({00000..09999} ranges, lists), shuffle_buffer, open_shards, resampled
+    "mixture": MixtureSource,               # sources {name: dict(kind, weight, args)}, on_exhausted restart/end
     "arrayrecord": ArrayRecordSource,       # paths (path, glob or list)
     "image_folder": ImageFolderSource,      # path (root/<class>/<image>), max_per_class; for classification
     "tfds": TfdsSource,                     # name, split, data_dir, image_key, caption_key, id_key
@@ -71,7 +75,7 @@ def iter_captions(source) -> Iterator[str]:
 
 __all__: Iterable[str] = [
     "ArrayRecordSource", "CaptionFolderSource", "ImageFolderSource", "CocoCaptionsSource", "SOURCES", "SOURCE_KINDS",
-    "TfdsSource", "WebDatasetSource", "coco2017", "decode_record", "encode_record",
+    "TfdsSource", "WebDatasetSource", "WebDatasetStreamSource", "coco2017", "decode_record", "encode_record",
     "expand_shard_paths", "flickr8k", "iter_captions", "make_source", "parse_source_args",
     "read_caption_table", "shard_paths_for",
 ]
