@@ -15,7 +15,7 @@ from siglip_jax import evaluation_cli, metrics, storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose `evals` to run (default: the checkpoint's own config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: evaluates its latest checkpoint.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "With --workdir: a step. Alone: an exported params file, HF directory or .npz.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "With --workdir: a step or 'latest'. Alone: an exported params file, HF directory or .npz.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the metrics (and pair scores) to this JSON file.")
 _PAIRS = flags.DEFINE_string("pairs", None, "JSONL of {\"image\": path, \"text\": caption}: print their match probabilities.")
 

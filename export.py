@@ -10,7 +10,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from siglip_jax import inference, metrics
+from siglip_jax import checkpoint, inference, metrics
 from siglip_jax.export import formats
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe the workdir was trained with (workdir case).")
@@ -23,6 +23,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output directory (hf, stablehlo) 
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16 (hf also float16).")
 _PLATFORMS = flags.DEFINE_list("platforms", None, "stablehlo: platforms to lower for, e.g. cpu,cuda,tpu "
                                "(default: the one JAX runs on).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Write into a non-empty --output directory (or over an existing "
+                                "params file), replacing files of the same names.")
 flags.mark_flags_as_required(["format", "output"])
 
 
@@ -32,14 +34,13 @@ def main(argv):
     if _CHECKPOINT.value and os.path.exists(_CHECKPOINT.value) and not _WORKDIR.value:
         exported = inference.load_params(_CHECKPOINT.value)
     elif _WORKDIR.value:
-        step = int(_CHECKPOINT.value) if _CHECKPOINT.value else None
-        exported = inference.load_workdir_params(_WORKDIR.value, step)
+        exported = inference.load_workdir_params(_WORKDIR.value, checkpoint.parse_step(_CHECKPOINT.value))
     else:
         raise app.UsageError("Pass --workdir (and optionally --checkpoint STEP), or --checkpoint PATH to an "
                              f"existing params file / HF directory / .npz (got {_CHECKPOINT.value!r}).")
     if _CONFIG.value is not None:
         exported = dataclasses.replace(exported, config=_CONFIG.value)
-    formats.export_model(exported, _FORMAT.value, _OUTPUT.value, _DTYPE.value, _PLATFORMS.value)
+    formats.export_model(exported, _FORMAT.value, _OUTPUT.value, _DTYPE.value, _PLATFORMS.value, _OVERWRITE.value)
     print(f"wrote {_FORMAT.value} export to {_OUTPUT.value}")
 
 

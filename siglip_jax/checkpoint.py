@@ -367,3 +367,14 @@ __all__ = [
     "redistribute_data_states",
     "restore_params",
 ]
+
+
+def parse_step(text: str | None) -> int | None:
+    """A --checkpoint STEP flag given with --workdir: a step number, or "latest" / "" / None for the latest
+    complete checkpoint."""
+    if text is None or text.strip().lower() in ("", "latest"):
+        return None
+    if not text.strip().isdigit():
+        raise ValueError(f"--checkpoint {text!r} with --workdir must be a step number (e.g. 1000) or 'latest'; to "
+                         "evaluate an exported file instead, pass --checkpoint PATH without --workdir.")
+    return int(text)

@@ -98,7 +98,10 @@ def default_config() -> ml_collections.ConfigDict:
             init_from="",  # start from the parameters of this workdir or checkpoint (fresh optimizer and step)
             init_towers=(),  # with init_from: the parameter groups to copy, e.g. ("img",); (): all
             init_skip=(),  # with init_from: regexes of parameter paths keeping their fresh init, e.g. ("img/MAPHead_0/.*",)
-            max_nonfinite_steps=5,  # stop after this many steps in a row with a NaN/Inf loss or gradient
+            max_nonfinite_steps=5,  # stop after this many steps in a row with a NaN/Inf loss, gradient or update
+            # warn (log and "loss_over_start" metric) when the loss exceeds this many times the run's first
+            # logged loss: a healthy run's loss only falls, a diverging one climbs while staying finite; 0: off
+            loss_rise_factor=4.0,
             log_batch_checksums=False,  # log a CRC32 of each logged step's batch, to check resumed runs see the same data
             evals={},  # name -> eval_config(...); free-form names, each entry checked by validate()
             tensorboard=True,  # TensorBoard event files beside metrics.jsonl (written without TensorFlow)

@@ -3,18 +3,22 @@ score image-text pairs."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import ml_collections
 
-from siglip_jax import inference, sharding, trainer
+from siglip_jax import checkpoint, inference, sharding, trainer
+from siglip_jax.data import images as images_lib
 from siglip_jax.evaluation import runner
+
+logger = logging.getLogger(__name__)
 
 
 def _load(workdir: str | None, checkpoint_arg: str | None):
     """(params, config) of the model to evaluate."""
     if workdir:
-        exported = inference.load_workdir_params(workdir, int(checkpoint_arg) if checkpoint_arg else None)
+        exported = inference.load_workdir_params(workdir, checkpoint.parse_step(checkpoint_arg))
     elif checkpoint_arg:
         exported = inference.load_params(checkpoint_arg)
     else:
@@ -22,17 +26,52 @@ def _load(workdir: str | None, checkpoint_arg: str | None):
     return exported.params, exported.config
 
 
-def read_pairs(path: str) -> list[dict[str, str]]:
-    pairs = []
+def read_pairs(path: str) -> tuple[list[dict[str, str]], list[str]]:
+    """({"image", "text"} pairs, skipped lines as "path line N: why") of a JSONL file: a bad line is
+    skipped and named so the rest are still scored."""
+    pairs, skipped = [], []
     with open(path) as stream:
         for line_number, line in enumerate(stream, start=1):
             if not line.strip():
                 continue
-            pair = json.loads(line)
-            if not {"image", "text"} <= set(pair):
-                raise ValueError(f"{path} line {line_number} needs keys 'image' and 'text', got {sorted(pair)}.")
+            try:
+                pair = json.loads(line)
+            except json.JSONDecodeError as error:
+                skipped.append(f"{path} line {line_number}: not JSON ({error})")
+                continue
+            if not isinstance(pair, dict) or not all(isinstance(pair.get(key), str) for key in ("image", "text")):
+                skipped.append(f"{path} line {line_number}: needs string values for 'image' and 'text', got "
+                               f"{line.strip()[:100]}")
+                continue
             pairs.append(pair)
-    return pairs
+    return pairs, skipped
+
+
+def _readable_images(pairs: list[dict[str, str]], size: int, path: str) -> tuple[list[Any], list[str]]:
+    """Each pair's pixels (None when unreadable) and "path: image why" for those that are not."""
+    pixels, skipped = [], []
+    for pair in pairs:
+        try:
+            pixels.append(inference.load_image(pair["image"], size))
+        except (images_lib.DecodeError, OSError) as error:
+            pixels.append(None)
+            skipped.append(f"{path}: image {pair['image']!r}: {error}")
+    return pixels, skipped
+
+
+def _score_pairs(embedder: inference.Embedder, path: str) -> tuple[list[dict[str, Any]], list[str]]:
+    pairs, skipped = read_pairs(path)
+    num_lines = len(pairs) + len(skipped)
+    pixels, unreadable = _readable_images(pairs, embedder.image_size, path)
+    skipped += unreadable
+    if skipped:
+        logger.warning("Skipped %d of %d pairs in %s: %s", len(skipped), num_lines, path, "; ".join(skipped[:5]))
+    kept = [(pair, image) for pair, image in zip(pairs, pixels) if image is not None]
+    if not kept:
+        raise ValueError(f"No pair in {path} could be scored: {'; '.join(skipped[:5]) or 'the file is empty'}. Each "
+                         'line must be {"image": path, "text": caption}.')
+    probabilities = embedder.score_pairs([image for _, image in kept], [pair["text"] for pair, _ in kept])
+    return [{**pair, "probability": float(p)} for (pair, _), p in zip(kept, probabilities)], skipped
 
 
 def run(config: ml_collections.ConfigDict | None, workdir: str | None, checkpoint_arg: str | None,
@@ -54,10 +93,10 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None, checkpoin
         tables.append(runner.format_table(metrics))
     if pairs_path:
         embedder = inference.Embedder(config, params, trainer.build_tokenizer(config))
-        pairs = read_pairs(pairs_path)
-        probabilities = embedder.score_pairs([pair["image"] for pair in pairs], [pair["text"] for pair in pairs])
-        results["pairs"] = [{**pair, "probability": float(p)} for pair, p in zip(pairs, probabilities)]
-        tables.append("\n".join(f"{p:.4f}  {pair['image']}  {pair['text']}" for pair, p in zip(pairs, probabilities)))
+        results["pairs"], results["skipped_pairs"] = _score_pairs(embedder, pairs_path)
+        tables.append("\n".join(f"{pair['probability']:.4f}  {pair['image']}  {pair['text']}" for pair in results["pairs"]))
+        if results["skipped_pairs"]:
+            tables[-1] += f"\nskipped {len(results['skipped_pairs'])}: " + "; ".join(results["skipped_pairs"])
     if not tables:
         raise ValueError("Nothing to evaluate: the config has no evals and no --pairs file was given.")
     results["table"] = "\n\n".join(tables)

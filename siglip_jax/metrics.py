@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 import time
 from typing import Any, Mapping, Sequence
@@ -9,6 +11,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 import tqdm
+
+logger = logging.getLogger(__name__)
 
 # Terminal columns: metric key -> (label, format).
 CONSOLE_COLUMNS = {
@@ -36,6 +40,29 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {key: float(np.asarray(value)) for key, value in host.items()}
 
 
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A line that is not JSON (the last one torn by a kill mid-write) is
+    dropped with a warning naming the file and line, so a resume or a plot never fails on it; metrics
+    that were NaN or Inf read back as None (see JsonlWriter)."""
+    from siglip_jax import storage  # local or gs:// / s3:// alike
+
+    records = []
+    for line_number, line in enumerate(storage.path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("Dropped line %d of %s: not JSON (a write cut short?): %r", line_number, path, line[:80])
+    return records
+
+
+def _strict_json(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN and Inf -> None: the literals json writes for them are not JSON, and other tools refuse them."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in metrics.items()}
+
+
 class JsonlWriter:
     """Appends one JSON object per call: {"step": N, **metrics}. Appending keeps earlier runs' lines."""
 
@@ -45,16 +72,18 @@ class JsonlWriter:
 
         self.path = storage.path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if keep_through_step is not None and self.path.exists():
-            lines = [line + "\n" for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= keep_through_step]
-            if len(kept) != len(lines):
-                self.path.write_text("".join(kept))
+        if self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            records = read_jsonl(self.path)  # a torn line is left out (and named)
+            if keep_through_step is not None:
+                records = [record for record in records if record.get("step", 0) <= keep_through_step]
+            if len(records) != len(lines) or (lines and not self.path.read_text().endswith("\n")):
+                self.path.write_text("".join(json.dumps(_strict_json(record), allow_nan=False) + "\n" for record in records))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         from siglip_jax import storage
 
-        storage.append_text(self.path, json.dumps({"step": step, **metrics}) + "\n")
+        storage.append_text(self.path, json.dumps(_strict_json({"step": step, **metrics}), allow_nan=False) + "\n")
 
     def close(self) -> None:
         pass

@@ -77,12 +77,40 @@ def save_index(path: str, index: Index) -> None:
 
 
 def load_index(path: str) -> Index:
-    with np.load(path, allow_pickle=False) as data:
-        return Index(paths=[str(p) for p in data["paths"]], embeddings=data["embeddings"], model=str(data["model"]))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No search index at {path!r}; write one with `python -m siglip_jax.search index "
+                                "IMAGE_DIR --model MODEL --output INDEX`.")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            index = Index(paths=[str(p) for p in data["paths"]], embeddings=data["embeddings"], model=str(data["model"]))
+    except (ValueError, KeyError, OSError, EOFError, AttributeError) as error:
+        # numpy's own message talks of pickles; the user only needs to know which file is not an index.
+        raise ValueError(f"{path!r} is not a search index written by `search index` ({type(error).__name__}: "
+                         f"{error}); build one with `python -m siglip_jax.search index IMAGE_DIR --model MODEL "
+                         "--output INDEX`.") from error
+    if index.embeddings.ndim != 2 or index.embeddings.shape[0] != len(index.paths):
+        raise ValueError(f"{path!r} is not a search index written by `search index`: {len(index.paths)} paths but "
+                         f"embeddings of shape {index.embeddings.shape}; rebuild it.")
+    return index
+
+
+def positive_int(text: str) -> int:
+    """argparse type for -k: a whole number >= 1 (a negative k would slice off the end of the ranking)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (how many results to print), got {value}")
+    return value
 
 
 def query_index(index: Index, embedder: inference.Embedder, text: str, k: int = 10) -> list[Result]:
     """The k images most likely to match `text`, best first."""
+    if not text.strip():
+        raise ValueError("The query text is empty; pass what to look for, e.g. \"a dog on a beach\".")
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (how many results), got {k}.")
     text_embedding = embedder.embed_texts([text])[0]
     cosines = index.embeddings @ text_embedding
     temperature, bias = embedder.temperature_and_bias()
@@ -123,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     query_parser = commands.add_parser("query", help="find the images matching a text")
     query_parser.add_argument("index")
     query_parser.add_argument("text")
-    query_parser.add_argument("-k", type=int, default=10, help="how many results")
+    query_parser.add_argument("-k", type=positive_int, default=10, help="how many results (>= 1)")
     query_parser.add_argument("--model", default=None, help="defaults to the model the index was built with")
     query_parser.add_argument("--html", default=None, help="also write a page showing the images found")
     args = parser.parse_args(argv)
@@ -134,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         save_index(args.output, index)
         print(f"indexed {len(index.paths)} images into {args.output}")
         return
+    if not args.text.strip():
+        query_parser.error("the query text is empty; pass what to look for, e.g. \"a dog on a beach\"")
     index = load_index(args.index)
     embedder = inference.load(args.model or index.model)
     results = query_index(index, embedder, args.text, args.k)

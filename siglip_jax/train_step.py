@@ -143,8 +143,8 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on one global batch; returns the new state and scalar metrics.
 
-    A step whose loss or gradient is not finite leaves parameters and optimizer state unchanged (the
-    step counter still advances, as the batch was consumed) and reports "nonfinite" = 1.
+    A step whose loss, gradient or updated parameters are not finite leaves parameters and optimizer state
+    unchanged (the step counter still advances, as the batch was consumed) and reports "nonfinite" = 1.
     """
     with nn.logical_axis_rules(axis_rules):
         loss, grads = loss_and_grads(
@@ -152,8 +152,11 @@ def train_step(
             accum_steps=accum_steps, frozen=frozen,
         )
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updated = state.apply_gradients(grads, optimizer)
+    # The new parameters too: a finite gradient times a huge learning rate (or a damaged parameter) can
+    # still overflow, and a NaN parameter would poison every later step.
+    params_finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda leaf: jnp.all(jnp.isfinite(leaf)), updated.params))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
     skipped = state.replace(step=state.step + 1)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, skipped)
     metrics = {

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from siglip_jax import config as config_lib
 from siglip_jax import metrics as metrics_lib
-from siglip_jax import checkpoint, optim, preemption, sharding, storage
+from siglip_jax import checkpoint, optim, preemption, safeguards, sharding, storage
 from siglip_jax.data import pipeline, sources, tokenizers
 from siglip_jax.evaluation import runner
 from siglip_jax.models import flops, two_towers
@@ -55,6 +55,10 @@ class NonFiniteGuard:
         self.check_held()
         self._held = (step, step_metrics["nonfinite"])
 
+    def held_step_finite(self) -> bool:
+        """Whether the step just held (not yet counted) had a finite loss, gradient and update; waits for it."""
+        return self._held is None or not int(self._held[1])
+
     def check_held(self) -> None:
         if self._held is None:
             return
@@ -65,12 +69,14 @@ class NonFiniteGuard:
             return
         self.total += 1
         self.in_a_row += 1
-        logger.warning("Step %d had a non-finite loss or gradient; its update was skipped (%d in a row).", step, self.in_a_row)
+        logger.warning("Step %d had a non-finite loss, gradient or update; it was skipped (%d in a row).", step, self.in_a_row)
         if self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
+            # Steps inside the streak are never saved (see held_step_finite), so the latest is from before it.
             latest = self.checkpointer.latest_step()
-            where = f"step {latest} in {self.checkpointer.root}" if latest is not None else "none saved yet"
+            where = (f"step {latest} in {self.checkpointer.root} (saved before the streak began at step "
+                     f"{step - self.in_a_row + 1})" if latest is not None else "none saved yet")
             raise FloatingPointError(
-                f"{self.in_a_row} steps in a row had a NaN or Inf loss or gradient, the last at step {step}. "
+                f"{self.in_a_row} steps in a row had a NaN or Inf loss, gradient or update, the last at step {step}. "
                 f"Last good checkpoint: {where}. Lower optim.learning_rate, check the data, or raise "
                 "max_nonfinite_steps."
             )
@@ -199,6 +205,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         target = checkpoint.abstract_like(state, state_shardings)
         del state  # frees the fresh state before the restored one arrives
         state, restored_step = checkpointer.restore(target, batches, config)
+        safeguards.check_restored_params(state.params, restored_step, checkpointer.root)
+        safeguards.check_total_steps(restored_step, config.total_steps, checkpointer.root)
         logger.warning("Resumed from step %d of %s.", restored_step, checkpointer.root)
     elif config.init_from:
         state = state.replace(params=initial_params(config, state.params, state_shardings.params))
@@ -227,11 +235,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     evaluators = runner.build_evaluators(config, tokenizer, build_source)
 
     def evaluate(step: int, state: TrainState) -> dict[str, float]:
-        return runner.run_evaluators(evaluators, embedder, state.params)
+        return safeguards.run_evals(evaluators, embedder, state.params, step)  # non-finite: reported, not raised
 
     hooks = [Hook(config.eval_every_steps, evaluate)] if evaluators else []
 
     def save_checkpoint(step: int, state: TrainState) -> dict[str, float]:
+        if not nonfinite.held_step_finite():  # only finite steps are saved, so every checkpoint is a good one
+            logger.warning("Not saving step %d: it was non-finite and skipped; the latest checkpoint stays step %s.",
+                           step, checkpointer.latest_step())
+            return {}
         checkpointer.save(step, state, batches, config)  # asynchronous: returns once off the devices
         return {}
 
@@ -242,6 +254,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     first_step = int(state.step)
     writers = [metrics_lib.ConsoleWriter(config.total_steps, first_step, enabled=is_lead)]
     if is_lead:
+        if first_step == 0:  # nothing restored: an earlier run's metrics are moved aside, not dropped
+            safeguards.set_aside_old_metrics(os.path.join(workdir, "metrics.jsonl"))
         # A resumed run rewrites the steps after its checkpoint, so drop the killed run's lines for them.
         writers.append(metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), keep_through_step=first_step))
         if config.tensorboard:
@@ -255,6 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
     profiler = Profiler(os.path.join(workdir, "profile"), *config.profile_steps)
     nonfinite = NonFiniteGuard(config.max_nonfinite_steps, checkpointer)
+    loss_watch = safeguards.LossWatch(config.loss_rise_factor)
     last_metrics: dict[str, float] = {}
     throughput.reset(first_step)
     num_skipped = 0
@@ -275,6 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             logged: dict[str, float] = {}
             if step % config.log_every_steps == 0 or is_last or step == first_step + 1:
                 logged.update(metrics_lib.to_python(step_metrics))  # syncs with the device
+                logged.update(loss_watch.check(step, logged))
                 logged.update(throughput.measure(step))
                 logged["data/num_skipped"] = float(num_skipped)  # records this process replaced in this run
                 logged["nonfinite_skipped_total"] = float(nonfinite.total)
@@ -291,8 +307,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 last_metrics.update(logged)
             writers[0].advance(step)
             if not is_last and preemption_watch.should_stop(step):
-                checkpointer.save(step, state, batches, config)
-                logger.warning("Preempted: saved step %d; rerun the same command to continue.", step)
+                finite = nonfinite.held_step_finite()
+                if finite:
+                    checkpointer.save(step, state, batches, config)
+                logger.warning("Preempted: %s; rerun the same command to continue.",
+                               f"saved step {step}" if finite else f"step {step} was not finite, so not saved")
                 break
         nonfinite.check_held()
     finally:

@@ -68,3 +68,14 @@ def test_export_params_from_workdir_and_score_pairs(workdir, tmp_path):
     scored = json.loads(output.read_text())["pairs"]
     expected = from_file.score_pairs([str(image_path)] * 2, [record["captions"][0], "nothing"])
     np.testing.assert_allclose([pair["probability"] for pair in scored], expected, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_checkpoint_latest_is_the_latest_step_and_garbage_is_explained(workdir):
+    from siglip_jax import evaluation_cli
+
+    directory, final = workdir
+    latest = evaluation_cli.run(None, str(directory), "latest")["metrics"]
+    assert latest["shapes/mean_recall"] == pytest.approx(final["shapes/mean_recall"], abs=1e-6)
+    with pytest.raises(ValueError, match="must be a step number .* or 'latest'"):
+        evaluation_cli.run(None, str(directory), "newest")

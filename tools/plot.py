@@ -6,14 +6,19 @@ every eval recall.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from siglip_jax import metrics  # noqa: E402
 
 
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as stream:
-        return [json.loads(line) for line in stream if line.strip()]
+    """Records of a metrics.jsonl; a torn line is dropped with a warning (see metrics.read_jsonl)."""
+    return metrics.read_jsonl(path)
 
 
 def plot(records: list[dict], output: str) -> list[str]:
@@ -40,7 +45,8 @@ def plot(records: list[dict], output: str) -> list[str]:
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
     for axis, (title, keys) in zip(axes.flat, panels):
         for key in keys:
-            points = [(record["step"], record[key]) for record in records if key in record]
+            # None is a metric that was NaN or Inf: drawn as a gap.
+            points = [(record["step"], math.nan if record[key] is None else record[key]) for record in records if key in record]
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 20 else None, label=key)
         axis.set_title(title)
         axis.set_xlabel("step")

@@ -14,9 +14,11 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-# A 16k x 16k image decodes to 768 MB; anything larger in a caption data set is almost surely
-# a decompression bomb or a broken header, and it would stall a data worker.
-DEFAULT_MAX_PIXELS = 16384 * 16384
+# An 8k x 8k image decodes to 200 MB and takes seconds; anything larger in a caption data set (resized to
+# a few hundred pixels for the model anyway) is almost surely a decompression bomb or a broken header,
+# and it would stall a data worker. Kept under Pillow's own default limit (89 M pixels, where it starts
+# to warn), so ours is the check that decides, from the header, before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 8192 * 8192
 
 ImageLike = Union[bytes, bytearray, memoryview, np.ndarray]
 Size = Union[int, Sequence[int]]
@@ -70,16 +72,20 @@ def decode_image(data: ImageLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
             "Sources must put the file's bytes (or an HxWx3 uint8 array) under 'image'.")
     if len(data) == 0:
         raise DecodeError("Empty image data (0 bytes): the file is empty or was not downloaded.")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow's own limit (documented as the setting to change) refuses at twice this inside
+        # Image.open, before our check could; raised (never lowered) so that max_pixels decides.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
-            # Pillow warns (rather than raises) between max_pixels/2 and max_pixels; we decide here.
+            # Pillow warns (rather than raises) between its limit and twice it; we decide here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data))  # reads the header only
             width, height = image.size
             if width * height > max_pixels:
                 raise DecodeError(
-                    f"Image of {width}x{height} pixels exceeds max_pixels={max_pixels}; "
-                    "raise max_pixels if such images are expected.")
+                    f"Image of {width}x{height} pixels exceeds max_pixels={max_pixels} (refused from its header, "
+                    "not decoded); raise max_pixels if such images are expected.")
             image.load()  # Decode now: truncated files only fail here, not in Image.open.
     except DecodeError:
         raise

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from siglip_jax.export import hf, stablehlo
@@ -15,14 +16,38 @@ FORMATS = ("hf", "stablehlo", "params")
 HF_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def check_output(output: str, format: str, overwrite: bool = False) -> None:
+    """Refuses, before anything is written, an `output` whose contents the export would replace (unless
+    `overwrite`) or that is the wrong kind of path for `format` (a directory for params, a file for the
+    directory formats)."""
+    if format == "params":
+        if os.path.isdir(output):
+            raise IsADirectoryError(f"--output {output!r} is a directory, but --format params writes one file; "
+                                    f"name the file, e.g. --output {os.path.join(output, 'model.msgpack')}.")
+        if os.path.exists(output) and not overwrite:
+            raise FileExistsError(f"--output {output!r} already exists; pass --overwrite to replace it, or choose "
+                                  "another --output.")
+        return
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise NotADirectoryError(f"--output {output!r} is a file, but --format {format} writes a directory; choose "
+                                 "a new or empty directory.")
+    entries = sorted(os.listdir(output)) if os.path.isdir(output) else []
+    if entries and not overwrite:
+        raise FileExistsError(
+            f"--output {output!r} is not empty ({len(entries)} entries, e.g. {entries[:3]}); --format {format} "
+            "would overwrite files in it. Choose a new or empty directory, or pass --overwrite to write into it.")
+
+
 def export_model(exported: params_lib.ExportedParams, format: str, output: str, dtype: str = "float32",
-                 platforms: Sequence[str] | None = None) -> None:
-    """Writes `exported` to `output` in `format`, parameters cast to `dtype`."""
+                 platforms: Sequence[str] | None = None, overwrite: bool = False) -> None:
+    """Writes `exported` to `output` in `format`, parameters cast to `dtype`. Existing files at `output` are
+    only replaced with `overwrite` (see check_output)."""
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}; valid: {', '.join(FORMATS)}.")
     valid_dtypes = HF_DTYPES if format == "hf" else params_lib.PARAM_DTYPES
     if dtype not in valid_dtypes:
         raise ValueError(f"--dtype {dtype!r} is not available for --format {format}; valid: {', '.join(valid_dtypes)}.")
+    check_output(output, format, overwrite)
     if format == "hf":
         hf.save_hf_directory(output, exported.config, exported.params, dtype=dtype)
     elif format == "stablehlo":

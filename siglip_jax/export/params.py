@@ -83,10 +83,17 @@ def save_params_file(path: str, config: ml_collections.ConfigDict, params, dtype
         "tokenizer_file": tokenizer_bytes,
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory; the params file needs a file name, e.g. "
+                                f"{os.path.join(path, 'model.msgpack')!r}.")
     temporary = path + ".tmp"
-    with open(temporary, "wb") as file:
-        file.write(serialization.msgpack_serialize(payload))
-    os.replace(temporary, path)  # readers never see half a file
+    try:
+        with open(temporary, "wb") as file:
+            file.write(serialization.msgpack_serialize(payload))
+        os.replace(temporary, path)  # readers never see half a file
+    finally:
+        if os.path.exists(temporary):  # a failed write leaves no half file behind
+            os.remove(temporary)
 
 
 def is_params_file(path: str) -> bool:

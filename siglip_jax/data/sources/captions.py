@@ -7,93 +7,25 @@ plain Python data (no open files), so grain can pickle them into worker processe
 """
 from __future__ import annotations
 
-import csv
 import json
+import logging
 import os
 from collections import defaultdict
 from typing import Iterator, Sequence
 
-_IMAGE_COLUMNS = ("image", "image_name", "filename", "file_name", "file", "path")
-_CAPTION_COLUMNS = ("caption", "captions", "comment", "text")
+from siglip_jax.data.sources import caption_tables
+
+logger = logging.getLogger(__name__)
+
 ON_MISSING = ("error", "skip")
 
 
-def _pick_column(header: Sequence[str], names: Sequence[str], path: str, what: str) -> int:
-    for name in names:
-        if name in header:
-            return header.index(name)
-    raise ValueError(f"{path!r} has columns {list(header)} but no {what} column; name it one of "
-                     f"{list(names)}.")
-
-
-def _read_delimited(path: str, delimiter: str | None) -> list[tuple[str, str]]:
-    """(image, caption) rows of a CSV/TSV. With a header naming the columns, those are used;
-    a headerless TSV is read as Flickr8k.token.txt: "name.jpg#3<TAB>caption"."""
-    with open(path, newline="", encoding="utf-8") as file:
-        first_line = file.readline()
-        if delimiter is None:
-            # Captions themselves contain commas, so a tab or "|" in the first line wins:
-            # Flickr8k.token.txt is tab-separated, Flickr30k's Kaggle results.csv uses "|",
-            # Flickr8k's Kaggle captions.txt (despite its name) is a comma CSV.
-            delimiter = next((d for d in "\t|" if d in first_line), ",")
-        file.seek(0)
-        rows = list(csv.reader(file, delimiter=delimiter))
-    if not rows:
-        return []
-    header = [cell.strip().lower() for cell in rows[0]]
-    if any(name in header for name in _IMAGE_COLUMNS + _CAPTION_COLUMNS):
-        image_column = _pick_column(header, _IMAGE_COLUMNS, path, "image")
-        caption_column = _pick_column(header, _CAPTION_COLUMNS, path, "caption")
-        body = rows[1:]
-    else:
-        image_column, caption_column, body = 0, len(rows[0]) - 1, rows
-    pairs = []
-    for line_number, row in enumerate(body, start=2 if body is not rows else 1):
-        if not row or all(not cell.strip() for cell in row):
-            continue
-        if len(row) <= max(image_column, caption_column):
-            raise ValueError(f"{path!r} line {line_number} has {len(row)} fields, expected at "
-                             f"least {max(image_column, caption_column) + 1}: {row!r}.")
-        image = row[image_column].strip()
-        if body is rows:
-            image = image.split("#")[0]  # Flickr8k.token.txt numbers captions "name.jpg#0".
-        pairs.append((image, row[caption_column].strip()))
-    return pairs
-
-
-def _read_jsonl(path: str) -> list[tuple[str, str]]:
-    pairs = []
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                image = entry["image"]
-                captions = entry["captions"] if "captions" in entry else entry["caption"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(
-                    f"{path!r} line {line_number} is not a JSON object with 'image' and 'caption' "
-                    f"(a string) or 'captions' (a list): {line.strip()[:200]!r} ({error}).") from error
-            for caption in [captions] if isinstance(captions, str) else captions:
-                pairs.append((image, caption))
-    return pairs
-
-
-def read_caption_table(path) -> list[tuple[str, str]]:
+def read_caption_table(path, encoding: str = "utf-8") -> list[tuple[str, str]]:
     """(image name, caption) pairs from a delimited table (.csv/.tsv/.txt; comma, tab or "|";
     with a header naming the image and caption columns, or headerless "image<TAB>caption") or
-    .jsonl ({"image": ..., "caption": str} or {"captions": [...]})."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Captions file not found: {path!r}.")
-    extension = os.path.splitext(path)[1].lower()
-    if extension in (".jsonl", ".json"):
-        return _read_jsonl(path)
-    if extension in (".csv", ".tsv", ".txt"):
-        return _read_delimited(path, None)
-    raise ValueError(f"Unknown captions file type {extension!r} for {path!r}; valid: .csv, .tsv, "
-                     ".txt (comma, tab or | separated), .jsonl.")
+    .jsonl ({"image": ..., "caption": str} or {"captions": [...]}). Unusable rows are skipped and
+    logged by file and line (see caption_tables.read_caption_rows for the list)."""
+    return caption_tables.read_caption_rows(path, encoding)[0]
 
 
 def _group_captions(pairs: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
@@ -125,6 +57,9 @@ def _drop_missing(image_dir: str, names: list[str], on_missing: str) -> tuple[li
             f"{len(missing)} of {len(names)} images are missing from {image_dir!r}, e.g. "
             f"{missing[:3]}. Check image_dir, or pass on_missing='skip' to leave them out (they are "
             "then listed in source.missing_images).")
+    if missing:
+        logger.warning("Left out %d of %d images missing from %r (on_missing='skip'; all are listed in "
+                       "source.missing_images), e.g. %s", len(missing), len(names), image_dir, missing[:5])
     return present, missing
 
 
@@ -135,6 +70,7 @@ class _FileCaptionSource:
     names: list[str]
     captions_by_name: dict[str, list[str]]
     missing_images: list[str]
+    skipped_rows: list[str]  # "file line N: why" of each table row or annotation that gave no caption
 
     def __len__(self) -> int:
         return len(self.names)
@@ -168,11 +104,13 @@ class CaptionFolderSource(_FileCaptionSource):
     tables. `split_file` (one image name a line) keeps only those images, in that file's order.
     """
 
-    def __init__(self, image_dir, captions_file, split_file=None, on_missing: str = "error"):
+    def __init__(self, image_dir, captions_file, split_file=None, on_missing: str = "error",
+                 encoding: str = "utf-8"):
         self.image_dir = os.fspath(image_dir)
         if not os.path.isdir(self.image_dir):
             raise FileNotFoundError(f"Image folder not found: {self.image_dir!r}.")
-        self.captions_by_name = _group_captions(read_caption_table(captions_file))
+        pairs, self.skipped_rows = caption_tables.read_caption_rows(captions_file, encoding)
+        self.captions_by_name = _group_captions(pairs)
         names = list(self.captions_by_name)
         if split_file is not None:
             names = _read_split(split_file)
@@ -194,27 +132,46 @@ class CocoCaptionsSource(_FileCaptionSource):
     no caption are left out and counted in `num_uncaptioned`.
     """
 
-    def __init__(self, image_dir, annotations_json, on_missing: str = "error"):
+    def __init__(self, image_dir, annotations_json, on_missing: str = "error", encoding: str = "utf-8"):
         self.image_dir = os.fspath(image_dir)
         if not os.path.isdir(self.image_dir):
             raise FileNotFoundError(f"Image folder not found: {self.image_dir!r}.")
         path = os.fspath(annotations_json)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"COCO annotations file not found: {path!r}.")
-        with open(path, encoding="utf-8") as file:
-            coco = json.load(file)
-        if "images" not in coco or "annotations" not in coco:
-            raise ValueError(f"{path!r} is not COCO captions JSON: it has keys {sorted(coco)}, "
+        try:
+            coco = json.loads(caption_tables.read_text(path, encoding))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path!r} line {error.lineno} column {error.colno} is not valid JSON: {error.msg}. "
+                             "Re-download the annotations file; it is probably truncated.") from error
+        if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
+            raise ValueError(f"{path!r} is not COCO captions JSON: it has keys "
+                             f"{sorted(coco) if isinstance(coco, dict) else type(coco).__name__}, "
                              "expected 'images' and 'annotations'.")
-        captions_by_id: dict[int, list[str]] = defaultdict(list)
-        for annotation in coco["annotations"]:
-            captions_by_id[annotation["image_id"]].append(annotation["caption"].strip())
+        self.skipped_rows = []
+        captions_by_id: dict = defaultdict(list)
+        for position, annotation in enumerate(coco["annotations"]):
+            caption = annotation.get("caption") if isinstance(annotation, dict) else None
+            if not isinstance(caption, str) or "image_id" not in annotation:
+                self.skipped_rows.append(f"{path}: annotations[{position}]: needs 'image_id' and a string "
+                                         f"'caption', got {json.dumps(annotation)[:100]}")
+                continue
+            captions_by_id[annotation["image_id"]].append(caption.strip())
         self.captions_by_name, self._id_by_name = {}, {}
-        for image in coco["images"]:
-            if captions_by_id.get(image["id"]):
-                self.captions_by_name[image["file_name"]] = captions_by_id[image["id"]]
-                self._id_by_name[image["file_name"]] = str(image["id"])
-        self.num_uncaptioned = len(coco["images"]) - len(self.captions_by_name)
+        self.num_uncaptioned = 0
+        for position, image in enumerate(coco["images"]):
+            if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or "id" not in image:
+                self.skipped_rows.append(f"{path}: images[{position}]: needs 'id' and a string 'file_name', got "
+                                         f"{json.dumps(image)[:100]}")
+                continue
+            if not captions_by_id.get(image["id"]):
+                self.num_uncaptioned += 1
+            else:
+                # Several ids naming one file (merged annotation sets) pool their captions; the record
+                # keeps the first id.
+                self.captions_by_name.setdefault(image["file_name"], []).extend(captions_by_id[image["id"]])
+                self._id_by_name.setdefault(image["file_name"], str(image["id"]))
+        caption_tables.report_skipped(path, self.skipped_rows, len(self.captions_by_name), "entries")
         self.names, self.missing_images = _drop_missing(
             self.image_dir, list(self.captions_by_name), on_missing)
 
