@@ -11,6 +11,7 @@ LOSS_NAMES = ("sigmoid", "softmax")
 LOSS_IMPLEMENTATIONS = ("all_gather", "ring", "chunked")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
+WEIGHT_DECAY_CONVENTIONS = ("big_vision", "optax")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis name -> mesh axes. Parameters: "embed" is sharded over fsdp (ZeRO-3 style), MLP width,
@@ -97,6 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
             keep_every_steps=0,  # ...and also every one at a multiple of N steps, for good; 0: none
             init_from="",  # start from the parameters of this workdir or checkpoint (fresh optimizer and step)
             init_towers=(),  # with init_from: the parameter groups to copy, e.g. ("img",); (): all
+            init_skip=(),  # with init_from: regexes of parameter paths keeping their fresh init, e.g. ("img/MAPHead_0/.*",)
             max_nonfinite_steps=5,  # stop after this many steps in a row with a NaN/Inf loss, gradient or update
             # warn (log and "loss_over_start" metric) when the loss exceeds this many times the run's first
             # logged loss: a healthy run's loss only falls, a diverging one climbs while staying finite; 0: off
@@ -121,6 +123,7 @@ def default_config() -> ml_collections.ConfigDict:
                 implementation="all_gather",  # "all_gather", "ring" or "chunked", see losses.py
                 chunk_size=0,  # keys scored at once: needed by "chunked", optional for "ring"
                 bidirectional=False,  # ring only: pass blocks both ways, half the hops
+                max_temperature=0.0,  # clamp exp(t) at this in the loss (open_clip's softmax: 100); 0: off
             ),
             optim=dict(
                 name="adamw",  # "adamw" or "sgd"
@@ -128,13 +131,20 @@ def default_config() -> ml_collections.ConfigDict:
                 schedule="cosine",  # "cosine", "rsqrt", "linear" or "constant" after warmup
                 warmup_steps=1_000,
                 end_learning_rate_fraction=0.0,  # cosine/linear end value as a fraction of the peak
-                weight_decay=1e-4,  # decoupled; not applied to biases, norms, embeddings, t and b
+                # Decoupled, on kernels only (see wd_mults), in `weight_decay_convention`: SigLIP's 1e-4 is
+                # big_vision's `wd` (= 0.1 in optax's convention at lr 1e-3).
+                weight_decay=1e-4,
+                weight_decay_convention="big_vision",  # "big_vision": -(lr(step)/peak) wd p; "optax": -lr(step) wd p
                 b1=0.9,
                 b2=0.95,
                 eps=1e-8,
                 grad_clip_norm=1.0,  # global-norm clipping; 0 turns it off
                 mu_dtype="float32",  # first-moment dtype: "bfloat16" halves its memory
                 frozen=(),  # parameter groups left untrained, e.g. ("img",) for LiT
+                freeze=(),  # regexes over parameter paths ("img/Transformer/encoderblock_0/...") left untrained
+                lr_mults=(),  # ((regex, multiplier), ...): the first full match scales that parameter's lr
+                wd_mults=(),  # ((regex, multiplier), ...) as big_vision; (): 1 on every kernel, 0 elsewhere
+                layer_decay=0.0,  # lr x decay^(depth - i) for block i, decay^(depth+1) for embeddings; 0: off
             ),
             mesh=dict(
                 axis_names=MESH_AXES,
@@ -233,6 +243,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(config.loss.implementation, LOSS_IMPLEMENTATIONS, "loss.implementation")
     _check_choice(config.optim.name, OPTIMIZERS, "optim.name")
     _check_choice(config.optim.schedule, SCHEDULES, "optim.schedule")
+    _check_choice(config.optim.weight_decay_convention, WEIGHT_DECAY_CONVENTIONS, "optim.weight_decay_convention")
     if not set(config.mesh.axis_names) <= set(MESH_AXES):
         raise ValueError(f"mesh.axis_names {config.mesh.axis_names} must be drawn from {MESH_AXES}.")
     if len(config.mesh.shape) != len(config.mesh.axis_names):
@@ -282,6 +293,10 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     import json
 
     config = default_config()
+    values = json.loads(text)
     with config.unlocked():
-        _merge(config, json.loads(text), "")
+        if "weight_decay_convention" not in values.get("optim", {"weight_decay_convention": None}):
+            # Written before the key existed, when decay was always multiplied by the learning rate.
+            config.optim.weight_decay_convention = "optax"
+        _merge(config, values, "")
     return validate(config)

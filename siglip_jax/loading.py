@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from siglip_jax import checkpoint, sharding
 from siglip_jax.export import big_vision, hf
 from siglip_jax.export import params as params_lib
+from siglip_jax.models import init_mapping, layout
 from siglip_jax.models.two_towers import param_shardings
 
 logger = logging.getLogger(__name__)
@@ -128,32 +129,38 @@ def with_overrides(loaded: ml_collections.ConfigDict, override: ml_collections.C
     return config
 
 
+class _NeedsFitting(Exception):
+    """The source's arrays differ from the model's in layout or shape (or init_skip is set)."""
+
+
 def initial_params(config: ml_collections.ConfigDict, params: Any, shardings: Any) -> Any:
     """`params` with the groups in `config.init_towers` (all when empty) replaced by those of the model at
-    `config.init_from` (any source above), loaded straight into `shardings`."""
+    `config.init_from` (any source above). A source whose arrays match the model's is loaded straight into
+    `shardings`; one in the other scan layout, at another resolution or text length, or with `init_skip`
+    regexes is fitted on the host first (models/layout.py, models/init_mapping.py), logging each change."""
     groups = tuple(config.init_towers) or tuple(params)
     unknown = sorted(set(groups) - set(params))
     if unknown:
         raise ValueError(f"init_towers names {unknown}; valid parameter groups: {sorted(params)}.")
 
     def check(_: ml_collections.ConfigDict, theirs_tree: dict) -> None:
-        differences = []
-        for group in groups:
-            if group not in theirs_tree:
-                differences.append(f"{group}: missing in {config.init_from}")
-                continue
-            mine = {jax.tree_util.keystr(path): tuple(leaf.shape)
-                    for path, leaf in jax.tree_util.tree_leaves_with_path(params[group])}
-            theirs = {jax.tree_util.keystr(path): tuple(leaf.shape)
-                      for path, leaf in jax.tree_util.tree_leaves_with_path(theirs_tree[group])}
-            for key in sorted(set(mine) | set(theirs)):
-                if mine.get(key) != theirs.get(key):
-                    differences.append(f"{group}{key}: {theirs.get(key, 'missing')} there, {mine.get(key, 'missing')} here")
-        if differences:
-            raise ValueError(
-                f"init_from={config.init_from!r} does not match this model; differing arrays:\n  " + "\n  ".join(differences[:20])
-            )
+        def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+            return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
-    loaded = load_model(config.init_from, shardings={group: shardings[group] for group in groups}, check=check)
+        if config.init_skip or any(group not in theirs_tree or shapes(theirs_tree[group]) != shapes(params[group])
+                                   for group in groups):
+            raise _NeedsFitting
+
+    try:
+        loaded = load_model(config.init_from, shardings={group: shardings[group] for group in groups}, check=check).params
+    except _NeedsFitting:
+        source = layout.to_layout(load_model(config.init_from).params, config.model.scan_layers)
+        try:
+            fitted, notes = init_mapping.fit_params(source, jax.device_get(params), tuple(config.init_skip), groups)
+        except ValueError as error:
+            raise ValueError(f"init_from={config.init_from!r} does not fit this model. {error}") from None
+        for note in notes:
+            logger.warning("init_from: %s", note)
+        loaded = {group: jax.device_put(fitted[group], shardings[group]) for group in groups}
     logger.warning("Initialised %s from %s.", ", ".join(groups), config.init_from)
-    return {**params, **loaded.params}
+    return {**params, **loaded}

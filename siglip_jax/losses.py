@@ -113,11 +113,21 @@ def _validate(name, implementation, batch, num_shards, axes, chunk_size, bidirec
                 f"Use e.g. {_nearest(valid, chunk_size)}.")
 
 
+def clamp_log_temperature(log_temperature: jax.Array, max_temperature: float) -> jax.Array:
+    """min(t, log(max_temperature)), so exp(t) <= max_temperature, as open_clip clamps its logit scale
+    at 100; t gets no gradient while clamped. max_temperature 0 returns t unchanged."""
+    if max_temperature < 0:
+        raise ValueError(f"max_temperature must be > 0 (or 0 for no clamp), got {max_temperature}.")
+    if not max_temperature:
+        return log_temperature
+    return jnp.minimum(log_temperature, jnp.log(jnp.float32(max_temperature)))
+
+
 def contrastive_loss(image_embeddings, text_embeddings, log_temperature, bias, *,
                      name: str = "sigmoid", implementation: str = "all_gather",
                      mesh: jax.sharding.Mesh | None = None,
                      batch_axes: tuple[str, ...] = ("data", "fsdp"), chunk_size: int = 0,
-                     bidirectional: bool = False) -> jax.Array:
+                     bidirectional: bool = False, max_temperature: float = 0.0) -> jax.Array:
     """The global-batch contrastive loss, computed with the batch sharded over `batch_axes`.
 
     Args:
@@ -133,6 +143,7 @@ def contrastive_loss(image_embeddings, text_embeddings, log_temperature, bias, *
         per-device batch (each shard gives chunk_size / num_shards keys to every chunk). 'ring'
         takes 0 (whole blocks) or a divisor of the per-device batch. 'all_gather' takes 0.
       bidirectional: ring only; send blocks both ways round the ring, halving the hops.
+      max_temperature: > 0 clamps exp(t) at it (see clamp_log_temperature); 0: no clamp.
     Returns:
       The scalar float32 loss, replicated; differentiable in all four inputs.
     """
@@ -144,6 +155,7 @@ def contrastive_loss(image_embeddings, text_embeddings, log_temperature, bias, *
     _validate(name, implementation, batch, num_shards, axes, chunk_size, bidirectional)
     x, y, t, b = (jnp.asarray(a, jnp.float32) for a in
                   (image_embeddings, text_embeddings, log_temperature, bias))
+    t = clamp_log_temperature(t, max_temperature)
     if name == "softmax":
         b = jnp.zeros((), jnp.float32)  # CLIP has no bias; zero keeps one code path
     layout = losses_blockwise.Layout(name, axes, num_shards, implementation, bidirectional,

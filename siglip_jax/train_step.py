@@ -62,6 +62,7 @@ def embedding_loss(
         batch_axes=batch_axes,
         chunk_size=loss_config.chunk_size,
         bidirectional=loss_config.bidirectional,
+        max_temperature=loss_config.max_temperature,
     )
 
 

@@ -12,10 +12,12 @@ def tiny_config(**overrides):
     config.model.image.width = 32
     config.model.image.num_heads = 2
     config.model.image.depth = 2
+    config.model.image.mlp_dim = 64  # below big_vision's mu (128): faster compiles
     config.model.text.variant = "mu"
     config.model.text.vocab_size = 259
     config.model.text.max_len = 12
     config.model.text.depth = 2
+    config.model.text.mlp_dim = 64
     config.optim.warmup_steps = 0  # a nonzero first learning rate, so one step moves the parameters
     config.optim.learning_rate = 1e-3
     config.data.batch_size = 16

@@ -114,3 +114,14 @@ def _load_recipe_with_arg(path, arg):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def test_configs_saved_before_the_decay_convention_keep_optax_semantics():
+    """Runs saved before optim.weight_decay_convention existed multiplied decay by the learning rate; on
+    resume they must keep doing so, not switch to the new big_vision default (1,000x stronger at 1e-3)."""
+    import json
+
+    saved = json.loads(config_lib.default_config().to_json())
+    assert config_lib.from_json(json.dumps(saved)).optim.weight_decay_convention == "big_vision"
+    del saved["optim"]["weight_decay_convention"]
+    assert config_lib.from_json(json.dumps(saved)).optim.weight_decay_convention == "optax"

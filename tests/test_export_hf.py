@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch", reason="HF export tests need PyTorch (CPU):
 transformers = pytest.importorskip(
     "transformers", reason="HF export tests need transformers: pip install -r requirements-test.txt")
 
-from siglip_jax.export import hf, safetensors_file  # noqa: E402
+from siglip_jax.export import hf, hf_state_dict, safetensors_file  # noqa: E402
 from siglip_jax.models import two_towers  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 from tests.params_helpers import random_params  # noqa: E402
@@ -133,3 +133,21 @@ def test_unsupported_hf_config_is_refused():
         hf.config_from_hf({"model_type": "siglip", "vision_config": {"hidden_act": "relu"}, "text_config": {}})
     with pytest.raises(ValueError, match="model_type"):
         hf.config_from_hf({"model_type": "siglip2"})
+
+
+def test_scan_layers_model_exports_to_hf_and_loads_back(tmp_path, inputs):
+    """A scan_layers model (blocks stacked on a layers axis) exports to HF, transformers' embeddings equal
+    ours, and the HF directory loads back into a scan_layers model with the same embeddings."""
+    config = tiny_config(**{"model.scan_layers": True})
+    params = random_params(config)
+    assert "encoderblock" in params["img"]["Transformer"]  # stacked, the layout HF does not have
+    hf.save_hf_directory(str(tmp_path), config, params)
+    hf_model = transformers.SiglipModel.from_pretrained(str(tmp_path)).eval()
+    pixels, token_ids = inputs
+    ours = our_embeddings(config, params, pixels, token_ids)
+    theirs = hf_embeddings(hf_model, pixels, token_ids)
+    for mine, reference in zip(ours, theirs):
+        assert np.abs(mine - reference).max() < TOLERANCE
+    loaded = hf_state_dict.from_hf_state_dict(hf.read_hf_state_dict(str(tmp_path)), config.model)
+    for mine, reference in zip(our_embeddings(config, loaded, pixels, token_ids), theirs):
+        assert np.abs(mine - reference).max() < TOLERANCE

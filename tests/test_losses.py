@@ -79,6 +79,24 @@ def test_hand_computed_two_by_two():
     assert np.isclose(losses.softmax_loss(eye, eye, 0.0), 0.3132617, atol=1e-6)
 
 
+def test_temperature_clamp_hand_computed():
+    # x = y = identity, t = log 5 clamped at exp(t) = 2: logits 2 I.
+    # softmax: log(e^2 + 1) - 2 = log(1 + e^-2) = 0.1269280; sigmoid: (2 * 0.1269280 + 2 log 2) / 2 = 0.8200752.
+    eye = jnp.eye(2)
+    t = jnp.log(5.0)
+    softmax = losses.contrastive_loss(eye, eye, t, 0.0, name="softmax", max_temperature=2.0)
+    sigmoid = losses.contrastive_loss(eye, eye, t, 0.0, name="sigmoid", max_temperature=2.0)
+    assert np.isclose(softmax, 0.1269280, atol=1e-6) and np.isclose(sigmoid, 0.8200752, atol=1e-6)
+    # Below the clamp nothing changes: t = log 1.5 -> log(1 + e^-1.5) = 0.2014133.
+    unclamped = losses.contrastive_loss(eye, eye, jnp.log(1.5), 0.0, name="softmax", max_temperature=2.0)
+    assert np.isclose(unclamped, 0.2014133, atol=1e-6)
+    # While clamped, t gets no gradient (open_clip clamps the parameter itself).
+    grad_t = jax.grad(lambda t: losses.contrastive_loss(eye, eye, t, 0.0, name="softmax", max_temperature=2.0))(t)
+    assert float(grad_t) == 0.0
+    with pytest.raises(ValueError, match="max_temperature must be > 0"):
+        losses.clamp_log_temperature(t, -1.0)
+
+
 @pytest.mark.parametrize("name", losses.LOSS_NAMES)
 def test_plain_references_match_numpy(name):
     rng = np.random.default_rng(1)

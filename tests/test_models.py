@@ -105,8 +105,21 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert image_embeddings.dtype == jnp.float32  # normalised in float32
 
 
+def test_size_table_equals_big_vision():
+    """Every entry of big_vision's models/vit.py decode_variant: (width, depth, MLP width, heads)."""
+    big_vision = {
+        "mu": (32, 1, 128, 2), "Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "M": (512, 12, 2048, 8),
+        "B": (768, 12, 3072, 12), "L": (1024, 24, 4096, 16), "So400m": (1152, 27, 4304, 16),
+        "H": (1280, 32, 5120, 16), "g": (1408, 40, 6144, 16), "g-opt": (1536, 40, 6144, 16),
+        "G": (1664, 48, 8192, 16), "G-opt": (1536, 48, 8192, 16), "e": (1792, 56, 15360, 16),
+    }
+    ours = {name: (s.width, s.depth, s.mlp_dim, s.num_heads) for name, s in sizes.SIZES.items()}
+    assert ours == big_vision
+    assert sizes.parse_variant("g-opt/14") == (sizes.SIZES["g-opt"], 14)
+
+
 def test_unknown_size_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="Valid sizes: mu, Ti, S, M, B, L, So400m, g"):
+    with pytest.raises(ValueError, match="Valid sizes: mu, Ti, S, M, B, L, So400m, H, g, g-opt, G, G-opt, e"):
         sizes.parse_variant("XL/16")
 
 

@@ -4,6 +4,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from siglip_jax import hooks, loading, metrics, trainer
 from siglip_jax.export import params as params_lib
@@ -56,5 +57,16 @@ def test_init_from_copies_chosen_towers_and_refuses_mismatches(tmp_path):
 
     wider = tiny_config(**{"init_from": exported, "model.image.width": 64})
     wider_params = {**fresh, "img": {**fresh["img"], "pos_embedding": np.zeros((1, 16, 64), np.float32)}}
-    with pytest.raises(ValueError, match=r"differing arrays:\n  img\['pos_embedding'\]: \(1, 16, 32\) there, \(1, 16, 64\) here"):
+    with pytest.raises(ValueError, match=r"(?s)does not fit this model.*img/pos_embedding: \(1, 16, 32\) in the checkpoint, "
+                                         r"\(1, 16, 64\) here; add it to init_skip"):
         loading.initial_params(wider, wider_params, shardings)
+
+    # Another resolution (4x4 -> 6x6 patches): the position embedding is resampled as scipy's bilinear
+    # zoom does (big_vision's resample_posemb); init_skip keeps the fresh MAP head.
+    larger = tiny_config(**{"init_from": exported, "model.image.image_size": 24, "init_skip": ("img/MAPHead_0/.*",)})
+    larger_params = {**fresh, "img": {**fresh["img"], "pos_embedding": np.zeros((1, 36, 32), np.float32)}}
+    params = loading.initial_params(larger, larger_params, shardings)
+    expected = scipy.ndimage.zoom(np.asarray(trained["img"]["pos_embedding"]).reshape(4, 4, 32), (1.5, 1.5, 1), order=1)
+    np.testing.assert_allclose(params["img"]["pos_embedding"].reshape(6, 6, 32), expected, rtol=1e-5, atol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, params["img"]["MAPHead_0"], fresh["img"]["MAPHead_0"])
+    np.testing.assert_array_equal(params["img"]["embedding"]["kernel"], trained["img"]["embedding"]["kernel"])

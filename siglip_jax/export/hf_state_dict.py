@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from siglip_jax.models import sizes, two_towers
+from siglip_jax.models import layout, sizes, two_towers
 
 
 def image_tower_geometry(model_config: ml_collections.ConfigDict) -> tuple[sizes.TransformerSize, int, int]:
@@ -120,7 +120,8 @@ def _to_torch_layout(value: np.ndarray, kind: str, input_axes: int) -> np.ndarra
 
 def to_hf_state_dict(params, model_config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """Our params tree -> {HF SiglipModel state-dict key: numpy array}, dtypes kept."""
-    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    # HF numbers its layers: a scan_layers model's stacked blocks are unrolled first.
+    flat = traverse_util.flatten_dict(layout.unroll_blocks(jax.device_get(params)), sep="/")
     table = key_table(model_config)
     missing = sorted({ours for ours, *_ in table} - set(flat))
     extra = sorted(set(flat) - {ours for ours, *_ in table})
@@ -154,7 +155,9 @@ def abstract_params(model_config: ml_collections.ConfigDict) -> dict:
 
 def from_hf_state_dict(state_dict: dict[str, np.ndarray], model_config: ml_collections.ConfigDict) -> dict:
     """{HF key: array} -> our params tree (numpy, dtypes kept), shaped as `model_config`'s model."""
-    expected = traverse_util.flatten_dict(abstract_params(model_config), sep="/")
+    unrolled_config = ml_collections.ConfigDict(model_config.to_dict())
+    unrolled_config.scan_layers = False  # the table is per layer; stacked at the end for a scan_layers model
+    expected = traverse_util.flatten_dict(abstract_params(unrolled_config), sep="/")
     table = key_table(model_config)
     missing = sorted({hf for _, hf, *_ in table} - set(state_dict))
     if missing:
@@ -176,4 +179,4 @@ def from_hf_state_dict(state_dict: dict[str, np.ndarray], model_config: ml_colle
             raise ValueError(f"HF tensor {hf!r} has shape {state_dict[hf].shape}, which does not fit our {ours!r} "
                              f"of shape {shape}; the config.json does not describe these weights.")
         flat[ours] = np.array(value.reshape(shape))  # ascontiguousarray would turn scalars 1-d
-    return traverse_util.unflatten_dict(flat, sep="/")
+    return layout.to_layout(traverse_util.unflatten_dict(flat, sep="/"), model_config.scan_layers)
