@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from siglip_jax.evaluation import retrieval
+from siglip_jax.evaluation import blockwise
 
 # The 80 ImageNet prompt templates of CLIP's zero-shot notebook, in its order.
 IMAGENET_TEMPLATES: tuple[str, ...] = (
@@ -178,14 +178,14 @@ def classification_metrics(image_embeddings, labels, class_embeddings, ks: Seque
       recall of each class averaged over the classes present in labels (classes with no image are
       left out, as sklearn's balanced_accuracy_score, which CLIP_benchmark reports, does).
     """
-    retrieval.check_embeddings("image_embeddings", image_embeddings)
-    retrieval.check_embeddings("class_embeddings", class_embeddings)
-    retrieval.check_same_width("image_embeddings", image_embeddings, "class_embeddings", class_embeddings)
-    ks = retrieval.check_ks(ks)
+    blockwise.check_embeddings("image_embeddings", image_embeddings)
+    blockwise.check_embeddings("class_embeddings", class_embeddings)
+    blockwise.check_same_width("image_embeddings", image_embeddings, "class_embeddings", class_embeddings)
+    ks = blockwise.check_ks(ks)
     num_classes = class_embeddings.shape[0]
-    labels = retrieval.check_index_array(
+    labels = blockwise.check_index_array(
         "labels", labels, image_embeddings.shape[0], num_classes, "class_embeddings")
-    ranks = retrieval.positive_ranks(
+    ranks = blockwise.positive_ranks(
         image_embeddings, labels, class_embeddings, np.arange(num_classes, dtype=np.int32),
         block_size, normalize, query_name="image_embeddings", gallery_name="class_embeddings")
     metrics = {f"top{k}": float(np.mean(ranks <= k)) for k in ks}

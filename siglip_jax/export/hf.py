@@ -1,18 +1,10 @@
-"""Our SigLIP <-> Hugging Face `transformers.SiglipModel`: config mapping, state-dict mapping, and
-reading/writing an HF model directory (config.json, model.safetensors, tokenizer and preprocessor files).
+"""Our SigLIP <-> Hugging Face `transformers.SiglipModel`: config mapping, and reading/writing an HF
+model directory (config.json, model.safetensors, tokenizer and preprocessor files).
 
 Only numpy is needed here: the safetensors file is written directly (see safetensors_file.py), so
-exporting does not pull in PyTorch; tests use transformers as the independent reference.
-
-Layout differences handled below:
-  * Dense kernels are [in, out]; torch Linear weights are [out, in].
-  * Our attention kernels keep a heads axis: query/key/value [embed, heads, head_dim], out
-    [heads, head_dim, embed]; HF flattens heads into one [embed, embed] matrix.
-  * The MAP head uses torch.nn.MultiheadAttention, whose query/key/value weights are packed into one
-    `in_proj_weight` [3 * embed, embed] (and `in_proj_bias`).
-  * The patch embedding is an HWIO conv kernel [p, p, 3, width]; torch Conv2d is OIHW.
-  * Position embeddings are [1, length, width]; HF stores nn.Embedding weights [length, width].
-  * `t` (log temperature) and `b` are scalars; HF's logit_scale and logit_bias have shape [1].
+exporting does not pull in PyTorch; tests use transformers as the independent reference. The key
+table and the params <-> state-dict conversions are in hf_state_dict.py; their public names are
+importable from here too.
 """
 from __future__ import annotations
 
@@ -20,16 +12,16 @@ import json
 import os
 import shutil
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from siglip_jax import config as config_lib
 from siglip_jax.export import big_vision, safetensors_file
-from siglip_jax.models import layers, sizes, two_towers
+from siglip_jax.export.hf_state_dict import (  # noqa: F401  (public here since before the split)
+    abstract_params, from_hf_state_dict, key_table, to_hf_state_dict)
+from siglip_jax.export.hf_state_dict import image_tower_geometry, text_tower_size
+from siglip_jax.models import layers, sizes
 
 # Both are the tanh approximation of GELU that SigLIP's MLP blocks use (flax `approximate=True`).
 TANH_GELU_NAMES = ("gelu_pytorch_tanh", "gelu_new")
@@ -60,28 +52,12 @@ def check_exportable(model_config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _image_geometry(model_config: ml_collections.ConfigDict) -> tuple[sizes.TransformerSize, int, int]:
-    vit = two_towers.build_vit(model_config)
-    size = sizes.TransformerSize(vit.width, vit.depth, vit.mlp_dim, vit.num_heads)
-    if model_config.image.image_size % vit.patch_size:
-        raise ValueError(
-            f"model.image.image_size={model_config.image.image_size} is not a multiple of the patch size "
-            f"{vit.patch_size}; HF needs a whole number of patches."
-        )
-    return size, vit.patch_size, model_config.image.image_size
-
-
-def _text_size(model_config: ml_collections.ConfigDict) -> sizes.TransformerSize:
-    text = two_towers.build_text_transformer(model_config)
-    return sizes.TransformerSize(text.width, text.depth, text.mlp_dim, text.num_heads)
-
-
 def to_hf_config(model_config: ml_collections.ConfigDict, eos_id: int = 1, pad_id: int = 1) -> dict:
     """The config.json dict of an HF SiglipModel with our model's shapes. `eos_id`/`pad_id` are the
     tokenizer's (SigLIP pads with EOS)."""
     check_exportable(model_config)
-    image_size, patch_size, resolution = _image_geometry(model_config)
-    text_size = _text_size(model_config)
+    image_size, patch_size, resolution = image_tower_geometry(model_config)
+    text_size = text_tower_size(model_config)
     common = dict(hidden_act="gelu_pytorch_tanh", layer_norm_eps=layers.LAYER_NORM_EPSILON, attention_dropout=0.0)
     return {
         "architectures": ["SiglipModel"],
@@ -166,156 +142,6 @@ def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
     config.model.text.max_len = text.get("max_position_embeddings", 64)
     config.model.embed_dim = 0
     return config
-
-
-# ------------------------------------------------------------------------------------- parameters
-# Each entry: (our key, HF key, kind, input axes). Kinds: "copy", "scalar" ([] <-> [1]), "posemb"
-# ([1, length, width] <-> [length, width]), "flat" ([heads, head_dim] <-> [embed]), "linear" (our kernel's
-# first `input axes` axes are fan-in: flatten to [in, out] and transpose), "conv", and "packed_q/k/v"
-# (a slice of the MAP head's in_proj_weight / in_proj_bias).
-
-def _block_entries(ours: str, hf: str) -> list[tuple[str, str, str, int]]:
-    entries = [
-        (f"{ours}/LayerNorm_0/scale", f"{hf}.layer_norm1.weight", "copy", 0),
-        (f"{ours}/LayerNorm_0/bias", f"{hf}.layer_norm1.bias", "copy", 0),
-        (f"{ours}/LayerNorm_1/scale", f"{hf}.layer_norm2.weight", "copy", 0),
-        (f"{ours}/LayerNorm_1/bias", f"{hf}.layer_norm2.bias", "copy", 0),
-    ]
-    for projection, hf_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-        entries += [
-            (f"{ours}/MultiHeadDotProductAttention_0/{projection}/kernel", f"{hf}.self_attn.{hf_name}.weight", "linear", 1),
-            (f"{ours}/MultiHeadDotProductAttention_0/{projection}/bias", f"{hf}.self_attn.{hf_name}.bias", "flat", 0),
-        ]
-    entries += [
-        (f"{ours}/MultiHeadDotProductAttention_0/out/kernel", f"{hf}.self_attn.out_proj.weight", "linear", 2),
-        (f"{ours}/MultiHeadDotProductAttention_0/out/bias", f"{hf}.self_attn.out_proj.bias", "copy", 0),
-    ]
-    return entries + _mlp_entries(f"{ours}/MlpBlock_0", f"{hf}.mlp")
-
-
-def _mlp_entries(ours: str, hf: str) -> list[tuple[str, str, str, int]]:
-    return [
-        (f"{ours}/Dense_0/kernel", f"{hf}.fc1.weight", "linear", 1),
-        (f"{ours}/Dense_0/bias", f"{hf}.fc1.bias", "copy", 0),
-        (f"{ours}/Dense_1/kernel", f"{hf}.fc2.weight", "linear", 1),
-        (f"{ours}/Dense_1/bias", f"{hf}.fc2.bias", "copy", 0),
-    ]
-
-
-def key_table(model_config: ml_collections.ConfigDict) -> list[tuple[str, str, str, int]]:
-    """Every parameter of an HF-exportable model: (our "/"-joined key, HF state-dict key, kind, input axes)."""
-    image_depth = _image_geometry(model_config)[0].depth
-    text_depth = _text_size(model_config).depth
-    table = [
-        ("t", "logit_scale", "scalar", 0),
-        ("b", "logit_bias", "scalar", 0),
-        ("img/embedding/kernel", "vision_model.embeddings.patch_embedding.weight", "conv", 0),
-        ("img/embedding/bias", "vision_model.embeddings.patch_embedding.bias", "copy", 0),
-        ("img/pos_embedding", "vision_model.embeddings.position_embedding.weight", "posemb", 0),
-        ("img/Transformer/encoder_norm/scale", "vision_model.post_layernorm.weight", "copy", 0),
-        ("img/Transformer/encoder_norm/bias", "vision_model.post_layernorm.bias", "copy", 0),
-        ("img/MAPHead_0/probe", "vision_model.head.probe", "copy", 0),
-        ("img/MAPHead_0/MultiHeadDotProductAttention_0/out/kernel", "vision_model.head.attention.out_proj.weight",
-         "linear", 2),
-        ("img/MAPHead_0/MultiHeadDotProductAttention_0/out/bias", "vision_model.head.attention.out_proj.bias",
-         "copy", 0),
-        ("img/MAPHead_0/LayerNorm_0/scale", "vision_model.head.layernorm.weight", "copy", 0),
-        ("img/MAPHead_0/LayerNorm_0/bias", "vision_model.head.layernorm.bias", "copy", 0),
-        ("txt/Embed_0/embedding", "text_model.embeddings.token_embedding.weight", "copy", 0),
-        ("txt/pos_embedding", "text_model.embeddings.position_embedding.weight", "posemb", 0),
-        ("txt/Encoder_0/encoder_norm/scale", "text_model.final_layer_norm.weight", "copy", 0),
-        ("txt/Encoder_0/encoder_norm/bias", "text_model.final_layer_norm.bias", "copy", 0),
-        ("txt/head/kernel", "text_model.head.weight", "linear", 1),
-        ("txt/head/bias", "text_model.head.bias", "copy", 0),
-    ]
-    for projection in ("query", "key", "value"):
-        prefix = f"img/MAPHead_0/MultiHeadDotProductAttention_0/{projection}"
-        kind = f"packed_{projection[0]}"
-        table += [(f"{prefix}/kernel", "vision_model.head.attention.in_proj_weight", kind, 1),
-                  (f"{prefix}/bias", "vision_model.head.attention.in_proj_bias", kind, 0)]
-    table += _mlp_entries("img/MAPHead_0/MlpBlock_0", "vision_model.head.mlp")
-    for layer in range(image_depth):
-        table += _block_entries(f"img/Transformer/encoderblock_{layer}", f"vision_model.encoder.layers.{layer}")
-    for layer in range(text_depth):
-        table += _block_entries(f"txt/Encoder_0/encoderblock_{layer}", f"text_model.encoder.layers.{layer}")
-    return table
-
-
-_PACKED_SLOT = {"packed_q": 0, "packed_k": 1, "packed_v": 2}
-
-
-def _to_torch_layout(value: np.ndarray, kind: str, input_axes: int) -> np.ndarray:
-    if kind == "conv":
-        return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-    if kind == "linear" or (kind in _PACKED_SLOT and input_axes):
-        fan_in = int(np.prod(value.shape[:input_axes]))
-        return value.reshape(fan_in, -1).T
-    if kind == "posemb":
-        return value[0]  # [1, length, width] -> nn.Embedding's [length, width]
-    if kind == "scalar":
-        return value.reshape(1)
-    return value.reshape(-1) if kind in _PACKED_SLOT or kind == "flat" else value
-
-
-def to_hf_state_dict(params, model_config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """Our params tree -> {HF SiglipModel state-dict key: numpy array}, dtypes kept."""
-    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-    table = key_table(model_config)
-    missing = sorted({ours for ours, *_ in table} - set(flat))
-    extra = sorted(set(flat) - {ours for ours, *_ in table})
-    if missing or extra:
-        raise ValueError(
-            f"Parameters do not match the model config: missing {missing[:5]}, unexpected {extra[:5]}. Export the "
-            "params with the config they were trained with."
-        )
-    state_dict: dict[str, np.ndarray] = {}
-    packed: dict[str, list] = {}
-    for ours, hf, kind, input_axes in table:
-        value = _to_torch_layout(np.asarray(flat[ours]), kind, input_axes)
-        if kind in _PACKED_SLOT:
-            packed.setdefault(hf, [None, None, None])[_PACKED_SLOT[kind]] = value
-        else:
-            state_dict[hf] = np.ascontiguousarray(value)
-    for hf, parts in packed.items():
-        state_dict[hf] = np.concatenate(parts, axis=0)
-    return state_dict
-
-
-def abstract_params(model_config: ml_collections.ConfigDict) -> dict:
-    """Shapes and dtypes of the model's parameters (nothing allocated): a nested dict of ShapeDtypeStructs."""
-    model = two_towers.build_model(model_config)
-    image_size = model_config.image.image_size
-    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    tokens = jax.ShapeDtypeStruct((1, model_config.text.max_len), jnp.int32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
-    return nn.meta.unbox(variables["params"])  # drop the logical-partitioning boxes
-
-
-def from_hf_state_dict(state_dict: dict[str, np.ndarray], model_config: ml_collections.ConfigDict) -> dict:
-    """{HF key: array} -> our params tree (numpy, dtypes kept), shaped as `model_config`'s model."""
-    expected = traverse_util.flatten_dict(abstract_params(model_config), sep="/")
-    table = key_table(model_config)
-    missing = sorted({hf for _, hf, *_ in table} - set(state_dict))
-    if missing:
-        raise ValueError(
-            f"HF state dict lacks {len(missing)} tensors the config needs, e.g. {missing[:5]}. Is this a SiglipModel "
-            "checkpoint matching its config.json?"
-        )
-    flat = {}
-    for ours, hf, kind, input_axes in table:
-        value = np.asarray(state_dict[hf])
-        if kind in _PACKED_SLOT:
-            value = np.split(value, 3, axis=0)[_PACKED_SLOT[kind]]
-        if kind == "conv":
-            value = value.transpose(2, 3, 1, 0)
-        elif kind == "linear" or (kind in _PACKED_SLOT and input_axes):
-            value = value.T
-        shape = expected[ours].shape
-        if value.size != int(np.prod(shape)):
-            raise ValueError(f"HF tensor {hf!r} has shape {state_dict[hf].shape}, which does not fit our {ours!r} "
-                             f"of shape {shape}; the config.json does not describe these weights.")
-        flat[ours] = np.array(value.reshape(shape))  # ascontiguousarray would turn scalars 1-d
-    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 # ------------------------------------------------------------------------------------ directories
