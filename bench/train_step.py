@@ -1,10 +1,15 @@
 """Throughput and MFU of a SigLIP B/16 train step (224 px, 64 tokens, vocab 32k) against this machine's
 own matmul peak, measured in the same run.
 
-    python bench/train_step.py [--batch 8] [--steps 3] [--dtype float32] [--variant B/16]
+    python bench/train_step.py [--batch 8 | --batch fill] [--steps 3] [--dtype float32] [--variant B/16]
 
 On a CPU the peak is a large float32 matmul timed here; on an accelerator it is the same measurement
 (bf16), printed beside the vendor peak from siglip_jax.metrics.PEAK_TFLOPS.
+
+`--batch fill` sizes the batch to the device: one compile at a probe batch gives the compiler's
+per-example temporary bytes and the fixed state bytes, and the batch is the largest multiple of 32 that
+fits in `--fill-fraction` of the device memory (then compiled again at that size). The compiled step's
+HLO is searched for cuDNN's fused attention call, so the output says which attention ran.
 """
 from __future__ import annotations
 
@@ -30,10 +35,41 @@ def matmul_peak_tflops(dtype: str, size: int = 2048, repeats: int = 10) -> float
     return 2 * size**3 / best / 1e12
 
 
+CUDNN_ATTENTION_MARKER = "__cudnn$fmha"  # custom-call target of cuDNN's fused attention in XLA GPU HLO
+
+
+def attention_in(compiled) -> str:
+    """Which attention kernel the compiled step runs: "cuDNN fused (flash) attention" or "XLA"."""
+    return "cuDNN fused (flash) attention" if CUDNN_ATTENTION_MARKER in compiled.as_text() else "XLA"
+
+
+def fill_batch_size(config, probe_batch: int, fraction: float) -> int:
+    """The largest multiple of 32 whose compiled step fits in `fraction` of the first device's memory,
+    assuming temporary memory grows linearly with the batch (activations) on top of the state."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+        raise SystemExit("This device reports no memory limit; pass --batch N instead of --batch fill.")
+    compiled, *_ = common.compiled_train_step(config, batch_size=probe_batch)
+    memory = compiled.memory_analysis()
+    fixed = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+    per_example = memory.temp_size_in_bytes / probe_batch
+    batch = int((fraction * limit - fixed) // per_example) // 32 * 32
+    print(f"fill: {limit / 2**30:.1f} GiB device, state {fixed / 2**30:.2f} GiB, "
+          f"{per_example / 2**20:.1f} MiB per example at batch {probe_batch} -> batch {batch}", flush=True)
+    if batch < 32:
+        raise SystemExit("Not even a batch of 32 fits; use a smaller variant or remat (model.remat_policy).")
+    return batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="B/16")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", default="8", help="examples per step, or 'fill' to fill the device")
+    parser.add_argument("--fill-fraction", type=float, default=0.8, help="with --batch fill: memory share to use")
+    parser.add_argument("--remat", default="none", help="model.remat_policy (none, full, dots_saveable)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
     args = parser.parse_args()
@@ -50,6 +86,8 @@ def main() -> None:
     config.model.image.variant = args.variant
     config.model.text.variant = args.variant.split("/")[0]
     config.model.dtype = dtype
+    config.model.remat_policy = args.remat
+    args.batch = fill_batch_size(config, 32, args.fill_fraction) if args.batch == "fill" else int(args.batch)
     config.data.batch_size = args.batch
 
     peak = matmul_peak_tflops(dtype)
@@ -69,6 +107,7 @@ def main() -> None:
     vendor = metrics.peak_tflops(device.device_kind)
     print(f"device: {device.device_kind} ({device.platform}), dtype {dtype}, {args.variant} at 224 px, batch {args.batch}")
     print(f"compile: {compile_seconds:.1f} s; step: {seconds:.3f} s; {args.batch / seconds:.2f} examples/s")
+    print(f"attention: {attention_in(compiled)} (model.attention={config.model.attention})")
     print(f"analytic train FLOPs/example: {flops_per_example / 1e9:.1f} GFLOP")
     print(f"achieved: {achieved:.3f} TFLOP/s; measured {dtype} matmul peak: {peak:.3f} TFLOP/s")
     print(f"MFU vs measured peak: {100 * achieved / peak:.1f}%")

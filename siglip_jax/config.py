@@ -115,6 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
                 dtype="float32",  # compute dtype: "bfloat16" on accelerators; parameters stay float32
                 remat_policy="none",  # "none", "full" or "dots_saveable"
                 scan_layers=False,  # nn.scan over blocks: compile time independent of depth; stacked params
+                attention="auto",  # "auto" (cuDNN fused attention on GPU where it applies, else XLA), "xla", "cudnn"
                 temperature_init=10.0,  # t = log(temperature_init)
                 bias_init=-10.0,
             ),

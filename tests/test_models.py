@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from siglip_jax.config import default_config
-from siglip_jax.models import sizes, two_towers
+from siglip_jax.models import layers, sizes, two_towers
 from tests.helpers import tiny_config
 
 
@@ -161,3 +161,38 @@ def test_scanned_layers_compute_the_same_function(remat_policy):
     got = scanned_model.apply({"params": stacked}, images, tokens)
     for want, have in zip(expected, got):
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6)
+
+
+def _reference_attention(query, key, value):
+    """Softmax attention in float64 numpy: [b, q, n, h] x [b, k, n, h] -> [b, q, n, h]."""
+    scores = np.einsum("bqnh,bknh->bnqk", query, key) / np.sqrt(query.shape[-1])
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bnqk,bknh->bqnh", weights, value)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "xla"])
+def test_attention_matches_numpy(implementation):
+    rng = np.random.default_rng(0)
+    query, key, value = (rng.normal(size=(2, 5, 3, 8)).astype(np.float32) for _ in range(3))
+    got = layers.dot_product_attention(jnp.asarray(query), jnp.asarray(key), jnp.asarray(value), implementation)
+    np.testing.assert_allclose(np.asarray(got), _reference_attention(query, key, value), atol=1e-5)
+
+
+def test_auto_attention_uses_cudnn_exactly_where_it_applies():
+    query = jnp.zeros((2, 16, 4, 64), jnp.bfloat16)
+    step = jax.jit(lambda q: layers.dot_product_attention(q, q, q, "auto"))
+    hlo = step.lower(query).compile().as_text()
+    on_gpu = jax.default_backend() == "gpu"
+    assert layers.cudnn_attention_supported(query) == on_gpu
+    assert ("__cudnn$fmha" in hlo) == on_gpu
+    # float32 inputs or a head dimension cuDNN does not take stay on XLA's attention everywhere.
+    assert not layers.cudnn_attention_supported(query.astype(jnp.float32))
+    assert not layers.cudnn_attention_supported(jnp.zeros((2, 16, 4, 12), jnp.bfloat16))
+
+
+def test_unknown_attention_implementation_lists_the_valid_ones():
+    config = default_config().model
+    config.attention = "flash"
+    with pytest.raises(ValueError, match="model.attention 'flash'.*auto, xla, cudnn"):
+        two_towers.build_model(config)

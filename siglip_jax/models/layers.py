@@ -7,6 +7,7 @@ Logical names: parameters use "embed", "mlp", "heads", "kv", "vocab", "length", 
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 Dtype = Any
 LAYER_NORM_EPSILON = 1e-6  # SigLIP / big_vision ViT, and HF SiglipConfig.layer_norm_eps
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
@@ -24,6 +26,40 @@ def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
+
+
+def cudnn_attention_supported(query: jax.Array) -> bool:
+    """Whether cuDNN's fused (flash) attention can take these [batch, length, heads, head_dim] inputs:
+    a GPU backend, half-precision inputs and a head dimension that is a multiple of 8 up to 128."""
+    head_dim = query.shape[-1]
+    return (
+        jax.default_backend() == "gpu"
+        and query.dtype in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    )
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, implementation: str) -> jax.Array:
+    """[b, q, heads, head_dim] x [b, k, heads, head_dim] -> [b, q, heads, head_dim].
+
+    `implementation` "auto" takes cuDNN's fused attention where it applies and XLA's elsewhere: JAX's own
+    default (implementation=None) is XLA's on every backend, so without this a GPU never runs the
+    fused kernel. A cuDNN that refuses the inputs while tracing (an old GPU or library) falls back to XLA.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown attention implementation {implementation!r}; valid: {', '.join(ATTENTION_IMPLEMENTATIONS)}."
+        )
+    if implementation == "auto":
+        if not cudnn_attention_supported(query):
+            return jax.nn.dot_product_attention(query, key, value, implementation="xla")
+        try:
+            return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+        except (RuntimeError, NotImplementedError, ValueError) as error:
+            logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA's.", error)
+            return jax.nn.dot_product_attention(query, key, value, implementation="xla")
+    return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
 
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
@@ -96,6 +132,7 @@ class MultiHeadAttention(nn.Module):
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # an entry of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array) -> jax.Array:
@@ -118,8 +155,7 @@ class MultiHeadAttention(nn.Module):
         query = constrain(projection("query")(inputs_q), heads_layout)
         key = constrain(projection("key")(inputs_kv), heads_layout)
         value = constrain(projection("value")(inputs_kv), heads_layout)
-        # XLA's fused attention on CPU/TPU; cuDNN flash attention is chosen automatically on GPU.
-        attended = jax.nn.dot_product_attention(query, key, value)
+        attended = dot_product_attention(query, key, value, self.attention)
         attended = constrain(attended, heads_layout)
         out = HeadsProjection(
             (self.num_heads, head_dim, width), ("heads", "kv", "embed"), ("embed",),
@@ -135,12 +171,13 @@ class Encoder1DBlock(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     scanned: bool = False  # under nn.scan: take and return (carry, per-layer output)
+    attention: str = "auto"  # an entry of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, _: Any = None) -> jax.Array | tuple[jax.Array, None]:
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         y = layer_norm("LayerNorm_0", self.dtype)(x)
-        y = MultiHeadAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(y, y)
+        y = MultiHeadAttention(self.num_heads, self.dtype, self.attention, name="MultiHeadDotProductAttention_0")(y, y)
         x = x + y
         y = layer_norm("LayerNorm_1", self.dtype)(x)
         y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
@@ -177,6 +214,7 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     scan_layers: bool = False
+    attention: str = "auto"  # an entry of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -189,10 +227,10 @@ class Encoder(nn.Module):
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(self.mlp_dim, self.num_heads, self.dtype, scanned=True, name="encoderblock")(x, None)
+            x, _ = scanned(self.mlp_dim, self.num_heads, self.dtype, scanned=True, attention=self.attention, name="encoderblock")(x, None)
         else:
             for layer in range(self.depth):
-                x = block(self.mlp_dim, self.num_heads, self.dtype, name=f"encoderblock_{layer}")(x)
+                x = block(self.mlp_dim, self.num_heads, self.dtype, attention=self.attention, name=f"encoderblock_{layer}")(x)
         return layer_norm("encoder_norm", self.dtype)(x)
 
 
@@ -210,6 +248,7 @@ class MAPHead(nn.Module):
             "probe", partitioned(nn.initializers.xavier_uniform(), (None, None, "embed")), (1, 1, width)
         )
         probe = jnp.tile(probe, (batch, 1, 1)).astype(self.dtype)
+        # One query per image: XLA's attention (the default) is as fast as a fused kernel here.
         x = MultiHeadAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(probe, x)
         y = layer_norm("LayerNorm_0", self.dtype)(x)
         x = x + MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)

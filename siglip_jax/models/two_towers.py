@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from siglip_jax.models import sizes
+from siglip_jax.models import layers, sizes
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import VisionTransformer
 from siglip_jax.sharding import logical_to_shardings
@@ -57,6 +57,7 @@ def build_vit(model_config: ml_collections.ConfigDict) -> nn.Module:
         dtype=DTYPES[model_config.dtype],
         remat_policy=model_config.remat_policy,
         scan_layers=model_config.scan_layers,
+        attention=model_config.attention,
     )
 
 
@@ -73,6 +74,7 @@ def build_text_transformer(model_config: ml_collections.ConfigDict) -> nn.Module
         dtype=DTYPES[model_config.dtype],
         remat_policy=model_config.remat_policy,
         scan_layers=model_config.scan_layers,
+        attention=model_config.attention,
     )
 
 
@@ -126,6 +128,10 @@ def build_model(model_config: ml_collections.ConfigDict) -> TwoTowers:
         kind = model_config[field].kind
         if kind not in table:
             raise ValueError(f"Unknown model.{field}.kind {kind!r}; valid: {', '.join(table)}.")
+    if model_config.attention not in layers.ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown model.attention {model_config.attention!r}; valid: {', '.join(layers.ATTENTION_IMPLEMENTATIONS)}."
+        )
     if model_config.dtype not in DTYPES:
         raise ValueError(f"Unknown model.dtype {model_config.dtype!r}; valid: {', '.join(DTYPES)}.")
     return TwoTowers(

@@ -28,6 +28,7 @@ class VisionTransformer(nn.Module):
     dtype: layers.Dtype = jnp.float32
     remat_policy: str = "none"
     scan_layers: bool = False
+    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -62,7 +63,7 @@ class VisionTransformer(nn.Module):
 
         x = layers.Encoder(
             self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, self.scan_layers,
-            name="Transformer",
+            attention=self.attention, name="Transformer",
         )(x)
 
         if self.pooling == "map":
