@@ -6,7 +6,6 @@ SigLIP match probabilities for given image-text pairs.
     python eval.py --workdir /tmp/demo --pairs pairs.jsonl    # {"image": path, "text": "..."} per line
 """
 import json
-import os
 
 from absl import flags
 from ml_collections import config_flags

@@ -68,7 +68,7 @@ def run_case(name: str, dtype_name: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from siglip_jax.evaluation import retrieval
+    from siglip_jax.evaluation import blockwise, retrieval
 
     kind, gallery_size = CASES[name]
     rng = np.random.default_rng(0)
@@ -93,11 +93,11 @@ def run_case(name: str, dtype_name: str) -> dict:
         if kind == "ranks":
             targets = rng.integers(0, gallery_size, NUM_QUERIES)
             owners = np.arange(gallery_size)
-            run = lambda: retrieval.positive_ranks(queries, targets, gallery, owners)  # noqa: E731
-            block = retrieval.balanced_block_size(NUM_QUERIES, retrieval.auto_block_size(gallery_size))
+            run = lambda: blockwise.positive_ranks(queries, targets, gallery, owners)  # noqa: E731
+            block = blockwise.balanced_block_size(NUM_QUERIES, blockwise.auto_block_size(gallery_size))
             what = f"positive_ranks, {NUM_QUERIES:,} queries vs {gallery_size:,} items (block {block})"
         else:
-            run = lambda: retrieval.top_k_search(queries, gallery, k=10)  # noqa: E731
+            run = lambda: blockwise.top_k_search(queries, gallery, k=10)  # noqa: E731
             what = f"top_k_search k=10, {NUM_QUERIES:,} queries vs {gallery_size:,} items"
 
     rss_before = _rss_bytes()

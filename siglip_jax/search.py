@@ -22,7 +22,7 @@ import numpy as np
 
 from siglip_jax import cli, inference
 from siglip_jax.data import images as images_lib
-from siglip_jax.evaluation import retrieval
+from siglip_jax.evaluation import blockwise
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 CHUNK = 256  # images decoded at a time: bounds memory for large folders
@@ -114,7 +114,7 @@ def query_index(index: Index, embedder: inference.Embedder, text: str, k: int = 
         raise ValueError(f"k must be >= 1 (how many results), got {k}.")
     text_embedding = embedder.embed_texts([text])
     # Embeddings are L2-normalised, so the dot product is the cosine.
-    cosines, best = retrieval.top_k_search(text_embedding, index.embeddings, k=min(k, len(index.paths)), normalize=False)
+    cosines, best = blockwise.top_k_search(text_embedding, index.embeddings, k=min(k, len(index.paths)), normalize=False)
     cosines, best = cosines[0], best[0]
     # A softmax model normalises over the whole gallery, so score all of it, then pick.
     probabilities = embedder.probabilities(index.embeddings, text_embedding, over="images")[best, 0]

@@ -3,7 +3,6 @@ train_step -> trainer -> checkpoint/eval/export. Parsed from the source with ast
 import ast
 import os
 
-import pytest
 
 PACKAGE = os.path.join(os.path.dirname(__file__), "..", "siglip_jax")
 

@@ -1,6 +1,5 @@
 """The one loader's override rule and placement, the scoring function per loss, the embedder's buckets."""
 import jax
-import ml_collections
 import numpy as np
 import pytest
 

@@ -7,7 +7,7 @@ text_embeddings = scores.T for any scores [num_images, num_captions] we want.
 import numpy as np
 import pytest
 
-from siglip_jax.evaluation import retrieval
+from siglip_jax.evaluation import blockwise, retrieval
 
 
 def embeddings_for_scores(scores):
@@ -181,7 +181,7 @@ def test_top_k_matches_numpy_reference(gallery_block_size):
     rng = np.random.default_rng(1)
     queries = rng.normal(size=(9, 8)).astype(np.float32)
     gallery = rng.normal(size=(30, 8)).astype(np.float32)  # 30 is not a multiple of 4
-    scores, indices = retrieval.top_k_search(queries, gallery, k=5, block_size=4,
+    scores, indices = blockwise.top_k_search(queries, gallery, k=5, block_size=4,
                                              gallery_block_size=gallery_block_size)
     unit_gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
     unit_queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
@@ -198,7 +198,7 @@ def test_top_k_ties_go_to_the_lower_index_across_gallery_blocks():
     gallery[:, 1] = 1.0  # every other row is orthogonal to the query: score 0
     gallery[[1, 4, 8, 9]] = [1.0, 0.0, 0.0]
     query = np.array([[2.0, 0.0, 0.0]], np.float32)
-    scores, indices = retrieval.top_k_search(query, gallery, k=6, gallery_block_size=3, normalize=False)
+    scores, indices = blockwise.top_k_search(query, gallery, k=6, gallery_block_size=3, normalize=False)
     # Four ties at score 2 in index order, then the score-0 rows from the lowest index: 0, 2.
     np.testing.assert_array_equal(indices, [[1, 4, 8, 9, 0, 2]])
     np.testing.assert_array_equal(scores, [[2, 2, 2, 2, 0, 0]])
@@ -207,7 +207,7 @@ def test_top_k_ties_go_to_the_lower_index_across_gallery_blocks():
 def test_top_k_whole_gallery_is_a_permutation():
     rng = np.random.default_rng(2)
     gallery = rng.normal(size=(11, 4)).astype(np.float32)
-    _, indices = retrieval.top_k_search(gallery[:3], gallery, k=11, gallery_block_size=4)
+    _, indices = blockwise.top_k_search(gallery[:3], gallery, k=11, gallery_block_size=4)
     for row in indices:
         np.testing.assert_array_equal(np.sort(row), np.arange(11))
 
@@ -260,12 +260,12 @@ def test_bad_ks_k_and_shapes(small_set):
     with pytest.raises(ValueError, match="ks must be"):
         retrieval.retrieval_metrics(images, texts, ids, ks=(0, 5))
     with pytest.raises(ValueError, match=r"k must be an integer in \[1, 6\]"):
-        retrieval.top_k_search(images, texts, k=7)
+        blockwise.top_k_search(images, texts, k=7)
     with pytest.raises(ValueError, match="2-D array"):
         retrieval.retrieval_metrics(images[0], texts, ids)
 
 
 def test_balanced_block_size_pads_at_most_one_row_per_block():
-    assert retrieval.balanced_block_size(1000, 671) == 500  # 2 blocks of 500, not 671 + 329 padded
-    assert retrieval.balanced_block_size(23, 7) == 6  # 4 blocks, 24 rows: one padded row
-    assert retrieval.balanced_block_size(5, 64) == 5
+    assert blockwise.balanced_block_size(1000, 671) == 500  # 2 blocks of 500, not 671 + 329 padded
+    assert blockwise.balanced_block_size(23, 7) == 6  # 4 blocks, 24 rows: one padded row
+    assert blockwise.balanced_block_size(5, 64) == 5

@@ -26,9 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from siglip_jax.evaluation.blockwise import (  # noqa: F401  (public here since before the split)
-    auto_block_size, balanced_block_size, check_embeddings, check_index_array, check_ks,
-    check_same_width, l2_normalize, positive_ranks, to_device, top_k_search)
+from siglip_jax.evaluation.blockwise import (
+    check_embeddings, check_index_array, check_ks, check_same_width, positive_ranks)
 
 DEFAULT_KS = (1, 5, 10)
 

@@ -69,7 +69,7 @@ def match_probabilities(image_embeddings, text_embeddings, log_temperature, bias
     `over` ("texts" or "images") names the candidates a softmax normalises over; sigmoid ignores it.
 
     Builds the full matrix, so it is for small sets (a demo, a re-ranking shortlist); use
-    retrieval.top_k_search for galleries.
+    blockwise.top_k_search for galleries.
     """
     image_embeddings, text_embeddings = jnp.asarray(image_embeddings), jnp.asarray(text_embeddings)
     _check_pair_inputs(image_embeddings, text_embeddings)

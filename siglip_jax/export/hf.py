@@ -18,8 +18,7 @@ import numpy as np
 
 from siglip_jax import config as config_lib
 from siglip_jax.export import big_vision, safetensors_file
-from siglip_jax.export.hf_state_dict import (  # noqa: F401  (public here since before the split)
-    abstract_params, from_hf_state_dict, key_table, to_hf_state_dict)
+from siglip_jax.export.hf_state_dict import from_hf_state_dict, to_hf_state_dict
 from siglip_jax.export.hf_state_dict import image_tower_geometry, text_tower_size
 from siglip_jax.models import layers, sizes
 
