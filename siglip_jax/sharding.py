@@ -95,7 +95,11 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules: AxisRules) -> An
     """Tree of NamedShardings for a tree of (possibly logically boxed) abstract arrays, e.g. the output
     of `jax.eval_shape(model.init, ...)`. Unboxed leaves are replicated."""
 
-    def leaf_sharding(leaf: Any) -> NamedSharding:
+    def leaf_sharding(leaf: Any) -> Any:
+        if isinstance(leaf, nn.LogicallyPartitioned) and not hasattr(leaf.value, "shape"):
+            # A box around an empty subtree (optax's MaskedNode: no moments for a frozen parameter) holds
+            # no array; the subtree itself keeps the structure the shardings must mirror.
+            return leaf.value
         if isinstance(leaf, nn.LogicallyPartitioned):
             spec = spec_for_shape(leaf.names, leaf.value.shape, mesh, rules)
         else:
