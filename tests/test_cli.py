@@ -58,7 +58,7 @@ def test_each_cli_says_what_is_wrong_in_one_line(paths):
                                 "Did you mean 'optim.learning_rate'"),
         "total_steps=0": ([*train, f"--workdir={root / 'w3'}", "--config.total_steps=0"], "'total_steps' must be positive"),
         "workdir is a file": ([*train, f"--workdir={root / 'a_file'}"], "is a file, not a directory"),
-        "eval of a missing workdir": (["eval.py", f"--workdir={missing}"], f"No checkpoint at {missing}"),
+        "eval of a missing workdir": (["eval.py", f"--workdir={missing}"], f"Cannot load a model from {str(missing)!r}"),
         "export of a missing workdir": (["export.py", f"--workdir={missing}", "--format=params", f"--output={root / 'o'}"],
                                         missing),
         "search of an empty folder": (["-m", "siglip_jax.search", "index", str(root / "no_images"), f"--model={model}",
