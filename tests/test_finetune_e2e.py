@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch", reason="needs PyTorch (CPU): pip install -r requirements-test.txt")
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -r requirements-test.txt")
 
-from siglip_jax import inference, trainer  # noqa: E402
+from siglip_jax import loading, trainer  # noqa: E402
 from siglip_jax.config import source_config  # noqa: E402
 from siglip_jax.export import big_vision, hf  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
@@ -52,7 +52,7 @@ def test_finetune_released_checkpoint_at_new_resolution_then_export(tmp_path, so
     config.data.train = source_config("demo", split="train", size=64, image_size=24)
     workdir = str(tmp_path / "workdir")
     trainer.train(config, workdir)
-    params = inference.load_params(workdir).params
+    params = loading.load_model(workdir).params
 
     exported = str(tmp_path / "exported")
     hf.save_hf_directory(exported, config, params)

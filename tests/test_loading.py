@@ -40,7 +40,7 @@ def test_file_loads_straight_into_the_given_shardings_and_refuses_a_step(tmp_pat
 
 def test_source_from_flags_says_what_it_wants(tmp_path):
     assert loading.source_from_flags("/w", "12") == ("/w", 12)
-    with pytest.raises(ValueError, match="is a step number"):
+    with pytest.raises(ValueError, match="must be a step number"):
         loading.source_from_flags("/w", "model.msgpack")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         loading.source_from_flags(None, str(tmp_path / "missing"))
