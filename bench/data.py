@@ -39,7 +39,12 @@ def pipeline_images_per_second(num_workers: int, num_batches: int, batch_size: i
         num_workers=num_workers,
         prefetch_batches=4,
     )
-    next(batches)  # start-up (worker processes, first reads) is not throughput
+    return _images_per_second(batches, num_batches, batch_size)
+
+
+def _images_per_second(batches, num_batches: int, batch_size: int) -> float:
+    """Images/s over `num_batches` batches after the first (start-up: worker processes, first reads)."""
+    next(batches)
     start = time.perf_counter()
     for _ in range(num_batches):
         next(batches)
@@ -97,15 +102,7 @@ def stream_images_per_second(pattern: str, num_workers: int, num_images: int, ba
     batches = pipeline.train_batches(
         source, tokenizer=ByteTokenizer(64), options=pipeline.ImageOptions(224, random_crop_scale=(0.5, 1.0), random_flip=True),
         local_batch_size=batch_size, seed=0, num_workers=num_workers)
-    next(batches)  # start-up is not throughput
-    num_batches = max(1, num_images // batch_size)
-    start = time.perf_counter()
-    for _ in range(num_batches):
-        next(batches)
-    seconds = time.perf_counter() - start
-    if hasattr(batches, "close"):
-        batches.close()
-    return num_batches * batch_size / seconds
+    return _images_per_second(batches, max(1, num_images // batch_size), batch_size)
 
 
 def startup_seconds(directory: str, num_shards: int) -> float:

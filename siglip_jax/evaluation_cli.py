@@ -11,6 +11,7 @@ import ml_collections
 from siglip_jax import inference, loading, sharding
 from siglip_jax.data import images as images_lib
 from siglip_jax.data.from_config import build_source, build_tokenizer
+from siglip_jax.data.sources import caption_tables
 from siglip_jax.evaluation import runner
 
 logger = logging.getLogger(__name__)
@@ -21,17 +22,10 @@ def read_pairs(path: str) -> tuple[list[dict[str, str]], list[str]]:
     skipped and named so the rest are still scored."""
     pairs, skipped = [], []
     with open(path) as stream:
-        for line_number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                pair = json.loads(line)
-            except json.JSONDecodeError as error:
-                skipped.append(f"{path} line {line_number}: not JSON ({error})")
-                continue
+        for line_number, pair in caption_tables.json_lines(path, stream, skipped):
             if not isinstance(pair, dict) or not all(isinstance(pair.get(key), str) for key in ("image", "text")):
                 skipped.append(f"{path} line {line_number}: needs string values for 'image' and 'text', got "
-                               f"{line.strip()[:100]}")
+                               f"{json.dumps(pair)[:100]}")
                 continue
             pairs.append(pair)
     return pairs, skipped

@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import os
-from typing import Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +140,10 @@ def _jsonl_pairs(entry) -> list[tuple[str, str]] | str:
     return [(image, caption) for caption in captions]
 
 
-def read_jsonl(path: str, text: str, skipped: list[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+def json_lines(path: str, lines: Iterable[str], skipped: list[str]) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file; a line that is not JSON is named
+    in `skipped` ("path line N: not JSON ...") and passed over, so the rest are still read."""
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -150,6 +151,12 @@ def read_jsonl(path: str, text: str, skipped: list[str]) -> list[tuple[str, str]
         except json.JSONDecodeError as error:
             skipped.append(f"{path} line {line_number}: not JSON ({error}): {line.strip()[:100]!r}")
             continue
+        yield line_number, entry
+
+
+def read_jsonl(path: str, text: str, skipped: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for line_number, entry in json_lines(path, text.splitlines(), skipped):
         found = _jsonl_pairs(entry)
         if isinstance(found, str):
             skipped.append(f"{path} line {line_number}: {found}")
