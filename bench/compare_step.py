@@ -15,6 +15,7 @@ of issue 16: S/16 image and S text towers, 128 px, 32 tokens, vocabulary 32k, ba
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -27,13 +28,17 @@ LAYER_NORM_EPSILON = 1e-6
 
 
 # ------------------------------------------------------------------------------------- the floor
+# The same math as our model in the fewest lines, with the primitives ours lowers to (a strided conv for
+# the patches, jax.nn.dot_product_attention, flax's one-pass LayerNorm statistics, jnp.take for the
+# token embedding), so a gap between the two is overhead of our design, not a different algorithm.
 
 def _layer_norm(x, params):
+    import jax
     import jax.numpy as jnp
 
     mean = jnp.mean(x, axis=-1, keepdims=True)
-    variance = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * (1.0 / jnp.sqrt(variance + LAYER_NORM_EPSILON)) * params["scale"] + params["bias"]
+    variance = jnp.maximum(jnp.mean(jnp.square(x), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+    return (x - mean) * (jax.lax.rsqrt(variance + LAYER_NORM_EPSILON) * params["scale"]) + params["bias"]
 
 
 def _attention(queries_from, keys_from, params):
@@ -45,8 +50,7 @@ def _attention(queries_from, keys_from, params):
         return jnp.einsum("bld,dnh->blnh", x, params[name]["kernel"]) + params[name]["bias"]
 
     query, key, value = project(queries_from, "query"), project(keys_from, "key"), project(keys_from, "value")
-    scores = jnp.einsum("bqnh,bknh->bnqk", query, key) / jnp.sqrt(query.shape[-1]).astype(query.dtype)
-    attended = jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(scores, axis=-1), value)
+    attended = jax.nn.dot_product_attention(query, key, value)
     return jnp.einsum("blnh,nhd->bld", attended, params["out"]["kernel"]) + params["out"]["bias"]
 
 
@@ -61,8 +65,8 @@ def _encoder(x, params):
     depth = sum(name.startswith("encoderblock_") for name in params)
     for index in range(depth):
         block = params[f"encoderblock_{index}"]
-        x = x + _attention(_layer_norm(x, block["LayerNorm_0"]), _layer_norm(x, block["LayerNorm_0"]),
-                           block["MultiHeadDotProductAttention_0"])
+        y = _layer_norm(x, block["LayerNorm_0"])
+        x = x + _attention(y, y, block["MultiHeadDotProductAttention_0"])
         x = x + _mlp(_layer_norm(x, block["LayerNorm_1"]), block["MlpBlock_0"])
     return _layer_norm(x, params["encoder_norm"])
 
@@ -75,16 +79,16 @@ def _normalize(x):
 
 def floor_embed(params: Any, images, tokens):
     """The SigLIP forward pass in plain jax.numpy on our parameter tree: (images [b, d], texts [b, d])."""
+    import jax
     import jax.numpy as jnp
 
     image_params, text_params = params["img"], params["txt"]
-    patch = image_params["embedding"]["kernel"].shape[0]
+    kernel = image_params["embedding"]["kernel"]  # [patch, patch, 3, width]
+    patch = kernel.shape[0]
     x = images.astype(jnp.float32) / 127.5 - 1.0
-    batch, height, width, channels = x.shape
-    x = x.reshape(batch, height // patch, patch, width // patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(batch, -1, patch * patch * channels)
-    kernel = image_params["embedding"]["kernel"].reshape(patch * patch * channels, -1)
-    x = x @ kernel + image_params["embedding"]["bias"] + image_params["pos_embedding"]
+    x = jax.lax.conv_general_dilated(x, kernel, (patch, patch), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    batch = x.shape[0]
+    x = x.reshape(batch, -1, x.shape[-1]) + image_params["embedding"]["bias"] + image_params["pos_embedding"]
     x = _encoder(x, image_params["Transformer"])
     head = image_params["MAPHead_0"]
     probe = jnp.broadcast_to(head["probe"], (batch, 1, x.shape[-1]))
@@ -92,19 +96,35 @@ def floor_embed(params: Any, images, tokens):
     pooled = pooled + _mlp(_layer_norm(pooled, head["LayerNorm_0"]), head["MlpBlock_0"])
     image_embeddings = _normalize(pooled[:, 0])
 
-    y = text_params["Embed_0"]["embedding"][tokens] + text_params["pos_embedding"]
+    y = jnp.take(text_params["Embed_0"]["embedding"], tokens, axis=0) + text_params["pos_embedding"]
     y = _encoder(y, text_params["Encoder_0"])
     text_embeddings = _normalize(y[:, -1] @ text_params["head"]["kernel"] + text_params["head"]["bias"])
     return image_embeddings, text_embeddings
 
 
-def floor_step_fn() -> tuple[Callable, Any]:
+def floor_optimizer(optim_config):
+    """Our recipe's update in stock optax: global-norm clipping, then AdamW at a constant learning rate,
+    decaying kernels only, with the decay in big_vision's convention (wd / peak, times the rate)."""
+    import jax
+    import optax
+
+    def kernels(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(optim_config.grad_clip_norm),
+        optax.adamw(optim_config.learning_rate, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                    weight_decay=optim_config.weight_decay / optim_config.learning_rate, mask=kernels),
+    )
+
+
+def floor_step_fn(optim_config) -> tuple[Callable, Any]:
     """(jitted step(params, opt_state, images, tokens) -> (params, opt_state, loss), the optimizer)."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    optimizer = floor_optimizer(optim_config)
 
     def loss_fn(params, images, tokens):
         image_embeddings, text_embeddings = floor_embed(params, images, tokens)
@@ -162,6 +182,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation per round")
+    parser.add_argument("--depth", type=int, default=0, help="blocks per tower (0: the variant's); for dry runs")
     args = parser.parse_args()
 
     import jax
@@ -179,15 +200,20 @@ def main() -> None:
     config.model.text.vocab_size = args.vocab
     config.model.dtype = "float32"
     config.data.batch_size = args.batch
+    config.model.image.depth = config.model.text.depth = args.depth
+    # A constant learning rate, so the floor's stock optax chain is our update step for step.
     config.optim.learning_rate = LEARNING_RATE
+    config.optim.schedule, config.optim.warmup_steps = "constant", 0
     size, patch = sizes.parse_variant(args.variant)
+    if args.depth:
+        size = sizes.TransformerSize(**{**size.__dict__, "depth": args.depth})
 
     # Ours: the trainer's step, compiled for one device.
     compiled, state, batch, _ = common.compiled_train_step(config)
     our_parameters = sum(leaf.size for leaf in jax.tree.leaves(state.params))
 
     # The floor, on a copy of our initial parameters; checked against our model before timing.
-    floor_step, optimizer = floor_step_fn()
+    floor_step, optimizer = floor_step_fn(config.optim)
     floor_params = jax.tree.map(lambda leaf: jax.device_put(np.asarray(leaf)), state.params)
     images, tokens = batch["images"], batch["tokens"]
     from siglip_jax.models import two_towers
@@ -203,22 +229,29 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pytorch_step, pytorch_parameters = pytorch_step_fn(args, size, patch)
 
-    def run_ours() -> None:
+    def run_ours() -> float:
         nonlocal state
         state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
+        return float(metrics["loss"])
 
-    def run_floor() -> None:
+    def run_floor() -> float:
         floor_state[0], floor_state[1], loss = floor_step(floor_state[0], floor_state[1], images, tokens)
-        jax.block_until_ready(loss)
+        return float(loss)
 
     steps = {"ours": run_ours, "floor": run_floor, "pytorch": pytorch_step}
-    for step in steps.values():  # compile and warm up outside the timed rounds; twice, because the
-        step()                   # floor's first outputs (committed, donated) retrace it once
-        step()
+    # Compile and warm up outside the timed rounds; twice, because the floor's first outputs (committed,
+    # donated) retrace it once. The second loss already follows one update, so equal losses from ours
+    # and the floor show the same optimizer too, not only the same forward pass.
+    losses = {name: [step(), step()] for name, step in steps.items()}
+    loss_gap = max(abs(a - b) for a, b in zip(losses["ours"], losses["floor"]))
+    if loss_gap > 1e-3 * max(1.0, abs(losses["ours"][0])):
+        raise SystemExit(f"The floor's losses {losses['floor']} differ from ours {losses['ours']}: not the same step.")
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(args.rounds):
-        for name, step in steps.items():
+        # Each round starts one implementation later, so none always runs right after the same other.
+        names = list(steps)[round_index % len(steps):] + list(steps)[: round_index % len(steps)]
+        for name in names:
+            step = steps[name]
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
@@ -229,7 +262,9 @@ def main() -> None:
     device = jax.devices()[0]
     print(f"\n{args.variant} image + {args.variant.split('/')[0]} text, {args.image_size} px, {args.tokens} tokens, "
           f"vocab {args.vocab}, batch {args.batch}, float32 on {device.device_kind}; "
-          f"parameters: ours {our_parameters:,}, pytorch {pytorch_parameters:,}; floor embeddings within {difference:.1e}")
+          f"parameters: ours {our_parameters:,}, pytorch {pytorch_parameters:,}; floor embeddings within "
+          f"{difference:.1e}, first two losses within {loss_gap:.1e} (ours {losses['ours']}, pytorch "
+          f"{losses['pytorch']}); load average (1, 5, 15 min) {os.getloadavg()} on {os.cpu_count()} CPUs")
     print("| step | median s/step | range | vs pytorch | vs floor |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, values in times.items():

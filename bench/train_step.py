@@ -2,6 +2,7 @@
 own matmul peak, measured in the same run.
 
     python bench/train_step.py [--batch 8 | --batch fill] [--steps 3] [--dtype float32] [--variant B/16]
+                               [--image-size 224] [--tokens 64] [--expect-cudnn]
 
 On a CPU the peak is a large float32 matmul timed here; on an accelerator it is the same measurement
 (bf16), printed beside the vendor peak from siglip_jax.metrics.PEAK_TFLOPS.
@@ -9,7 +10,9 @@ On a CPU the peak is a large float32 matmul timed here; on an accelerator it is 
 `--batch fill` sizes the batch to the device: one compile at a probe batch gives the compiler's
 per-example temporary bytes and the fixed state bytes, and the batch is the largest multiple of 32 that
 fits in `--fill-fraction` of the device memory (then compiled again at that size). The compiled step's
-HLO is searched for cuDNN's fused attention call, so the output says which attention ran.
+HLO is searched for cuDNN's fused attention call, so the output says which attention ran; with
+`--expect-cudnn` the run fails (exit 3) when a device that supports it (a GPU, bf16, head dim 64) did not
+get it. Dry run on a CPU: `--variant mu/16 --image-size 32 --tokens 16 --batch 8 --steps 2`.
 """
 from __future__ import annotations
 
@@ -72,6 +75,10 @@ def main() -> None:
     parser.add_argument("--remat", default="none", help="model.remat_policy (none, full, dots_saveable)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--expect-cudnn", action="store_true",
+                        help="exit 3 if a GPU that supports cuDNN fused attention (bf16 inputs) runs XLA's")
     args = parser.parse_args()
 
     import jax
@@ -87,6 +94,8 @@ def main() -> None:
     config.model.text.variant = args.variant.split("/")[0]
     config.model.dtype = dtype
     config.model.remat_policy = args.remat
+    config.model.image.image_size = args.image_size
+    config.model.text.max_len = args.tokens
     args.batch = fill_batch_size(config, 32, args.fill_fraction) if args.batch == "fill" else int(args.batch)
     config.data.batch_size = args.batch
 
@@ -105,14 +114,24 @@ def main() -> None:
     flops_per_example = flops.train_flops_per_example(config.model, args.batch)
     achieved = flops_per_example * args.batch / seconds / 1e12
     vendor = metrics.peak_tflops(device.device_kind)
-    print(f"device: {device.device_kind} ({device.platform}), dtype {dtype}, {args.variant} at 224 px, batch {args.batch}")
+    print(f"device: {device.device_kind} ({device.platform}), dtype {dtype}, {args.variant} at {args.image_size} px, "
+          f"{args.tokens} tokens, batch {args.batch}")
     print(f"compile: {compile_seconds:.1f} s; step: {seconds:.3f} s; {args.batch / seconds:.2f} examples/s")
-    print(f"attention: {attention_in(compiled)} (model.attention={config.model.attention})")
+    attention = attention_in(compiled)
+    print(f"attention: {attention} (model.attention={config.model.attention})")
     print(f"analytic train FLOPs/example: {flops_per_example / 1e9:.1f} GFLOP")
     print(f"achieved: {achieved:.3f} TFLOP/s; measured {dtype} matmul peak: {peak:.3f} TFLOP/s")
     print(f"MFU vs measured peak: {100 * achieved / peak:.1f}%")
     if vendor:
         print(f"MFU vs vendor peak ({vendor:.0f} TFLOP/s): {100 * achieved / vendor:.1f}%")
+    else:
+        print(f"MFU vs vendor peak: {device.device_kind!r} is not in siglip_jax.metrics.PEAK_TFLOPS")
+    # cuDNN's kernel takes half-precision inputs on a GPU; anywhere else XLA's attention is the right answer.
+    cudnn_expected = device.platform == "gpu" and dtype in ("bfloat16", "float16")
+    verdict = "ok" if attention.startswith("cuDNN") or not cudnn_expected else "MISSING cuDNN"
+    print(f"attention check: {verdict} (cuDNN expected: {cudnn_expected})")
+    if args.expect_cudnn and verdict != "ok":
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":
