@@ -1,16 +1,22 @@
 """One SigLIP train step three ways, timed in interleaved rounds in one process:
 
   ours     this project's compiled train step (the trainer's own, through bench/common.py)
-  floor    a hand-written JAX step of the same math: the same parameters, a plain jax.numpy forward
-           pass, the sigmoid loss and optax.adamw, nothing else (no sharding annotations, no
-           non-finite guard, no metrics): what our design could reach at best
+  floor    a hand-written JAX step of the same math on the same parameters: a plain jax.numpy forward
+           pass built from the primitives ours lowers to (strided conv patches, jax.nn.dot_product_attention,
+           one-pass LayerNorm statistics, jnp.take), the sigmoid loss, and our recipe's update in stock
+           optax (global-norm clipping + AdamW, kernels decayed); no sharding annotations, no non-finite
+           guard, no metrics: what our design could reach at best
   pytorch  HF transformers' SiglipModel (its own sigmoid loss, return_loss=True) + torch.optim.AdamW
 
     python bench/compare_step.py [--rounds 3] [--steps 3] [--batch 32] [--variant S/16] [--image-size 128]
+                                 [--depth N]   (N blocks per tower instead of the variant's: quick runs)
 
-Before timing, the floor's forward pass is checked against our model on the same parameters (the
-embeddings must agree), so the floor is the same model and not a cheaper one. Defaults are the shapes
-of issue 16: S/16 image and S text towers, 128 px, 32 tokens, vocabulary 32k, batch 32, float32.
+Before timing, the floor is checked against ours: the embeddings of the same parameters must agree, and
+so must the losses of the first two steps (the second follows one optimizer update), so the floor is the
+same step and not a cheaper one. XLA's cost analysis of both compiled steps (FLOPs, bytes accessed) is
+printed too: a deterministic profile beside the noisy times. Rounds rotate the order of the three.
+Defaults are the shapes of issue 16: S/16 image and S text towers, 128 px, 32 tokens, vocabulary 32k,
+batch 32, float32, constant learning rate 1e-3.
 """
 from __future__ import annotations
 
@@ -225,6 +231,14 @@ def main() -> None:
     if difference > 1e-4:
         raise SystemExit(f"The floor's embeddings differ from our model's by {difference:.2e}: not the same model.")
     floor_state = [floor_params, optimizer.init(floor_params)]
+    floor_compiled = floor_step.lower(*floor_state, images, tokens).compile()
+    # XLA's own estimate of each compiled step's work: a deterministic profile, unlike times on a
+    # shared machine. Bytes beyond the floor's are passes over memory that our design adds.
+    for name, executable in (("ours", compiled), ("floor", floor_compiled)):
+        cost = executable.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        print(f"{name}: XLA cost analysis {cost.get('flops', 0):.3e} FLOPs, "
+              f"{cost.get('bytes accessed', 0):.3e} bytes accessed", flush=True)
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pytorch_step, pytorch_parameters = pytorch_step_fn(args, size, patch)
@@ -235,13 +249,12 @@ def main() -> None:
         return float(metrics["loss"])
 
     def run_floor() -> float:
-        floor_state[0], floor_state[1], loss = floor_step(floor_state[0], floor_state[1], images, tokens)
+        floor_state[0], floor_state[1], loss = floor_compiled(floor_state[0], floor_state[1], images, tokens)
         return float(loss)
 
     steps = {"ours": run_ours, "floor": run_floor, "pytorch": pytorch_step}
-    # Compile and warm up outside the timed rounds; twice, because the floor's first outputs (committed,
-    # donated) retrace it once. The second loss already follows one update, so equal losses from ours
-    # and the floor show the same optimizer too, not only the same forward pass.
+    # Warm up outside the timed rounds, two steps each. The second loss already follows one update, so
+    # equal losses from ours and the floor show the same optimizer too, not only the same forward pass.
     losses = {name: [step(), step()] for name, step in steps.items()}
     loss_gap = max(abs(a - b) for a, b in zip(losses["ours"], losses["floor"]))
     if loss_gap > 1e-3 * max(1.0, abs(losses["ours"][0])):
