@@ -283,6 +283,10 @@ def main() -> None:
     for name, values in times.items():
         print(f"| {name} | {medians[name]:.3f} | {min(values):.3f}-{max(values):.3f} | "
               f"{medians[name] / medians['pytorch']:.2f}x | {medians[name] / medians['floor']:.2f}x |")
+    # On a loaded machine the per-round ratios (neighbours in time) are steadier than ratios of medians.
+    for other in ("floor", "pytorch"):
+        ratios = [mine / theirs for mine, theirs in zip(times["ours"], times[other])]
+        print(f"ours / {other} per round: {', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":
