@@ -55,7 +55,7 @@ def source_config(kind: str, **args: Any) -> ml_collections.ConfigDict:
 
 
 def eval_config(kind: str, source: ml_collections.ConfigDict, **options: Any) -> ml_collections.ConfigDict:
-    """One entry of `config.evals`: kind "retrieval" or "classification" over a source."""
+    """One entry of `config.evals`: kind "retrieval", "classification" or "contrastive_loss" over a source."""
     entry = ml_collections.ConfigDict(dict(EVAL_DEFAULTS))
     entry.kind = kind
     entry.source = source
@@ -66,9 +66,11 @@ def eval_config(kind: str, source: ml_collections.ConfigDict, **options: Any) ->
     return entry
 
 
-EVAL_KINDS = ("retrieval", "classification")
+EVAL_KINDS = ("retrieval", "classification", "contrastive_loss")
 EVAL_DEFAULTS = dict(
-    kind="retrieval",  # "retrieval" (image<->text Recall@K) or "classification" (zero-shot)
+    # "retrieval" (image<->text Recall@K), "classification" (zero-shot) or "contrastive_loss" (the
+    # training loss on held-out pairs at data.batch_size: validation loss, to see overfitting)
+    kind="retrieval",
     source=None,  # source_config(...) of the eval data
     templates="imagenet",  # classification prompts: "imagenet" (CLIP's 80) or a file, one "{}" template a line
     class_names="",  # classification: a file of class names, one a line; "": the source's own names

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from siglip_jax import sharding
+from siglip_jax import losses, sharding
 from siglip_jax.data import pipeline
 from siglip_jax.embedder import Embedder
 from siglip_jax.evaluation import classification, retrieval
@@ -76,6 +76,54 @@ class ClassificationSet:
         return {**metrics, "num_images": float(len(self.images)), "num_skipped": float(self.num_skipped)}
 
 
+class ContrastiveLossSet:
+    """Validation loss: the training loss (config.loss) of held-out image-caption pairs, in batches of the
+    training batch size, so it is comparable with the training loss and shows overfitting.
+
+    Each usable record gives one pair, its first non-empty caption (deterministic, and no image twice in a
+    batch, where it would be its own negative); the last incomplete batch is left out, as training drops it.
+    """
+
+    def __init__(self, source: Any, tokenizer: Callable, image_size: int, batch_size: int,
+                 loss_config: ml_collections.ConfigDict, max_items: int = 0):
+        self.num_records = min(len(source), max_items) if max_items else len(source)
+        images, captions = [], []
+        for image, image_captions, record in pipeline.eval_records(source, image_size, self.num_records):
+            if not image_captions:
+                logger.warning("Skipped validation-loss record %s: it has no caption.", record.get("id"))
+                continue
+            images.append(image)
+            captions.append(image_captions[0])
+        num_batches = len(images) // batch_size
+        if not num_batches:
+            raise ValueError(
+                f"The contrastive_loss source {source!r} has {len(images)} usable image-caption pairs, fewer "
+                f"than one training batch (data.batch_size={batch_size}); give it more records (max_items=0 "
+                "takes all) or evaluate a larger split."
+            )
+        self.num_skipped = self.num_records - len(images)
+        self.batch_size = batch_size
+        self.num_pairs = num_batches * batch_size
+        self.images = np.stack(images[: self.num_pairs])
+        self.tokens = tokenizer(captions[: self.num_pairs])
+        self.loss_name = loss_config.name
+        self.max_temperature = loss_config.max_temperature
+
+    def evaluate(self, embedder: Embedder, params: Any) -> dict[str, float]:
+        image_embeddings = embedder.images(params, self.images)
+        text_embeddings = embedder.texts(params, self.tokens)
+        log_temperature, bias = (np.asarray(params[key], np.float32) for key in ("t", "b"))
+        batch_losses = [
+            float(losses.contrastive_loss(
+                image_embeddings[start:start + self.batch_size], text_embeddings[start:start + self.batch_size],
+                log_temperature, bias, name=self.loss_name, max_temperature=self.max_temperature,
+            ))
+            for start in range(0, self.num_pairs, self.batch_size)
+        ]
+        return {"loss": float(np.mean(batch_losses)), "num_pairs": float(self.num_pairs),
+                "num_skipped": float(self.num_skipped)}
+
+
 def _class_names(entry: ml_collections.ConfigDict, source: Any) -> list[str]:
     if entry.class_names:
         with open(entry.class_names) as stream:
@@ -106,8 +154,14 @@ def build_evaluators(
             evaluators[name] = ClassificationSet(
                 source, tokenizer, image_size, _class_names(entry, source), templates, entry.max_items
             )
+        elif entry.kind == "contrastive_loss":
+            evaluators[name] = ContrastiveLossSet(
+                source, tokenizer, image_size, config.data.batch_size, config.loss, entry.max_items
+            )
         else:
-            raise ValueError(f"Eval {name!r} has kind {entry.kind!r}; valid kinds: retrieval, classification.")
+            raise ValueError(
+                f"Eval {name!r} has kind {entry.kind!r}; valid kinds: retrieval, classification, contrastive_loss."
+            )
     return evaluators
 
 
