@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from siglip_jax import losses, sharding
-from siglip_jax.data import pipeline
+from siglip_jax.data import from_config, pipeline
 from siglip_jax.embedder import Embedder
 from siglip_jax.evaluation import classification, retrieval
 from siglip_jax.models import two_towers
@@ -143,7 +143,10 @@ def build_evaluators(
     evaluators = {}
     image_size = config.model.image.image_size
     for name, entry in config.evals.items():
-        source = build_source(entry.source)
+        try:
+            source = build_source(entry.source)
+        except FileNotFoundError as error:
+            raise from_config.missing_data_error(error, f"evals.{name}.source", entry.source) from error
         if entry.kind == "retrieval":
             evaluators[name] = RetrievalSet(source, tokenizer, image_size, entry.max_items)
         elif entry.kind == "classification":
