@@ -13,8 +13,9 @@ from jax.sharding import Mesh
 
 from siglip_jax import losses, sharding
 from siglip_jax.data import from_config, pipeline
+from siglip_jax.data import images as image_ops
 from siglip_jax.embedder import Embedder
-from siglip_jax.evaluation import classification, retrieval
+from siglip_jax.evaluation import classification, fewshot, retrieval
 from siglip_jax.models import two_towers
 from siglip_jax.models.two_towers import param_shardings
 
@@ -124,6 +125,49 @@ class ContrastiveLossSet:
                 "num_skipped": float(self.num_skipped)}
 
 
+def _labelled_images(source: Any, image_size: int, indices: Any) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for index in indices:
+        record = source[int(index)]
+        try:
+            images.append(image_ops.eval_transform(image_ops.decode_image(record["image"]), image_size))
+        except image_ops.DecodeError as error:
+            logger.warning("Skipped few-shot record %s: %s", record.get("id", index), error)
+            continue
+        labels.append(int(record["label"]))
+    return np.stack(images), np.asarray(labels, np.int32)
+
+
+class FewShotSet:
+    """Few-shot linear probe: ridge regression on frozen image embeddings of `shots` images per class of a
+    labelled train source, accuracy on a test source (or, without one, on the train source's other images)."""
+
+    def __init__(self, source: Any, test_source: Any | None, image_size: int, shots: int, l2_reg: float,
+                 seed: int = 0, max_items: int = 0):
+        self.class_names = _class_names(ml_collections.ConfigDict(dict(class_names="")), source)
+        labels = np.asarray([int(source[index]["label"]) for index in range(len(source))])
+        chosen = fewshot.select_shots(labels, shots, self.class_names, seed)
+        self.train_images, self.train_labels = _labelled_images(source, image_size, chosen)
+        if test_source is None:
+            test_source, test_indices = source, np.setdiff1d(np.arange(len(source)), chosen)
+        else:
+            test_indices = np.arange(len(test_source))
+        if max_items:
+            test_indices = test_indices[:max_items]
+        if not len(test_indices):
+            raise ValueError(f"The few-shot eval has no test images: {source!r} holds only the {shots} shots per "
+                             "class; give a test_source or more images.")
+        self.test_images, self.test_labels = _labelled_images(test_source, image_size, test_indices)
+        self.shots, self.l2_reg = shots, l2_reg
+
+    def evaluate(self, embedder: Embedder, params: Any) -> dict[str, float]:
+        accuracy = fewshot.fewshot_accuracy(
+            embedder.images(params, self.train_images), self.train_labels,
+            embedder.images(params, self.test_images), self.test_labels, len(self.class_names), self.l2_reg,
+        )
+        return {f"{self.shots}shot_accuracy": accuracy, "num_images": float(len(self.test_images))}
+
+
 def _class_names(entry: ml_collections.ConfigDict, source: Any) -> list[str]:
     if entry.class_names:
         with open(entry.class_names) as stream:
@@ -161,9 +205,15 @@ def build_evaluators(
             evaluators[name] = ContrastiveLossSet(
                 source, tokenizer, image_size, config.data.batch_size, config.loss, entry.max_items
             )
+        elif entry.kind == "fewshot":
+            test_source = None if entry.test_source is None else build_source(entry.test_source)
+            evaluators[name] = FewShotSet(
+                source, test_source, image_size, entry.shots, entry.l2_reg, config.seed, entry.max_items
+            )
         else:
             raise ValueError(
-                f"Eval {name!r} has kind {entry.kind!r}; valid kinds: retrieval, classification, contrastive_loss."
+                f"Eval {name!r} has kind {entry.kind!r}; valid kinds: retrieval, classification, "
+                "contrastive_loss, fewshot."
             )
     return evaluators
 
