@@ -55,7 +55,8 @@ def source_config(kind: str, **args: Any) -> ml_collections.ConfigDict:
 
 
 def eval_config(kind: str, source: ml_collections.ConfigDict, **options: Any) -> ml_collections.ConfigDict:
-    """One entry of `config.evals`: kind "retrieval" or "classification" over a source."""
+    """One entry of `config.evals`: kind "retrieval", "classification", "contrastive_loss" or "fewshot" over a
+    source."""
     entry = ml_collections.ConfigDict(dict(EVAL_DEFAULTS))
     entry.kind = kind
     entry.source = source
@@ -66,13 +67,19 @@ def eval_config(kind: str, source: ml_collections.ConfigDict, **options: Any) ->
     return entry
 
 
-EVAL_KINDS = ("retrieval", "classification")
+EVAL_KINDS = ("retrieval", "classification", "contrastive_loss", "fewshot")
 EVAL_DEFAULTS = dict(
-    kind="retrieval",  # "retrieval" (image<->text Recall@K) or "classification" (zero-shot)
+    # "retrieval" (image<->text Recall@K), "classification" (zero-shot) or "contrastive_loss" (the
+    # training loss on held-out pairs at data.batch_size: validation loss, to see overfitting) or "fewshot"
+    # (a ridge-regression linear probe on frozen image embeddings, as big_vision's fewshot_lsr)
+    kind="retrieval",
     source=None,  # source_config(...) of the eval data
     templates="imagenet",  # classification prompts: "imagenet" (CLIP's 80) or a file, one "{}" template a line
     class_names="",  # classification: a file of class names, one a line; "": the source's own names
     max_items=0,  # evaluate only the first N records; 0: all
+    shots=10,  # fewshot: train images per class, drawn at random (seeded by config.seed) from `source`
+    l2_reg=2.0 ** 10,  # fewshot: the ridge penalty on whitened embeddings (big_vision's default)
+    test_source=None,  # fewshot: source_config(...) of the labelled test split; None: `source`'s other images
 )
 
 
@@ -238,7 +245,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Refuses unknown keys, wrong types and out-of-range choices; returns the config."""
     _check_keys(config, default_config(), "")
     for name, entry in config.evals.items():
-        _check_keys(entry, ml_collections.ConfigDict({**EVAL_DEFAULTS, "source": source_config("demo")}), f"evals.{name}.")
+        reference = {**EVAL_DEFAULTS, "source": source_config("demo")}
+        if entry.get("test_source") is not None:
+            reference["test_source"] = source_config("demo")
+        _check_keys(entry, ml_collections.ConfigDict(reference), f"evals.{name}.")
         _check_choice(entry.kind, EVAL_KINDS, f"evals.{name}.kind")
     _check_choice(config.loss.name, LOSS_NAMES, "loss.name")
     _check_choice(config.loss.implementation, LOSS_IMPLEMENTATIONS, "loss.implementation")

@@ -16,7 +16,7 @@ from siglip_jax import config as config_lib
 from siglip_jax import checkpoint, hooks, loading, preemption, safeguards, sharding, storage
 from siglip_jax import metrics as metrics_lib
 from siglip_jax.data import pipeline
-from siglip_jax.data.from_config import build_source, build_tokenizer
+from siglip_jax.data.from_config import build_source, build_tokenizer, missing_data_error
 from siglip_jax.embedder import Embedder
 from siglip_jax import workdir as workdir_lib
 from siglip_jax.evaluation import runner
@@ -43,8 +43,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # ---- Input -----------------------------------------------------------------------------------
     tokenizer = build_tokenizer(config)
+    try:
+        train_source = build_source(config.data.train)
+    except FileNotFoundError as error:
+        raise missing_data_error(error, "data.train", config.data.train) from error
     batches = pipeline.train_batches(
-        build_source(config.data.train),
+        train_source,
         tokenizer=tokenizer,
         options=pipeline.ImageOptions(
             config.model.image.image_size, tuple(config.data.random_crop_scale), config.data.random_flip

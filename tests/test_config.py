@@ -125,3 +125,23 @@ def test_configs_saved_before_the_decay_convention_keep_optax_semantics():
     assert config_lib.from_json(json.dumps(saved)).optim.weight_decay_convention == "big_vision"
     del saved["optim"]["weight_decay_convention"]
     assert config_lib.from_json(json.dumps(saved)).optim.weight_decay_convention == "optax"
+
+
+def test_flickr8k_recipe_pointed_at_a_missing_folder_names_the_path_and_the_flag(tmp_path):
+    from siglip_jax.data.from_config import build_source, missing_data_error
+    from siglip_jax.data.tokenizers import ByteTokenizer
+    from siglip_jax.evaluation import runner
+
+    config = _load_recipe_with_arg(os.path.join(REPO, "configs", "flickr8k.py"), "small")
+    missing = str(tmp_path / "nowhere")
+    with config.unlocked():
+        config.evals = ml_collections.ConfigDict({"flickr8k": config.evals.flickr8k})
+    config.evals.flickr8k.source.args.path = missing
+    with pytest.raises(FileNotFoundError, match=(
+            rf"{missing}/Images.*'evals.flickr8k.source'.*--config\.evals\.flickr8k\.source\.args\.path=")):
+        runner.build_evaluators(config, ByteTokenizer(8), build_source)
+    config.data.train.args.path = missing
+    with pytest.raises(FileNotFoundError) as raised:
+        build_source(config.data.train)
+    message = str(missing_data_error(raised.value, "data.train", config.data.train))
+    assert f"{missing}/Images" in message and "--config.data.train.args.path=/path/to/data" in message

@@ -1,5 +1,5 @@
-"""Draws a run's curves from metrics.jsonl into one PNG: loss, learning rate, temperature t, bias b and
-every eval recall.
+"""Draws a run's curves from metrics.jsonl into one PNG: loss (with every eval's validation loss),
+learning rate, temperature t, bias b and every eval recall.
 
     python tools/plot.py /tmp/demo/metrics.jsonl --output /tmp/demo/curves.png
 """
@@ -28,8 +28,9 @@ def plot(records: list[dict], output: str) -> list[str]:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    validation_losses = sorted({key for record in records for key in record if key.endswith("/loss")})
     panels: list[tuple[str, list[str]]] = [
-        ("loss", ["loss"]),
+        ("loss", ["loss", *validation_losses]),
         ("learning rate", ["learning_rate"]),
         ("temperature exp(t)", ["temperature"]),
         ("bias b", ["bias"]),

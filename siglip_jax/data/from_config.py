@@ -14,6 +14,16 @@ def build_source(source: ml_collections.ConfigDict) -> Any:
     return sources.make_source(source.kind, **source.args.to_dict())
 
 
+def missing_data_error(error: FileNotFoundError, key: str, source: ml_collections.ConfigDict) -> FileNotFoundError:
+    """`error` (a source's missing file or folder) with the config key that named it and how to set it."""
+    location_args = [arg for arg in source.args.keys() if any(word in arg for word in ("path", "dir", "file", "shards"))]
+    arg = location_args[0] if location_args else "path"
+    return FileNotFoundError(
+        f"{str(error).rstrip('.')}: the data of config key {key!r} (source kind {source.kind!r}) is not there. "
+        f"Point it at the data with --config.{key}.args.{arg}=/path/to/data or edit the recipe."
+    )
+
+
 def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
     """The tokenizer of `config.data`, checked against the model's vocabulary."""
     tokenizer = tokenizers.make_tokenizer(

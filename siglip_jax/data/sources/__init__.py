@@ -13,8 +13,8 @@ from siglip_jax.data.demo import DemoSource
 from siglip_jax.data.sources.arrayrecord import (ArrayRecordSource, TfdsSource, decode_record,
                                                  encode_record)
 from siglip_jax.data.sources.image_folder import ImageFolderSource
-from siglip_jax.data.sources.captions import (CaptionFolderSource, CocoCaptionsSource, coco2017,
-                                              flickr8k, read_caption_table)
+from siglip_jax.data.sources.captions import (CaptionFolderSource, CocoCaptionsSource, KarpathySplitSource,
+                                              coco2017, flickr8k, read_caption_table)
 from siglip_jax.data.sources.shard_stream import WebDatasetStreamSource
 from siglip_jax.data.sources.webdataset import (WebDatasetSource, expand_shard_paths,
                                                 shard_paths_for)
@@ -26,6 +26,7 @@ SOURCES: dict[str, Callable] = {
     "coco_captions": CocoCaptionsSource,    # image_dir, annotations_json, on_missing
     "flickr8k": flickr8k,                   # path, split in train/dev/test/all
     "coco2017": coco2017,                   # path, split in train/val
+    "karpathy_split": KarpathySplitSource,  # image_dir, karpathy_json (dataset_coco.json), split in train/val/test/all
     "webdataset": WebDatasetSource,         # shards (path, glob, {000..009} range or list)
     "webdataset_stream": WebDatasetStreamSource,  # shards ({00000..09999} ranges, lists), shuffle_buffer, open_shards, resampled
     "mixture": MixtureSource,               # sources {name: dict(kind, weight, args)}, on_exhausted restart/end

@@ -200,3 +200,65 @@ def coco2017(path, split: str = "train", on_missing: str = "error") -> CocoCapti
     return CocoCaptionsSource(
         os.path.join(path, f"{split}2017"),
         os.path.join(path, "annotations", f"captions_{split}2017.json"), on_missing=on_missing)
+
+
+KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",), "all": ("train", "restval", "val", "test")}
+
+
+class KarpathySplitSource(_FileCaptionSource):
+    """COCO (or Flickr) images selected and captioned by Karpathy's split file (dataset_coco.json), the
+    standard retrieval protocol: split "test" is the 5,000 test images with 25,010 captions; "train" the
+    113,287 of train + restval.
+
+    Images are found under `image_dir` as the file says (`<filepath>/<filename>`, the 2014 folders) or,
+    for COCO 2017 folders, as `{train,val}2017/<cocoid as 12 digits>.jpg`.
+    """
+
+    def __init__(self, image_dir, karpathy_json, split: str = "test", on_missing: str = "error",
+                 encoding: str = "utf-8"):
+        if split not in KARPATHY_SPLITS:
+            raise ValueError(f"Unknown Karpathy split {split!r}; valid splits: {list(KARPATHY_SPLITS)}.")
+        self.image_dir = os.fspath(image_dir)
+        if not os.path.isdir(self.image_dir):
+            raise FileNotFoundError(f"Image folder not found: {self.image_dir!r}.")
+        path = os.fspath(karpathy_json)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Karpathy split file not found: {path!r} (dataset_coco.json of Karpathy's "
+                                    "caption_datasets).")
+        try:
+            entries = json.loads(caption_tables.read_text(path, encoding)).get("images")
+        except (json.JSONDecodeError, AttributeError) as error:
+            raise ValueError(f"{path!r} is not a Karpathy split file (JSON with an 'images' list): {error}.") from error
+        if not isinstance(entries, list):
+            raise ValueError(f"{path!r} is not a Karpathy split file: it has no 'images' list.")
+        self.skipped_rows, self.captions_by_name, self._id_by_name = [], {}, {}
+        for position, entry in enumerate(entries):
+            if not isinstance(entry, dict) or entry.get("split") not in KARPATHY_SPLITS[split]:
+                continue
+            captions = [sentence.get("raw", "").strip() for sentence in entry.get("sentences", ())
+                        if isinstance(sentence, dict) and isinstance(sentence.get("raw"), str)]
+            name = self._image_name(entry)
+            if not captions or name is None:
+                self.skipped_rows.append(f"{path}: images[{position}]: needs 'filename' and 'sentences' with 'raw' "
+                                         f"captions, got {json.dumps(entry)[:100]}")
+                continue
+            self.captions_by_name[name] = captions
+            self._id_by_name[name] = str(entry.get("cocoid", entry.get("imgid", name)))
+        caption_tables.report_skipped(path, self.skipped_rows, len(self.captions_by_name), "entries")
+        if not self.captions_by_name:
+            raise ValueError(f"{path!r} has no usable image in split {split!r}.")
+        self.names, self.missing_images = _drop_missing(self.image_dir, list(self.captions_by_name), on_missing)
+
+    def _image_name(self, entry: dict) -> str | None:
+        if not isinstance(entry.get("filename"), str):
+            return None
+        as_written = os.path.join(entry.get("filepath", ""), entry["filename"])
+        if "cocoid" in entry and not os.path.isfile(os.path.join(self.image_dir, as_written)):
+            for folder in ("val2017", "train2017"):  # the 2017 release renamed the files by id
+                renamed = os.path.join(folder, f"{int(entry['cocoid']):012d}.jpg")
+                if os.path.isfile(os.path.join(self.image_dir, renamed)):
+                    return renamed
+        return as_written
+
+    def _record_id(self, name: str) -> str:
+        return self._id_by_name[name]
