@@ -106,8 +106,13 @@ def unpack(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]
 
 def naflex_transform(image: np.ndarray, patch_size: int, max_patches: int, method: str = "bilinear") -> np.ndarray:
     """[H, W, 3] uint8 -> packed uint8 [max_patches, p * p * 3 + GRID_CHANNELS]: resized (antialiased,
-    aspect ratio kept) to the grid that fills the budget, patchified and padded."""
-    height, width = image_size_for_max_patches(image.shape[0], image.shape[1], patch_size, max_patches)
+    aspect ratio kept) to the grid that fills the budget, patchified and padded. An image this budget
+    cannot take (smaller than a patch, too elongated for one row) raises images.DecodeError, which the
+    pipeline skips and names like an unreadable file."""
+    try:
+        height, width = image_size_for_max_patches(image.shape[0], image.shape[1], patch_size, max_patches)
+    except ValueError as error:
+        raise images.DecodeError(str(error)) from None
     if (height, width) != image.shape[:2]:
         image = images.resize(image, (height, width), method)
     return pack(patchify(image, patch_size), (height // patch_size, width // patch_size), max_patches)

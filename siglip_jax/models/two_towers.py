@@ -99,6 +99,17 @@ def image_input_shape(model_config: ml_collections.ConfigDict) -> tuple[int, ...
     return (size, size, 3)
 
 
+def image_options(config: ml_collections.ConfigDict):
+    """The data pipeline's ImageOptions for this model's image tower (square pixels or NaFlex patches)."""
+    from siglip_jax.data import pipeline  # grain, only for the consumers of data
+
+    naflex_patch, naflex_budget = 0, 0
+    if config.model.image.kind == "naflex":
+        naflex_patch, naflex_budget = build_naflex_vit(config.model).patch_size, config.model.image.max_num_patches
+    return pipeline.ImageOptions(config.model.image.image_size, tuple(config.data.random_crop_scale),
+                                 config.data.random_flip, naflex_patch, naflex_budget)
+
+
 def build_text_transformer(model_config: ml_collections.ConfigDict) -> nn.Module:
     size, _ = _tower_size(model_config.text)
     return TextTransformer(
