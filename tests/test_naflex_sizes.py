@@ -30,6 +30,15 @@ def siglip2_b16_naflex(width=768):
     return config
 
 
+def _recipe_model(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().model
+
+
 def test_b16_naflex_parameter_count_equals_transformers():
     torch = pytest.importorskip("torch", reason="the reference count needs PyTorch")
     transformers = pytest.importorskip("transformers", reason="the reference count needs transformers")
@@ -39,8 +48,11 @@ def test_b16_naflex_parameter_count_equals_transformers():
         vision_config=dict(patch_size=16, num_patches=256, **tower))
     with torch.device("meta"):  # shapes only, nothing allocated
         theirs = sum(parameter.numel() for parameter in transformers.Siglip2Model(hf_config).parameters())
-    shapes = hf_state_dict.abstract_params(siglip2_b16_naflex().model)
-    ours = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+    ours_by_size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(
+        hf_state_dict.abstract_params(siglip2_b16_naflex().model)))
+    recipe = _recipe_model(os.path.join(os.path.dirname(__file__), "..", "configs", "siglip2_naflex.py"))
+    ours = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(hf_state_dict.abstract_params(recipe)))
+    assert ours == ours_by_size  # configs/siglip2_naflex.py is this size
     print(f"SigLIP 2 B/16 NaFlex parameters: ours {ours:,}, transformers {theirs:,}")
     assert ours == theirs
 
