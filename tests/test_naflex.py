@@ -126,3 +126,12 @@ def test_garbage_in_the_padding_does_not_change_the_embedding(tower):
 def _patches_and_grid(packed):
     patches, mask, grid = naflex.unpack(packed)
     return patches[mask], grid
+
+
+def test_checkpoint_posemb_that_is_no_square_grid_is_refused_with_sizes():
+    from siglip_jax.models import init_mapping
+
+    fresh = {"img": {"pos_embedding": np.zeros((1, 16, 8), np.float32)}}
+    loaded = {"img": {"pos_embedding": np.zeros((1, 20, 8), np.float32)}}
+    with pytest.raises(ValueError, match=r"\(1, 20, 8\) in the checkpoint is no square grid.*resized to \(1, 16, 8\)"):
+        init_mapping.fit_params(loaded, fresh)

@@ -55,15 +55,19 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, im
         raise ValueError(
             f"Unknown attention implementation {implementation!r}; valid: {', '.join(ATTENTION_IMPLEMENTATIONS)}."
         )
+
+    def attend(kernel: str) -> jax.Array:
+        return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=key_lengths, implementation=kernel)
+
     if implementation == "auto":
         if not cudnn_attention_supported(query):
-            return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=key_lengths, implementation="xla")
+            return attend("xla")
         try:
-            return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=key_lengths, implementation="cudnn")
+            return attend("cudnn")
         except (RuntimeError, NotImplementedError, ValueError) as error:
             logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA's.", error)
-            return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=key_lengths, implementation="xla")
-    return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=key_lengths, implementation=implementation)
+            return attend("xla")
+    return attend(implementation)
 
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
