@@ -89,6 +89,8 @@ def default_config() -> ml_collections.ConfigDict:
     image.patch_size = 0  # 0: from the variant ("B/16" -> 16)
     image.image_size = 224  # square input resolution in pixels
     image.pooling = "map"  # "map" (SigLIP), "gap" or "tok"
+    image.max_num_patches = 256  # kind "naflex": patch budget per image (aspect ratio kept, padded to it)
+    image.posemb_grid = 0  # kind "naflex": side of the stored square posemb grid; 0: sqrt(max_num_patches)
     text = _tower("transformer", "B")
     text.vocab_size = 32_000
     text.max_len = 64  # tokens per caption, EOS included

@@ -31,7 +31,7 @@ def read_pairs(path: str) -> tuple[list[dict[str, str]], list[str]]:
     return pairs, skipped
 
 
-def _readable_images(pairs: list[dict[str, str]], size: int, path: str) -> tuple[list[Any], list[str]]:
+def _readable_images(pairs: list[dict[str, str]], size: Any, path: str) -> tuple[list[Any], list[str]]:
     """Each pair's pixels (None when unreadable) and "path: image why" for those that are not."""
     pixels, skipped = [], []
     for pair in pairs:
@@ -46,7 +46,7 @@ def _readable_images(pairs: list[dict[str, str]], size: int, path: str) -> tuple
 def _score_pairs(embedder: inference.Embedder, path: str) -> tuple[list[dict[str, Any]], list[str]]:
     pairs, skipped = read_pairs(path)
     num_lines = len(pairs) + len(skipped)
-    pixels, unreadable = _readable_images(pairs, embedder.image_size, path)
+    pixels, unreadable = _readable_images(pairs, embedder.image_options, path)
     skipped += unreadable
     if skipped:
         logger.warning("Skipped %d of %d pairs in %s: %s", len(skipped), num_lines, path, "; ".join(skipped[:5]))

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from siglip_jax import embedder as embedder_lib
 from siglip_jax import loading, sharding
 from siglip_jax.data import images as images_lib
+from siglip_jax.data import pipeline
 from siglip_jax.evaluation import scores
 from siglip_jax.export import params as params_lib
 from siglip_jax.models import two_towers
@@ -37,17 +38,24 @@ def load(path: str, *, batch_size: int = 32) -> "Embedder":
 
 # ------------------------------------------------------------------------------------ preprocessing
 
-def load_image(image: ImageInput, size: int) -> np.ndarray:
+def load_image(image: ImageInput, size: int | pipeline.ImageOptions) -> np.ndarray:
     """A path, encoded bytes or a pixel array -> [size, size, 3] uint8, as the eval pipeline prepares it
-    (decode, EXIF orientation, alpha on white, bilinear squash to the square). Float arrays are read as
-    [0, 1]."""
+    (decode, EXIF orientation, alpha on white, bilinear squash to the square), or with NaFlex
+    ImageOptions the packed patches (aspect ratio kept). Float arrays are read as [0, 1]."""
     if isinstance(image, (str, os.PathLike)):
         with open(image, "rb") as file:
             image = file.read()
     pixels = images_lib.decode_image(image)
+    if isinstance(size, pipeline.ImageOptions):
+        return pipeline.eval_view(pixels, size)
     if pixels.shape[:2] != (size, size):
         pixels = images_lib.eval_transform(pixels, size)
     return pixels
+
+
+def _is_packed(image: ImageInput, shape: tuple[int, ...]) -> bool:
+    """Whether `image` is already a NaFlex model's packed patches (which load_image would misread as pixels)."""
+    return len(shape) == 2 and isinstance(image, np.ndarray) and image.shape == shape and image.dtype == np.uint8
 
 
 class Embedder:
@@ -69,6 +77,7 @@ class Embedder:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.image_size = config.model.image.image_size
+        self.image_options = two_towers.image_options(config)  # what load_image takes for this model
         self.max_len = config.model.text.max_len
         self._embedder = embedder_lib.Embedder(self.model, mesh, axis_rules, batch_size, shardings)
 
@@ -86,11 +95,15 @@ class Embedder:
         return two_towers.embedding_width(self.config.model)
 
     def embed_images(self, images: Sequence[ImageInput] | np.ndarray) -> np.ndarray:
-        """Paths, encoded bytes or pixel arrays (or one [n, h, w, 3] array) -> [n, embed] float32."""
+        """Paths, encoded bytes or pixel arrays (or one [n, h, w, 3] array) -> [n, embed] float32. For a
+        NaFlex model, packed patches uint8 [n, patches, channels] (data/naflex.py) pass as they are."""
+        shape = two_towers.image_input_shape(self.config.model)
+        if isinstance(images, np.ndarray) and len(shape) == 2 and images.shape[1:] == shape:
+            return self._embedder.images(self.params, images.astype(np.uint8))
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
-        pixels = [load_image(image, self.image_size) for image in images]
-        batch = np.stack(pixels) if pixels else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        pixels = [image if _is_packed(image, shape) else load_image(image, self.image_options) for image in images]
+        batch = np.stack(pixels) if pixels else np.zeros((0, *shape), np.uint8)
         return self._embedder.images(self.params, batch)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:

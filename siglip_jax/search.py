@@ -60,7 +60,7 @@ def build_index(embedder: inference.Embedder, image_dir: str, model: str) -> Ind
         chunk_paths, pixels = [], []
         for path in all_paths[start:start + CHUNK]:
             try:
-                pixels.append(inference.load_image(path, embedder.image_size))
+                pixels.append(inference.load_image(path, embedder.image_options))
                 chunk_paths.append(os.path.abspath(path))
             except (images_lib.DecodeError, OSError) as error:
                 print(f"skipping {path}: {error}", file=sys.stderr)

@@ -56,12 +56,15 @@ class ServedModel:
         return jax.jit(exported.call)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [n, size, size, 3] RGB -> [n, embed] float32, L2-normalised."""
+        """uint8 [n, size, size, 3] RGB (a NaFlex model: packed patches [n, patches, channels]) -> [n, embed]
+        float32, L2-normalised."""
         images = np.asarray(images)
-        expected = (self.image_size, self.image_size, 3)
-        if images.ndim != 4 or images.shape[1:] != expected or images.dtype != np.uint8:
+        expected = tuple(self.signature["images"]["shape"][1:])
+        if images.ndim != len(expected) + 1 or images.shape[1:] != expected or images.dtype != np.uint8:
+            prepare = ("siglip_jax.data.naflex.naflex_transform" if len(expected) == 2
+                       else "siglip_jax.data.images.eval_transform")
             raise ValueError(f"Images must be uint8 [n, {', '.join(map(str, expected))}], got {images.dtype} "
-                             f"{images.shape}; resize them with siglip_jax.data.images.eval_transform.")
+                             f"{images.shape}; prepare them with {prepare}.")
         return np.asarray(self._image_function(self.params, images))
 
     def embed_token_ids(self, token_ids: np.ndarray) -> np.ndarray:

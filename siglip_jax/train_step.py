@@ -182,11 +182,13 @@ def create_train_state(
     mesh: Mesh,
     axis_rules: Any,
     rng: jax.Array,
+    image_shape: tuple[int, ...] | None = None,
 ) -> tuple[TrainState, Any]:
     """Initialises the state already sharded over the mesh: shapes from `jax.eval_shape`, shardings
     from the parameters' logical names, then one jit whose outputs land in place (never whole on one
-    device). Returns the state and its tree of NamedShardings."""
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    device). Returns the state and its tree of NamedShardings. `image_shape` (one example's, e.g. a NaFlex
+    tower's packed patches) replaces the square [image_size, image_size, 3]."""
+    images = jnp.zeros((1, *(image_shape or (image_size, image_size, 3))), jnp.float32)
     tokens = jnp.zeros((1, text_length), jnp.int32)
 
     def init_boxed(rng: jax.Array) -> TrainState:
@@ -239,6 +241,7 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, initialise:
     optimizer = optim.build_optimizer(config.optim, config.total_steps)
     create = functools.partial(
         create_train_state, model, optimizer, image_size=config.model.image.image_size,
+        image_shape=two_towers.image_input_shape(config.model),
         text_length=config.model.text.max_len, mesh=mesh, axis_rules=axis_rules,
     )
     rng = jax.random.key(config.seed)

@@ -20,7 +20,7 @@ from siglip_jax.data.from_config import build_source, build_tokenizer, missing_d
 from siglip_jax.embedder import Embedder
 from siglip_jax import workdir as workdir_lib
 from siglip_jax.evaluation import runner
-from siglip_jax.models import flops
+from siglip_jax.models import flops, two_towers
 from siglip_jax.train_step import build_training
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     batches = pipeline.train_batches(
         train_source,
         tokenizer=tokenizer,
-        options=pipeline.ImageOptions(
-            config.model.image.image_size, tuple(config.data.random_crop_scale), config.data.random_flip
-        ),
+        options=two_towers.image_options(config),
         local_batch_size=config.data.batch_size // jax.process_count(),
         seed=config.seed,
         process_index=jax.process_index(),

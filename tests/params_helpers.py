@@ -9,8 +9,7 @@ from siglip_jax.models import two_towers
 def random_params(config, seed=0):
     """A params tree of numpy float32 arrays for `config`'s model."""
     model = two_towers.build_model(config.model)
-    size = config.model.image.image_size
-    images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
+    images = jax.ShapeDtypeStruct((1, *two_towers.image_input_shape(config.model)), np.float32)
     tokens = jax.ShapeDtypeStruct((1, config.model.text.max_len), np.int32)
     shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(seed), images, tokens)["params"])
     rng = np.random.default_rng(seed)

@@ -132,7 +132,7 @@ def test_unsupported_hf_config_is_refused():
     with pytest.raises(ValueError, match="hidden_act"):
         hf.config_from_hf({"model_type": "siglip", "vision_config": {"hidden_act": "relu"}, "text_config": {}})
     with pytest.raises(ValueError, match="model_type"):
-        hf.config_from_hf({"model_type": "siglip2"})
+        hf.config_from_hf({"model_type": "clip"})
 
 
 def test_scan_layers_model_exports_to_hf_and_loads_back(tmp_path, inputs):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import grain
 import numpy as np
 
-from siglip_jax.data import images
+from siglip_jax.data import images, naflex
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,16 @@ class ImageOptions:
     image_size: int
     random_crop_scale: tuple[float, float] = (1.0, 1.0)  # area fraction range; (1, 1) = whole image
     random_flip: bool = False
+    # NaFlex towers: > 0 gives packed [max_patches, p * p * 3 + 4] patches (data/naflex.py) instead of squares
+    naflex_patch_size: int = 0
+    naflex_max_patches: int = 0
+
+
+def eval_view(image: np.ndarray, options: ImageOptions) -> np.ndarray:
+    """The deterministic model input of a decoded image: the square eval view, or NaFlex's packed patches."""
+    if options.naflex_max_patches:
+        return naflex.naflex_transform(image, options.naflex_patch_size, options.naflex_max_patches)
+    return images.eval_transform(image, options.image_size)
 
 
 MAX_REPLACEMENTS = 32  # unusable records in a row before the pipeline gives up on the source
@@ -76,6 +86,14 @@ def make_example(record: dict, rng: np.random.Generator, tokenizer: Callable, op
         image = images.decode_image(record["image"])
     except images.DecodeError as error:
         return f"record {record_id}: {error}"
+    if options.naflex_max_patches:
+        # NaFlex keeps the whole image at its aspect ratio (SigLIP 2's recipe): no crop; flips only.
+        if options.random_flip and rng.random() < 0.5:
+            image = np.ascontiguousarray(image[:, ::-1])
+        try:
+            return {"images": eval_view(image, options), "tokens": tokenizer([caption])[0]}
+        except images.DecodeError as error:
+            return f"record {record_id}: {error}"
     scale = tuple(options.random_crop_scale)
     if scale == (1.0, 1.0) and image.shape[:2] == (options.image_size,) * 2 and not options.random_flip:
         pixels = image  # already the model's size, nothing to crop (the demo data)
@@ -132,14 +150,16 @@ def train_batches(
 
 
 def eval_records(
-    source: Any, image_size: int, num_records: int | None = None
+    source: Any, image_size: int | ImageOptions, num_records: int | None = None
 ) -> Iterator[tuple[np.ndarray, list[str], dict]]:
-    """(image uint8 [s, s, 3], non-empty captions, record) for each usable record of the first
-    `num_records` (default all), in order; unreadable images are logged and left out."""
+    """(image uint8 [s, s, 3] or NaFlex-packed (see ImageOptions), non-empty captions, record) for each
+    usable record of the first `num_records` (default all), in order; unreadable images are logged and
+    left out."""
+    options = image_size if isinstance(image_size, ImageOptions) else ImageOptions(image_size)
     for index in range(len(source) if num_records is None else num_records):
         record = source[index]
         try:
-            image = images.eval_transform(images.decode_image(record["image"]), image_size)
+            image = eval_view(images.decode_image(record["image"]), options)
         except images.DecodeError as error:
             logger.warning("Skipped eval record %s: %s", record.get("id", index), error)
             continue

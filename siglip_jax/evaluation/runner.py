@@ -185,7 +185,7 @@ def build_evaluators(
 ) -> dict[str, Any]:
     """name -> evaluator for each entry of `config.evals`."""
     evaluators = {}
-    image_size = config.model.image.image_size
+    image_size = two_towers.image_options(config)  # square pixels or NaFlex patches
     for name, entry in config.evals.items():
         try:
             source = build_source(entry.source)

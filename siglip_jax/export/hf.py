@@ -1,5 +1,6 @@
-"""Our SigLIP <-> Hugging Face `transformers.SiglipModel`: config mapping, and reading/writing an HF
-model directory (config.json, model.safetensors, tokenizer and preprocessor files).
+"""Our SigLIP <-> Hugging Face `transformers.SiglipModel` (a NaFlex model <-> `Siglip2Model`): config
+mapping, and reading/writing an HF model directory (config.json, model.safetensors, tokenizer and
+preprocessor files).
 
 Only numpy is needed here: the safetensors file is written directly (see safetensors_file.py), so
 exporting does not pull in PyTorch; tests use transformers as the independent reference. The key
@@ -33,9 +34,9 @@ SENTENCEPIECE_NAME = "spiece.model"  # the vocabulary file name SiglipTokenizer 
 
 def check_exportable(model_config: ml_collections.ConfigDict) -> None:
     """Raises ValueError, naming the setting and the fix, if HF's SiglipModel cannot represent the model."""
-    if model_config.image.kind != "vit" or model_config.text.kind != "transformer":
+    if model_config.image.kind not in ("vit", "naflex") or model_config.text.kind != "transformer":
         raise ValueError(
-            f"HF SiglipModel has a ViT image tower and a transformer text tower; this model has "
+            f"HF SiglipModel / Siglip2Model have a ViT or NaFlex image tower and a transformer text tower; this model has "
             f"model.image.kind={model_config.image.kind!r}, model.text.kind={model_config.text.kind!r}."
         )
     if model_config.embed_dim:
@@ -58,24 +59,28 @@ def to_hf_config(model_config: ml_collections.ConfigDict, eos_id: int = 1, pad_i
     image_size, patch_size, resolution = image_tower_geometry(model_config)
     text_size = text_tower_size(model_config)
     common = dict(hidden_act="gelu_pytorch_tanh", layer_norm_eps=layers.LAYER_NORM_EPSILON, attention_dropout=0.0)
+    naflex = model_config.image.kind == "naflex"
+    model_type = "siglip2" if naflex else "siglip"
+    # SigLIP 2 stores NaFlex's square posemb grid as its number of patches; SigLIP the square resolution.
+    geometry = {"num_patches": resolution**2} if naflex else {"image_size": resolution}
     return {
-        "architectures": ["SiglipModel"],
-        "model_type": "siglip",
+        "architectures": ["Siglip2Model" if naflex else "SiglipModel"],
+        "model_type": model_type,
         "initializer_factor": 1.0,
         "vision_config": {
-            "model_type": "siglip_vision_model",
+            "model_type": f"{model_type}_vision_model",
             "hidden_size": image_size.width,
             "intermediate_size": image_size.mlp_dim,
             "num_hidden_layers": image_size.depth,
             "num_attention_heads": image_size.num_heads,
             "num_channels": 3,
-            "image_size": resolution,
+            **geometry,
             "patch_size": patch_size,
             "vision_use_head": True,
             **common,
         },
         "text_config": {
-            "model_type": "siglip_text_model",
+            "model_type": f"{model_type}_text_model",
             "vocab_size": model_config.text.vocab_size,
             "hidden_size": text_size.width,
             "intermediate_size": text_size.mlp_dim,
@@ -99,8 +104,9 @@ def _check_hf_value(where: str, value, valid, fix: str) -> None:
 
 def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
     """Our config (model section filled in, rest default) for an HF SiglipModel config.json dict."""
-    _check_hf_value("model_type", hf_config.get("model_type"), ("siglip",),
-                    "Only SigLIP (v1) SiglipModel directories can be read; SigLIP 2 / NaFlex differ.")
+    _check_hf_value("model_type", hf_config.get("model_type"), ("siglip", "siglip2"),
+                    "Only SiglipModel and Siglip2Model (NaFlex) directories can be read.")
+    naflex = hf_config["model_type"] == "siglip2"
     vision, text = hf_config.get("vision_config", {}), hf_config.get("text_config", {})
     for where, tower in (("vision_config", vision), ("text_config", text)):
         _check_hf_value(f"{where}.hidden_act", tower.get("hidden_act", "gelu_pytorch_tanh"), TANH_GELU_NAMES,
@@ -132,8 +138,19 @@ def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
                                        vision.get("intermediate_size", 3072), vision.get("num_attention_heads", 12))
     big_vision.set_tower_size(config.model.image, image_size, patch)
     config.model.image.patch_size = patch
-    config.model.image.image_size = resolution
     config.model.image.pooling = "map"
+    if naflex:
+        config.model.image.kind = "naflex"
+        num_patches = vision.get("num_patches", 256)
+        side = int(np.sqrt(num_patches))
+        if side * side != num_patches:
+            raise ValueError(
+                f"HF vision_config.num_patches={num_patches} is not a square, so its position embeddings are no "
+                "square grid that can be resized to each image; this is not a Siglip2 NaFlex checkpoint we can read.")
+        config.model.image.posemb_grid = side
+        config.model.image.max_num_patches = num_patches  # the budget; preprocessor_config.json may set another
+    else:
+        config.model.image.image_size = resolution
     text_size = sizes.TransformerSize(text.get("hidden_size", 768), text.get("num_hidden_layers", 12),
                                       text.get("intermediate_size", 3072), text.get("num_attention_heads", 12))
     big_vision.set_tower_size(config.model.text, text_size)
@@ -168,14 +185,18 @@ def _write_sentencepiece_files(directory: str, model_path: str, max_len: int, lo
     return eos_id, eos_id  # SigLIP pads with EOS
 
 
-def _preprocessor_config(image_size: int) -> dict:
-    # Matches data/images.eval_transform + to_model_range: bilinear squash to the square, then [-1, 1].
-    return {
-        "image_processor_type": "SiglipImageProcessor", "do_resize": True,
-        "size": {"height": image_size, "width": image_size}, "resample": 2,  # PIL.Image.BILINEAR
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-    }
+def _preprocessor_config(image_config: ml_collections.ConfigDict, patch_size: int) -> dict:
+    # Matches data/images.eval_transform (data/naflex.naflex_transform) + to_model_range: bilinear resize
+    # (to the square, or aspect kept to fill the patch budget), then [-1, 1].
+    normalise = {"resample": 2,  # PIL.Image.BILINEAR
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    if image_config.kind == "naflex":
+        return {"image_processor_type": "Siglip2ImageProcessor", "do_resize": True, "patch_size": patch_size,
+                "max_num_patches": image_config.max_num_patches, **normalise}
+    size = image_config.image_size
+    return {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+            "size": {"height": size, "width": size}, **normalise}
 
 
 def save_hf_directory(directory: str, config: ml_collections.ConfigDict, params, dtype: str = "float32") -> None:
@@ -191,7 +212,7 @@ def save_hf_directory(directory: str, config: ml_collections.ConfigDict, params,
     hf_config["dtype"] = dtype
     _write_json(os.path.join(directory, "config.json"), hf_config)
     _write_json(os.path.join(directory, "preprocessor_config.json"),
-                _preprocessor_config(config.model.image.image_size))
+                _preprocessor_config(config.model.image, image_tower_geometry(config.model)[1]))
     target = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}[dtype]
     state_dict = {key: value.astype(target) for key, value in to_hf_state_dict(params, config.model).items()}
     safetensors_file.save_file(state_dict, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
@@ -222,6 +243,12 @@ def load_hf_directory(directory: str) -> tuple[ml_collections.ConfigDict, dict]:
     which our SentencePiece tokenizer does not."""
     with open(os.path.join(directory, "config.json")) as file:
         config = config_from_hf(json.load(file))
+    preprocessor = os.path.join(directory, "preprocessor_config.json")
+    if config.model.image.kind == "naflex" and os.path.isfile(preprocessor):
+        with open(preprocessor) as file:
+            budget = json.load(file).get("max_num_patches")
+        if budget:
+            config.model.image.max_num_patches = int(budget)
     params = from_hf_state_dict(read_hf_state_dict(directory), config.model)
     spiece = os.path.join(directory, SENTENCEPIECE_NAME)
     tokenizer_json = os.path.join(directory, "tokenizer.json")

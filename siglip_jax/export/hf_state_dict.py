@@ -7,7 +7,8 @@ Layout differences handled below:
     [heads, head_dim, embed]; HF flattens heads into one [embed, embed] matrix.
   * The MAP head uses torch.nn.MultiheadAttention, whose query/key/value weights are packed into one
     `in_proj_weight` [3 * embed, embed] (and `in_proj_bias`).
-  * The patch embedding is an HWIO conv kernel [p, p, 3, width]; torch Conv2d is OIHW.
+  * The patch embedding is an HWIO conv kernel [p, p, 3, width]; torch Conv2d is OIHW. A NaFlex tower
+    (HF Siglip2Model) embeds flattened patches with a Dense kernel [p * p * 3, width], a torch Linear.
   * Position embeddings are [1, length, width]; HF stores nn.Embedding weights [length, width].
   * `t` (log temperature) and `b` are scalars; HF's logit_scale and logit_bias have shape [1].
 """
@@ -24,9 +25,12 @@ from siglip_jax.models import layout, sizes, two_towers
 
 
 def image_tower_geometry(model_config: ml_collections.ConfigDict) -> tuple[sizes.TransformerSize, int, int]:
-    """(image tower size, patch size, resolution) of the ViT; raises ValueError for partial patches."""
+    """(image tower size, patch size, resolution) of the ViT; raises ValueError for partial patches. A
+    NaFlex tower has no fixed resolution: the third value is its position-embedding grid side."""
     vit = two_towers.build_vit(model_config)
     size = sizes.TransformerSize(vit.width, vit.depth, vit.mlp_dim, vit.num_heads)
+    if model_config.image.kind == "naflex":
+        return size, vit.patch_size, two_towers.naflex_posemb_grid(model_config.image)
     if model_config.image.image_size % vit.patch_size:
         raise ValueError(
             f"model.image.image_size={model_config.image.image_size} is not a multiple of the patch size "
@@ -77,7 +81,8 @@ def key_table(model_config: ml_collections.ConfigDict) -> list[tuple[str, str, s
     table = [
         ("t", "logit_scale", "scalar", 0),
         ("b", "logit_bias", "scalar", 0),
-        *_weights("img/embedding", "vision_model.embeddings.patch_embedding", "conv", 0),
+        *_weights("img/embedding", "vision_model.embeddings.patch_embedding",
+                  *(("linear", 1) if model_config.image.kind == "naflex" else ("conv", 0))),
         ("img/pos_embedding", "vision_model.embeddings.position_embedding.weight", "posemb", 0),
         *_layer_norm("img/Transformer/encoder_norm", "vision_model.post_layernorm"),
         ("img/MAPHead_0/probe", "vision_model.head.probe", "copy", 0),
@@ -146,8 +151,7 @@ def to_hf_state_dict(params, model_config: ml_collections.ConfigDict) -> dict[st
 def abstract_params(model_config: ml_collections.ConfigDict) -> dict:
     """Shapes and dtypes of the model's parameters (nothing allocated): a nested dict of ShapeDtypeStructs."""
     model = two_towers.build_model(model_config)
-    image_size = model_config.image.image_size
-    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((1, *two_towers.image_input_shape(model_config)), jnp.float32)
     tokens = jax.ShapeDtypeStruct((1, model_config.text.max_len), jnp.int32)
     variables = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
     return nn.meta.unbox(variables["params"])  # drop the logical-partitioning boxes

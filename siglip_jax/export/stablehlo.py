@@ -42,8 +42,8 @@ def export_embedders(config: ml_collections.ConfigDict, params,
     """
     model = two_towers.build_model(config.model)
     (batch,) = jax.export.symbolic_shape("batch")
-    size, max_len = config.model.image.image_size, config.model.text.max_len
-    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
+    max_len = config.model.text.max_len
+    images = jax.ShapeDtypeStruct((batch, *two_towers.image_input_shape(config.model)), jnp.uint8)
     token_ids = jax.ShapeDtypeStruct((batch, max_len), jnp.int32)
     abstract_params = _abstract(params)
 
@@ -69,9 +69,12 @@ def save_stablehlo(directory: str, config: ml_collections.ConfigDict, params, dt
         with open(os.path.join(directory, name), "wb") as file:
             file.write(exported.serialize())
     params_lib.save_params_file(os.path.join(directory, PARAMS_FILE), config, params, dtype=dtype)
-    size, max_len = config.model.image.image_size, config.model.text.max_len
+    max_len = config.model.text.max_len
+    image_range = ("packed NaFlex patches (siglip_jax.data.naflex)" if config.model.image.kind == "naflex"
+                   else "[0, 255] RGB")
     signature = {
-        "images": {"shape": ["batch", size, size, 3], "dtype": "uint8", "range": "[0, 255] RGB"},
+        "images": {"shape": ["batch", *two_towers.image_input_shape(config.model)], "dtype": "uint8",
+                   "range": image_range},
         "token_ids": {"shape": ["batch", max_len], "dtype": "int32"},
         "embedding_width": two_towers.embedding_width(config.model),
         "platforms": list(image_exported.platforms),

@@ -27,7 +27,9 @@ def encoder_flops(length: int, width: int, depth: int, mlp_dim: int) -> int:
 def image_tower_flops(model_config: ml_collections.ConfigDict) -> int:
     vit = two_towers.build_vit(model_config)
     size = model_config.image.image_size
-    tokens = (size // vit.patch_size) ** 2
+    # A NaFlex tower runs on its whole (padded) patch budget; the posemb resize is not counted.
+    tokens = (model_config.image.max_num_patches if model_config.image.kind == "naflex"
+              else (size // vit.patch_size) ** 2)
     flops = 2 * tokens * vit.patch_size**2 * 3 * vit.width
     flops += encoder_flops(tokens + (vit.pooling == "tok"), vit.width, vit.depth, vit.mlp_dim)
     if vit.pooling == "map":

@@ -79,6 +79,10 @@ def fit_params(loaded: dict, fresh: dict, skip: tuple[str, ...] = (), groups: tu
         value = np.asarray(theirs[path])
         if value.shape == shape:
             out[path] = value
+        elif path == IMAGE_POSEMB and value.ndim == 3 and math.isqrt(value.shape[1]) ** 2 != value.shape[1]:
+            problems.append(f"{path}: {value.shape} in the checkpoint is no square grid of positions "
+                            f"({value.shape[1]} is not a square), so it cannot be resized to {shape}; add it to "
+                            "init_skip to keep its fresh init, or set the model config to the checkpoint's shape")
         elif path == IMAGE_POSEMB and value.ndim == 3 and value.shape[2] == shape[2]:
             new_side = math.isqrt(shape[1])
             out[path] = resample_posemb(value, (new_side, new_side))

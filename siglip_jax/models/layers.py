@@ -40,8 +40,12 @@ def cudnn_attention_supported(query: jax.Array) -> bool:
     )
 
 
-def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, implementation: str) -> jax.Array:
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, implementation: str,
+                          key_lengths: jax.Array | None = None) -> jax.Array:
     """[b, q, heads, head_dim] x [b, k, heads, head_dim] -> [b, q, heads, head_dim].
+
+    `key_lengths` [b] int32 (optional) attends to the first key_lengths[i] keys of entry i only: padding
+    at the end of a sequence (NaFlex patches), in a form both XLA's and cuDNN's kernels take.
 
     `implementation` "auto" takes cuDNN's fused attention where it applies and XLA's elsewhere: JAX's own
     default (implementation=None) is XLA's on every backend, so without this a GPU never runs the
@@ -51,15 +55,19 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, im
         raise ValueError(
             f"Unknown attention implementation {implementation!r}; valid: {', '.join(ATTENTION_IMPLEMENTATIONS)}."
         )
+
+    def attend(kernel: str) -> jax.Array:
+        return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=key_lengths, implementation=kernel)
+
     if implementation == "auto":
         if not cudnn_attention_supported(query):
-            return jax.nn.dot_product_attention(query, key, value, implementation="xla")
+            return attend("xla")
         try:
-            return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+            return attend("cudnn")
         except (RuntimeError, NotImplementedError, ValueError) as error:
             logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA's.", error)
-            return jax.nn.dot_product_attention(query, key, value, implementation="xla")
-    return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+            return attend("xla")
+    return attend(implementation)
 
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
@@ -135,8 +143,9 @@ class MultiHeadAttention(nn.Module):
     attention: str = "xla"  # an entry of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
-    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array) -> jax.Array:
-        """[batch, q_length, embed], [batch, kv_length, embed] -> [batch, q_length, embed]."""
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, key_lengths: jax.Array | None = None) -> jax.Array:
+        """[batch, q_length, embed], [batch, kv_length, embed] -> [batch, q_length, embed]; `key_lengths`
+        [batch] (optional): only the first key_lengths[i] keys are attended to (see dot_product_attention)."""
         width = inputs_q.shape[-1]
         if width % self.num_heads:
             raise ValueError(
@@ -155,7 +164,7 @@ class MultiHeadAttention(nn.Module):
         query = constrain(projection("query")(inputs_q), heads_layout)
         key = constrain(projection("key")(inputs_kv), heads_layout)
         value = constrain(projection("value")(inputs_kv), heads_layout)
-        attended = dot_product_attention(query, key, value, self.attention)
+        attended = dot_product_attention(query, key, value, self.attention, key_lengths)
         attended = constrain(attended, heads_layout)
         out = HeadsProjection(
             (self.num_heads, head_dim, width), ("heads", "kv", "embed"), ("embed",),
@@ -174,10 +183,11 @@ class Encoder1DBlock(nn.Module):
     attention: str = "auto"  # an entry of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
-    def __call__(self, x: jax.Array, _: Any = None) -> jax.Array | tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, key_lengths: jax.Array | None = None) -> jax.Array | tuple[jax.Array, None]:
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         y = layer_norm("LayerNorm_0", self.dtype)(x)
-        y = MultiHeadAttention(self.num_heads, self.dtype, self.attention, name="MultiHeadDotProductAttention_0")(y, y)
+        y = MultiHeadAttention(self.num_heads, self.dtype, self.attention, name="MultiHeadDotProductAttention_0")(
+            y, y, key_lengths)
         x = x + y
         y = layer_norm("LayerNorm_1", self.dtype)(x)
         y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
@@ -217,20 +227,22 @@ class Encoder(nn.Module):
     attention: str = "auto"  # an entry of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_lengths: jax.Array | None = None) -> jax.Array:
+        """[batch, length, embed] -> same; `key_lengths` [batch] masks padding at the end (NaFlex)."""
         block = _remat_block(self.remat_policy, self.scan_layers)
         if self.scan_layers:
             scanned = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
+                in_axes=nn.broadcast,  # the same key lengths for every layer
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(self.mlp_dim, self.num_heads, self.dtype, scanned=True, attention=self.attention, name="encoderblock")(x, None)
+            x, _ = scanned(self.mlp_dim, self.num_heads, self.dtype, scanned=True, attention=self.attention, name="encoderblock")(x, key_lengths)
         else:
             for layer in range(self.depth):
-                x = block(self.mlp_dim, self.num_heads, self.dtype, attention=self.attention, name=f"encoderblock_{layer}")(x)
+                x = block(self.mlp_dim, self.num_heads, self.dtype, attention=self.attention, name=f"encoderblock_{layer}")(x, key_lengths)
         return layer_norm("encoder_norm", self.dtype)(x)
 
 
@@ -242,14 +254,14 @@ class MAPHead(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_lengths: jax.Array | None = None) -> jax.Array:
         batch, _, width = x.shape
         probe = self.param(
             "probe", partitioned(nn.initializers.xavier_uniform(), (None, None, "embed")), (1, 1, width)
         )
         probe = jnp.tile(probe, (batch, 1, 1)).astype(self.dtype)
         # One query per image: XLA's attention (the default) is as fast as a fused kernel here.
-        x = MultiHeadAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(probe, x)
+        x = MultiHeadAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_0")(probe, x, key_lengths)
         y = layer_norm("LayerNorm_0", self.dtype)(x)
         x = x + MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
         return x[:, 0]

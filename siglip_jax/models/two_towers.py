@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from siglip_jax.data import naflex as naflex_data
 from siglip_jax.models import layers, sizes
+from siglip_jax.models.naflex import NaFlexVisionTransformer
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import VisionTransformer
 from siglip_jax.sharding import logical_to_shardings
@@ -61,6 +63,53 @@ def build_vit(model_config: ml_collections.ConfigDict) -> nn.Module:
     )
 
 
+def naflex_posemb_grid(image_config: ml_collections.ConfigDict) -> int:
+    """The side of a NaFlex tower's stored square position-embedding grid."""
+    if image_config.posemb_grid:
+        return image_config.posemb_grid
+    side = math.isqrt(image_config.max_num_patches)
+    if side * side != image_config.max_num_patches:
+        raise ValueError(
+            f"model.image.max_num_patches={image_config.max_num_patches} is not a square, so it gives no square "
+            f"position-embedding grid; set model.image.posemb_grid (e.g. {max(side, 1)}) or a square budget.")
+    return side
+
+
+def build_naflex_vit(model_config: ml_collections.ConfigDict) -> nn.Module:
+    vit = build_vit(model_config)
+    if model_config.image.pooling != "map":
+        raise ValueError(f"model.image.kind='naflex' pools with the MAP head only; set model.image.pooling='map' "
+                         f"(got {model_config.image.pooling!r}).")
+    if model_config.image.max_num_patches < 1:
+        raise ValueError(f"model.image.max_num_patches must be positive, got {model_config.image.max_num_patches}.")
+    return NaFlexVisionTransformer(
+        patch_size=vit.patch_size, width=vit.width, depth=vit.depth, mlp_dim=vit.mlp_dim, num_heads=vit.num_heads,
+        posemb_grid=naflex_posemb_grid(model_config.image), head_dim=vit.head_dim, dtype=vit.dtype,
+        remat_policy=vit.remat_policy, scan_layers=vit.scan_layers, attention=vit.attention,
+    )
+
+
+def image_input_shape(model_config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """One example's image array: [size, size, 3] pixels, or a NaFlex tower's packed
+    [max_num_patches, p * p * 3 + 4] (data/naflex.py)."""
+    if model_config.image.kind == "naflex":
+        patch = build_naflex_vit(model_config).patch_size
+        return (model_config.image.max_num_patches, naflex_data.packed_channels(patch))
+    size = model_config.image.image_size
+    return (size, size, 3)
+
+
+def image_options(config: ml_collections.ConfigDict):
+    """The data pipeline's ImageOptions for this model's image tower (square pixels or NaFlex patches)."""
+    from siglip_jax.data import pipeline  # grain, only for the consumers of data
+
+    naflex_patch, naflex_budget = 0, 0
+    if config.model.image.kind == "naflex":
+        naflex_patch, naflex_budget = build_naflex_vit(config.model).patch_size, config.model.image.max_num_patches
+    return pipeline.ImageOptions(config.model.image.image_size, tuple(config.data.random_crop_scale),
+                                 config.data.random_flip, naflex_patch, naflex_budget)
+
+
 def build_text_transformer(model_config: ml_collections.ConfigDict) -> nn.Module:
     size, _ = _tower_size(model_config.text)
     return TextTransformer(
@@ -78,7 +127,8 @@ def build_text_transformer(model_config: ml_collections.ConfigDict) -> nn.Module
     )
 
 
-IMAGE_TOWERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {"vit": build_vit}
+IMAGE_TOWERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    "vit": build_vit, "naflex": build_naflex_vit}
 TEXT_TOWERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {"transformer": build_text_transformer}
 
 
@@ -145,8 +195,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> TwoTowers:
 def param_shardings(model_config: ml_collections.ConfigDict, mesh: Mesh, axis_rules: Any) -> Any:
     """The parameters' layout on `mesh` (as in training), from their logical axis names; traced only."""
     model = build_model(model_config)
-    size, length = model_config.image.image_size, model_config.text.max_len
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    tokens = jnp.zeros((1, length), jnp.int32)
+    images = jnp.zeros((1, *image_input_shape(model_config)), jnp.float32)
+    tokens = jnp.zeros((1, model_config.text.max_len), jnp.int32)
     boxed = jax.eval_shape(lambda rng: model.init(rng, images, tokens)["params"], jax.random.key(0))
     return logical_to_shardings(boxed, mesh, axis_rules)
