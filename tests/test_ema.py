@@ -117,3 +117,14 @@ def test_checkpoints_keep_the_ema_and_weights_choose_it_for_loading_and_export(t
     assert processes["export"].returncode == 0, outputs["export"][1][-2000:]
     jax.tree.map(np.testing.assert_array_equal, params_lib.load_params_file(exported).params, ema)
     assert processes["no_ema"].returncode != 0 and "has no EMA of the parameters" in outputs["no_ema"][1]
+
+
+def test_init_from_restarts_the_ema_at_the_loaded_parameters_in_buffers_of_its_own():
+    loaded = {"w": jnp.arange(4.0), "t": jnp.float32(2.0)}
+    state = EmaTrainState(step=jnp.int32(0), params={"w": jnp.zeros(4), "t": jnp.float32(0.0)}, opt_state=(),
+                          ema_params={"w": jnp.ones(4), "t": jnp.float32(1.0)})
+    started = state.with_params(loaded)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(started.ema_params), jax.device_get(loaded))
+    # The step donates the whole state: params and EMA sharing a buffer would make that fail.
+    stepped = jax.jit(lambda s: s.replace(params=jax.tree.map(lambda p: p + 1, s.params)), donate_argnums=0)(started)
+    np.testing.assert_array_equal(stepped.ema_params["w"], np.arange(4.0))
