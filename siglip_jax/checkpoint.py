@@ -244,7 +244,7 @@ class Checkpointer:
             return restored[STATE], step
         raise NoCheckpointError(
             f"No readable checkpoint in {self.root}: " + ("; ".join(failures) or "there are none") + ". If the "
-            "config changed the optimizer's structure (optim.name, grad_clip_norm or weight_decay to or from 0), "
+            "config changed the optimizer's structure (optim.name, grad_clip_norm, weight_decay or ema_decay to or from 0), "
             "start a new workdir with init_from set to this one. Otherwise delete the broken step directories."
         )
 
@@ -354,17 +354,32 @@ def read_saved_config(step_dir: epath.Path) -> ml_collections.ConfigDict:
     return config_lib.from_json((step_dir / CONFIG / "metadata").read_text())  # JsonSave's file
 
 
-def saved_params_shapes(path: str, *, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
-    """(config, the parameters' shapes and dtypes) of a checkpoint, from its metadata: no array is read."""
+def _weights_field(saved_state: dict, weights: str, step_dir: epath.Path) -> str:
+    """The TrainState field holding `weights` ("raw" or "ema", config.WEIGHTS), checked to be saved."""
+    if weights not in config_lib.WEIGHTS:
+        raise ValueError(f"Unknown weights {weights!r}; valid: {', '.join(config_lib.WEIGHTS)}.")
+    field = "ema_params" if weights == "ema" else "params"
+    if not isinstance(saved_state.get(field), dict):
+        raise NoCheckpointError(f"The checkpoint {step_dir} has no EMA of the parameters (its run had "
+                                "optim.ema_decay=0); load its raw weights (--weights raw), or train with "
+                                "optim.ema_decay > 0.")
+    return field
+
+
+def saved_params_shapes(path: str, *, step: int | None = None, weights: str = "raw") -> tuple[ml_collections.ConfigDict, Any]:
+    """(config, the shapes and dtypes of the parameters or, with weights="ema", of their EMA) of a
+    checkpoint, from its metadata: no array is read."""
     root, step = _resolve(path, step)
     step_dir = root / str(step)
-    return read_saved_config(step_dir), ocp.PyTreeCheckpointHandler().metadata(step_dir / STATE).tree["params"]
+    saved_state = ocp.PyTreeCheckpointHandler().metadata(step_dir / STATE).tree
+    return read_saved_config(step_dir), saved_state[_weights_field(saved_state, weights, step_dir)]
 
 
 def restore_params(
-    path: str, *, step: int | None = None, mesh: Mesh | None = None, shardings: Any = None
+    path: str, *, step: int | None = None, mesh: Mesh | None = None, shardings: Any = None, weights: str = "raw"
 ) -> tuple[Any, ml_collections.ConfigDict]:
-    """The parameters (no optimizer state) and the config of a checkpoint.
+    """The parameters (no optimizer state) and the config of a checkpoint; with weights="ema", the
+    parameters' exponential moving average (optim.ema_decay) instead.
 
     `path` is a workdir, its checkpoints/ directory or one step's directory; without `step`, the latest
     complete checkpoint. Placement: `shardings` (a tree like the parameters, or a dict over some of
@@ -376,7 +391,9 @@ def restore_params(
     config = read_saved_config(step_dir)
     state_dir = step_dir / STATE
     with ocp.PyTreeCheckpointer() as reader:
-        saved_params = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree["params"]
+        saved_state = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
+        field = _weights_field(saved_state, weights, step_dir)
+        saved_params = saved_state[field]
         if shardings is None:
             if mesh is not None:
                 shardings = param_shardings(config.model, mesh, sharding.rules_as_tuples(config.mesh.axis_rules))
@@ -389,13 +406,13 @@ def restore_params(
         restored = reader.restore(
             state_dir,
             args=ocp.args.PyTreeRestore(
-                item={"params": target},
-                restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+                item={field: target},
+                restore_args={field: ocp.checkpoint_utils.construct_restore_args(target)},
                 partial_restore=True,
             ),
         )
-    params = restored["params"]
-    logger.info("Restored the parameters of %s", step_dir)
+    params = restored[field]
+    logger.info("Restored the %s parameters of %s", weights, step_dir)
     return params, config
 
 

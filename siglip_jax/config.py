@@ -13,6 +13,9 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
 WEIGHT_DECAY_CONVENTIONS = ("big_vision", "optax")
 MESH_AXES = ("data", "fsdp", "tensor")
+# Which weights of a training checkpoint to load (eval.py/export.py --weights, loading.load_model):
+# "raw" the trained parameters, "ema" their exponential moving average (optim.ema_decay > 0).
+WEIGHTS = ("raw", "ema")
 
 # Logical axis name -> mesh axes. Parameters: "embed" is sharded over fsdp (ZeRO-3 style), MLP width,
 # heads and vocabulary over tensor. Activations: the batch over every data-parallel axis.
@@ -155,6 +158,9 @@ def default_config() -> ml_collections.ConfigDict:
                 lr_mults=(),  # ((regex, multiplier), ...): the first full match scales that parameter's lr
                 wd_mults=(),  # ((regex, multiplier), ...) as big_vision; (): 1 on every kernel, 0 elsewhere
                 layer_decay=0.0,  # lr x decay^(depth - i) for block i, decay^(depth+1) for embeddings; 0: off
+                # Keep an exponential moving average of the parameters (e.g. 0.9999), evaluated beside them
+                # ("ema/..." metrics) and chosen by --weights ema; decay warmed up as min(d, (1+n)/(10+n)); 0: off
+                ema_decay=0.0,
             ),
             mesh=dict(
                 axis_names=MESH_AXES,
@@ -257,6 +263,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(config.optim.name, OPTIMIZERS, "optim.name")
     _check_choice(config.optim.schedule, SCHEDULES, "optim.schedule")
     _check_choice(config.optim.weight_decay_convention, WEIGHT_DECAY_CONVENTIONS, "optim.weight_decay_convention")
+    if not 0.0 <= config.optim.ema_decay < 1.0:
+        raise ValueError(f"optim.ema_decay must be in [0, 1) (0 turns the EMA off; e.g. 0.9999), got {config.optim.ema_decay}.")
     if not set(config.mesh.axis_names) <= set(MESH_AXES):
         raise ValueError(f"mesh.axis_names {config.mesh.axis_names} must be drawn from {MESH_AXES}.")
     if len(config.mesh.shape) != len(config.mesh.axis_names):

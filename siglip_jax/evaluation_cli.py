@@ -2,6 +2,7 @@
 score image-text pairs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -10,8 +11,9 @@ import ml_collections
 
 from siglip_jax import inference, loading, sharding
 from siglip_jax.data import images as images_lib
-from siglip_jax.data.from_config import build_source, build_tokenizer
+from siglip_jax.data.from_config import build_source, check_vocabulary
 from siglip_jax.data.sources import caption_tables
+from siglip_jax.export import params as params_lib
 from siglip_jax.evaluation import runner
 
 logger = logging.getLogger(__name__)
@@ -59,23 +61,29 @@ def _score_pairs(embedder: inference.Embedder, path: str) -> tuple[list[dict[str
 
 
 def run(config: ml_collections.ConfigDict | None, workdir: str | None, checkpoint_arg: str | None,
-        pairs_path: str | None = None) -> dict[str, Any]:
-    """Metrics of every eval (and pair probabilities), plus a printable "table"."""
+        pairs_path: str | None = None, weights: str = "raw") -> dict[str, Any]:
+    """Metrics of every eval (and pair probabilities), plus a printable "table". `weights` ("raw" or
+    "ema") picks a workdir's trained parameters or their moving average."""
     source, step = loading.source_from_flags(workdir, checkpoint_arg)
-    exported = loading.load_model(source, step=step)
+    exported = loading.load_model(source, step=step, weights=weights)
     params = exported.params
-    config = loading.with_overrides(exported.config, config)  # the recipe says what to evaluate
-    results: dict[str, Any] = {}
+    # The recipe says what to evaluate; the model's own config keeps its loss and tokenizer.
+    config = loading.with_overrides(exported.config, config)
+    # The model's tokenizer (the file bundled with an export, else its saved path), checked against its vocabulary.
+    tokenizer = check_vocabulary(params_lib.make_tokenizer(dataclasses.replace(exported, config=config)), config)
+    results: dict[str, Any] = {"weights": weights}
     tables = []
     if config.evals:
         mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axis_names)
-        metrics = runner.evaluate_params(config, params, build_tokenizer(config), build_source, mesh)
+        metrics = runner.evaluate_params(config, params, tokenizer, build_source, mesh)
         results["metrics"] = metrics
         tables.append(runner.format_table(metrics))
     if pairs_path:
-        embedder = inference.Embedder(config, params, build_tokenizer(config))
+        embedder = inference.Embedder(config, params, tokenizer)
         results["pairs"], results["skipped_pairs"] = _score_pairs(embedder, pairs_path)
-        tables.append("\n".join(f"{pair['probability']:.4f}  {pair['image']}  {pair['text']}" for pair in results["pairs"]))
+        results["probability"] = embedder.score_description()
+        tables.append(f"probability: {results['probability']}\n"
+                      + "\n".join(f"{pair['probability']:.4f}  {pair['image']}  {pair['text']}" for pair in results["pairs"]))
         if results["skipped_pairs"]:
             tables[-1] += f"\nskipped {len(results['skipped_pairs'])}: " + "; ".join(results["skipped_pairs"])
     if not tables:

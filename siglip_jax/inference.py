@@ -31,9 +31,10 @@ ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
 
 # ------------------------------------------------------------------------------------------ loading
 
-def load(path: str, *, batch_size: int = 32) -> "Embedder":
-    """An Embedder for the model at `path`: anything siglip_jax.loading.load_model reads."""
-    return Embedder.from_exported(loading.load_model(path), batch_size=batch_size)
+def load(path: str, *, batch_size: int = 32, weights: str = "raw") -> "Embedder":
+    """An Embedder for the model at `path`: anything siglip_jax.loading.load_model reads; `weights="ema"`
+    takes a training workdir's moving average of the parameters (optim.ema_decay)."""
+    return Embedder.from_exported(loading.load_model(path, weights=weights), batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------------ preprocessing
@@ -128,7 +129,12 @@ class Embedder:
     def probabilities(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray, over: str = "texts") -> np.ndarray:
         """Match probabilities [n_images, n_texts] of embeddings, for this model's loss (evaluation.scores)."""
         return np.asarray(scores.match_probabilities(
-            image_embeddings, text_embeddings, self.params["t"], self.params["b"], self.config.loss.name, over))
+            image_embeddings, text_embeddings, self.params["t"], self.params["b"], self.config.loss.name, over,
+            self.config.loss.max_temperature))
+
+    def score_description(self, over: str = "texts") -> str:
+        """What this model's probabilities are (its loss decides: evaluation.scores.describe)."""
+        return scores.describe(self.config.loss.name, over)
 
     def score(self, images: Sequence[ImageInput], texts: Sequence[str]) -> np.ndarray:
         """Probability that each text describes each image: [n_images, n_texts] (see evaluation.scores)."""
@@ -140,4 +146,5 @@ class Embedder:
             raise ValueError(f"score_pairs needs as many images as texts, got {len(images)} and {len(texts)}; "
                              "use score() for every combination.")
         return np.asarray(scores.pair_probabilities(
-            self.embed_images(images), self.embed_texts(texts), self.params["t"], self.params["b"], self.config.loss.name))
+            self.embed_images(images), self.embed_texts(texts), self.params["t"], self.params["b"], self.config.loss.name,
+            self.config.loss.max_temperature))

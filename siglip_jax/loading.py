@@ -13,9 +13,11 @@ Placement: `shardings` (a tree like the parameters, or like some of their groups
 training layout on `mesh` if given, else workdirs on the first local device and files as read (numpy).
 
 The override rule (`with_overrides`), the same for train.py's init_from, eval.py, export.py, inference
-and search: the model (`config.model`) always comes from the source, since the weights fix it; a config
-the user passes supplies every other key (evals, mesh, data, tokenizer); without one, the source's
-config is used whole.
+and search: the model (`config.model`), its loss (what its scores mean) and its tokenizer and
+lowercasing (`TRAINED_WITH_KEYS`) always come from the source, since the weights were trained with them;
+a config the user passes supplies every other key (evals, mesh, data sources, batch sizes), and one
+that disagrees on those keys is warned about, naming both values; without one, the source's config is
+used whole.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from siglip_jax import checkpoint, sharding
+from siglip_jax import config as config_lib
 from siglip_jax.export import big_vision, hf
 from siglip_jax.export import params as params_lib
 from siglip_jax.models import init_mapping, layout
@@ -76,25 +79,33 @@ def load_model(
     mesh: Mesh | None = None,
     shardings: Any = None,
     check: ShapeCheck | None = None,
+    weights: str = "raw",
 ) -> params_lib.ExportedParams:
     """Config (validated), parameters and tokenizer file of the model at `source` (see the module doc).
 
     With `shardings` covering only some parameter groups, only those groups are loaded. `check` sees
-    the source's config and parameter shapes before any array is placed.
+    the source's config and parameter shapes before any array is placed. `weights` ("raw" or "ema",
+    config.WEIGHTS) picks, in a training workdir, the trained parameters or their exponential moving
+    average (optim.ema_decay); a file holds one set of weights, so it takes "raw" only.
     """
     source = os.fspath(source)
+    if weights not in config_lib.WEIGHTS:
+        raise ValueError(f"Unknown weights {weights!r}; valid: {', '.join(config_lib.WEIGHTS)}.")
     if is_workdir(source):
-        config, saved_shapes = checkpoint.saved_params_shapes(source, step=step)
+        config, saved_shapes = checkpoint.saved_params_shapes(source, step=step, weights=weights)
         if check is not None:
             check(config, saved_shapes)
         params, config = checkpoint.restore_params(
-            source, step=step, mesh=mesh, shardings=_target_shardings(config, mesh, shardings)
+            source, step=step, mesh=mesh, shardings=_target_shardings(config, mesh, shardings), weights=weights
         )
         name, data = params_lib.tokenizer_asset(config)
         return params_lib.ExportedParams(config=config, params=params, tokenizer_file_name=name, tokenizer_file=data)
     if step is not None:
         raise ValueError(f"A step ({step}) was given with {source!r}, which is not a training workdir; "
                          "a step selects a checkpoint of a workdir only.")
+    if weights != "raw":
+        raise ValueError(f"{source!r} is not a training workdir, so it holds one set of weights and no EMA: drop "
+                         "--weights ema (an export made with --weights ema already holds the EMA as its weights).")
     exported = _read_file(source)
     if check is not None:
         check(exported.config, _shapes(exported.params))
@@ -119,13 +130,27 @@ def source_from_flags(workdir: str | None, checkpoint_arg: str | None) -> tuple[
     raise ValueError("Pass --workdir (optionally with --checkpoint STEP) or --checkpoint PATH.")
 
 
+# Keys besides `model` that the weights were trained with, so a loaded model keeps its source's: the loss
+# decides what its scores mean (evaluation/scores.py), the tokenizer which ids its text tower learned.
+TRAINED_WITH_KEYS = ("loss.name", "loss.max_temperature", "data.tokenizer", "data.tokenizer_path", "data.lowercase")
+
+
 def with_overrides(loaded: ml_collections.ConfigDict, override: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
-    """The config to use with a loaded model: `override`'s keys with the loaded model's `model` group,
-    or the loaded config when there is no override (see the module doc)."""
+    """The config to use with a loaded model: `override`'s keys with the loaded model's `model` group and
+    TRAINED_WITH_KEYS, or the loaded config when there is no override (see the module doc). A recipe that
+    disagrees on one of TRAINED_WITH_KEYS is warned about, naming both values; the source's wins."""
     if override is None:
         return loaded
     config = ml_collections.ConfigDict(override.to_dict())
     config.model = ml_collections.ConfigDict(loaded.model.to_dict())
+    for key in TRAINED_WITH_KEYS:
+        group, name = key.split(".")
+        theirs, ours = loaded[group][name], config[group][name]
+        if theirs != ours:
+            logger.warning("The recipe sets %s=%r, but the loaded model was trained with %s=%r: using the model's "
+                           "(its weights were trained with it). Drop the key from the recipe to silence this.",
+                           key, ours, key, theirs)
+            config[group][name] = theirs
     return config
 
 

@@ -242,3 +242,20 @@ def update_count(opt_state: Any) -> jax.Array:
     if len(counts) != 1:
         raise ValueError(f"Expected one learning-rate schedule in the optimizer state, found {len(counts)}.")
     return counts[0]
+
+
+# ---- Exponential moving average of the parameters (optim.ema_decay) ----------------------------------
+
+def ema_decay_at(decay: float, num_updates: jax.Array) -> jax.Array:
+    """The decay the EMA uses after `num_updates` optimizer updates were already applied:
+    min(decay, (1 + n) / (10 + n)), the warm-up of tf.train.ExponentialMovingAverage(num_updates=n), so the
+    average follows the fast-moving early parameters instead of keeping the initialisation for ~1/(1-decay)
+    steps. Float32 scalar."""
+    count = jnp.asarray(num_updates, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + count) / (10.0 + count))
+
+
+def ema_update(ema_params: Any, params: Any, decay: jax.Array) -> Any:
+    """decay * ema + (1 - decay) * params, leaf by leaf, in each EMA leaf's dtype."""
+    return jax.tree.map(lambda average, new: (decay * average + (1.0 - decay) * new).astype(average.dtype),
+                        ema_params, params)

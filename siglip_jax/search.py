@@ -4,9 +4,11 @@
     python -m siglip_jax.search query index.npz "a dog on a beach" -k 10 [--html results.html]
 
 MODEL is anything `siglip_jax.inference.load` reads (an exported params file, an HF SigLIP directory, a
-big_vision .npz). The index is an .npz of image paths, their embeddings [n, embed] and the model path, so
-`query` reloads the same model. Results print one per line: rank, match probability (evaluation.scores: sigmoid(t cos + b)
-for SigLIP), cosine similarity, path; ranking by either is the same.
+big_vision .npz, or a training workdir, whose EMA weights `index --weights ema` takes). The index is an .npz of
+image paths, their embeddings [n, embed], the model path and the weights, so `query` reloads the same model.
+Results print one per line: rank, match probability, cosine similarity, path; ranking by either is the same.
+The probability follows the model's loss (evaluation.scores), and stderr says which: sigmoid(t cos + b) per
+image for a sigmoid-trained model, the softmax of t cos over the whole indexed gallery for a softmax one.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from siglip_jax import cli, inference
+from siglip_jax.config import WEIGHTS
 from siglip_jax.data import images as images_lib
 from siglip_jax.evaluation import blockwise
 
@@ -33,6 +36,7 @@ class Index:
     paths: list[str]
     embeddings: np.ndarray  # [n, embed] float32, L2-normalised
     model: str  # what inference.load reads to embed queries
+    weights: str = "raw"  # which weights of a workdir `model` is ("raw" or "ema")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +56,7 @@ def list_images(image_dir: str) -> list[str]:
     return sorted(found)
 
 
-def build_index(embedder: inference.Embedder, image_dir: str, model: str) -> Index:
+def build_index(embedder: inference.Embedder, image_dir: str, model: str, weights: str = "raw") -> Index:
     """Embeds every readable image under `image_dir`; unreadable ones are reported on stderr and skipped."""
     paths, embeddings = [], []
     all_paths = list_images(image_dir)
@@ -69,12 +73,13 @@ def build_index(embedder: inference.Embedder, image_dir: str, model: str) -> Ind
             paths += chunk_paths
     if not paths:
         raise ValueError(f"No readable images ({', '.join(IMAGE_EXTENSIONS)}) under {image_dir!r}.")
-    return Index(paths=paths, embeddings=np.concatenate(embeddings), model=model)
+    return Index(paths=paths, embeddings=np.concatenate(embeddings), model=model, weights=weights)
 
 
 def save_index(path: str, index: Index) -> None:
     with open(path, "wb") as file:  # a file object, so numpy does not append ".npz" to the name
-        np.savez(file, paths=np.array(index.paths), embeddings=index.embeddings, model=np.array(index.model))
+        np.savez(file, paths=np.array(index.paths), embeddings=index.embeddings, model=np.array(index.model),
+                 weights=np.array(index.weights))
 
 
 def load_index(path: str) -> Index:
@@ -83,7 +88,8 @@ def load_index(path: str) -> Index:
                                 "IMAGE_DIR --model MODEL --output INDEX`.")
     try:
         with np.load(path, allow_pickle=False) as data:
-            index = Index(paths=[str(p) for p in data["paths"]], embeddings=data["embeddings"], model=str(data["model"]))
+            index = Index(paths=[str(p) for p in data["paths"]], embeddings=data["embeddings"], model=str(data["model"]),
+                          weights=str(data["weights"]) if "weights" in data else "raw")  # older indexes: raw
     except (ValueError, KeyError, OSError, EOFError, AttributeError) as error:
         # numpy's own message talks of pickles; the user only needs to know which file is not an index.
         raise ValueError(f"{path!r} is not a search index written by `search index` ({type(error).__name__}: "
@@ -121,8 +127,9 @@ def query_index(index: Index, embedder: inference.Embedder, text: str, k: int = 
     return [Result(index.paths[i], float(p), float(c)) for i, p, c in zip(best, probabilities, cosines)]
 
 
-def write_html(path: str, text: str, results: Sequence[Result]) -> None:
-    """A page with the query and a grid of the images found (linked relative to the page)."""
+def write_html(path: str, text: str, results: Sequence[Result], probability: str = "") -> None:
+    """A page with the query, what its probabilities are, and a grid of the images found (linked relative
+    to the page)."""
     page_dir = os.path.dirname(os.path.abspath(path))
     cells = []
     for rank, result in enumerate(results, 1):
@@ -138,7 +145,7 @@ def write_html(path: str, text: str, results: Sequence[Result]) -> None:
             f"<title>{html.escape(text)}</title>"
             "<style>body{font-family:sans-serif}figure{display:inline-block;margin:8px;width:224px}"
             "img{width:224px;height:224px;object-fit:cover}</style>"
-            f"<h1>{html.escape(text)}</h1>\n" + "\n".join(cells) + "\n"
+            f"<h1>{html.escape(text)}</h1>\n<p>p: {html.escape(probability)}</p>\n" + "\n".join(cells) + "\n"
         )
 
 
@@ -150,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     index_parser.add_argument("--model", required=True, help="exported params file, HF directory or .npz")
     index_parser.add_argument("--output", required=True, help="index file to write (.npz)")
     index_parser.add_argument("--batch_size", type=int, default=32)
+    index_parser.add_argument("--weights", choices=WEIGHTS, default="raw",
+                              help="a workdir's trained parameters (raw) or their moving average (ema)")
     query_parser = commands.add_parser("query", help="find the images matching a text")
     query_parser.add_argument("index")
     query_parser.add_argument("text")
@@ -159,20 +168,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "index":
-        embedder = inference.load(args.model, batch_size=args.batch_size)
-        index = build_index(embedder, args.image_dir, os.path.abspath(args.model))
+        embedder = inference.load(args.model, batch_size=args.batch_size, weights=args.weights)
+        index = build_index(embedder, args.image_dir, os.path.abspath(args.model), args.weights)
         save_index(args.output, index)
         print(f"indexed {len(index.paths)} images into {args.output}")
         return
     if not args.text.strip():
         query_parser.error("the query text is empty; pass what to look for, e.g. \"a dog on a beach\"")
     index = load_index(args.index)
-    embedder = inference.load(args.model or index.model)
+    embedder = inference.load(args.model or index.model, weights="raw" if args.model else index.weights)
     results = query_index(index, embedder, args.text, args.k)
+    description = embedder.score_description(over="images")
+    print(f"probability: {description}", file=sys.stderr)
     for rank, result in enumerate(results, 1):
         print(f"{rank}\t{result.probability:.4f}\t{result.cosine:.4f}\t{result.path}")
     if args.html:
-        write_html(args.html, args.text, results)
+        write_html(args.html, args.text, results, description)
 
 
 if __name__ == "__main__":

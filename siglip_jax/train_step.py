@@ -32,6 +32,24 @@ class TrainState:
         updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
         return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
 
+    def with_params(self, params: Any) -> "TrainState":
+        """The state starting from `params` (init_from)."""
+        return self.replace(params=params)
+
+
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+    """A TrainState that also keeps an exponential moving average of the parameters (optim.ema_decay > 0),
+    sharded like them. A subclass rather than an optional field, so a run without EMA saves and restores
+    exactly the state (and the checkpoints) it did before EMA existed."""
+
+    ema_params: Any = None
+
+    def with_params(self, params: Any) -> "EmaTrainState":
+        """The state starting from `params` (init_from), the EMA too, in buffers of its own (the step
+        donates the state, and a buffer cannot be donated twice)."""
+        return self.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+
 
 def embed(params: Any, batch: dict[str, jax.Array], model: nn.Module, frozen: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array]:
     """(image embeddings [b, d], text embeddings [b, d]) of {"images": [b, h, w, 3], "tokens": [b, l]}.
@@ -142,11 +160,14 @@ def train_step(
     batch_axes: tuple[str, ...],
     accum_steps: int = 1,
     frozen: tuple[str, ...] = (),
+    ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on one global batch; returns the new state and scalar metrics.
 
-    A step whose loss, gradient or updated parameters are not finite leaves parameters and optimizer state
-    unchanged (the step counter still advances, as the batch was consumed) and reports "nonfinite" = 1.
+    A step whose loss, gradient or updated parameters are not finite leaves parameters, optimizer state and
+    EMA unchanged (the step counter still advances, as the batch was consumed) and reports "nonfinite" = 1.
+    With `ema_decay` > 0 the EMA moves towards the new parameters by optim.ema_decay_at(ema_decay, n), n the
+    updates applied before this one (optim.update_count, which skipped steps do not advance).
     """
     with nn.logical_axis_rules(axis_rules):
         loss, grads = loss_and_grads(
@@ -155,6 +176,9 @@ def train_step(
         )
     grad_norm = optax.global_norm(grads)
     updated = state.apply_gradients(grads, optimizer)
+    if ema_decay:
+        decay = optim.ema_decay_at(ema_decay, optim.update_count(state.opt_state))
+        updated = updated.replace(ema_params=optim.ema_update(state.ema_params, updated.params, decay))
     # The new parameters too: a finite gradient times a huge learning rate (or a damaged parameter) can
     # still overflow, and a NaN parameter would poison every later step.
     params_finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda leaf: jnp.all(jnp.isfinite(leaf)), updated.params))
@@ -170,6 +194,9 @@ def train_step(
         "bias": new_state.params["b"],
         "nonfinite": 1 - finite.astype(jnp.int32),
     }
+    if ema_decay:
+        metrics["ema/decay"] = jnp.where(finite, decay, 0.0)  # 0: this step left the EMA unchanged
+        metrics["ema/param_norm"] = optax.global_norm(new_state.ema_params)
     return new_state, metrics
 
 
@@ -183,11 +210,13 @@ def create_train_state(
     axis_rules: Any,
     rng: jax.Array,
     image_shape: tuple[int, ...] | None = None,
+    ema: bool = False,
 ) -> tuple[TrainState, Any]:
     """Initialises the state already sharded over the mesh: shapes from `jax.eval_shape`, shardings
     from the parameters' logical names, then one jit whose outputs land in place (never whole on one
-    device). Returns the state and its tree of NamedShardings. `image_shape` (one example's, e.g. a NaFlex
-    tower's packed patches) replaces the square [image_size, image_size, 3]."""
+    device). `image_shape` (one example's, e.g. a NaFlex tower's packed patches) replaces the square
+    [image_size, image_size, 3]. With `ema`, the state keeps an EMA of the parameters, starting equal to
+    them. Returns the state and its tree of NamedShardings."""
     images = jnp.zeros((1, *(image_shape or (image_size, image_size, 3))), jnp.float32)
     tokens = jnp.zeros((1, text_length), jnp.int32)
 
@@ -196,7 +225,11 @@ def create_train_state(
         params_rng, _ = jax.random.split(rng)
         params = model.init(params_rng, images, tokens)["params"]
         # The optimizer state inherits the parameters' logical boxes, so it is sharded like them.
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        fields = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        if not ema:
+            return TrainState(**fields)
+        # The EMA copy inherits the boxes too: sharded exactly like the parameters.
+        return EmaTrainState(**fields, ema_params=jax.tree.map(jnp.copy, params))
 
     # No logical-rules context here: out_shardings alone places the state; activation constraints on a
     # batch of one would only add work to the initialisation.
@@ -242,7 +275,7 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, initialise:
     create = functools.partial(
         create_train_state, model, optimizer, image_size=config.model.image.image_size,
         image_shape=two_towers.image_input_shape(config.model),
-        text_length=config.model.text.max_len, mesh=mesh, axis_rules=axis_rules,
+        text_length=config.model.text.max_len, mesh=mesh, axis_rules=axis_rules, ema=config.optim.ema_decay > 0,
     )
     rng = jax.random.key(config.seed)
     # Shardings come out of the traced initialiser too, so tracing alone (no compile) gives both.
@@ -274,6 +307,7 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, initialise:
             batch_axes=batch_axes,
             accum_steps=config.accum_steps,
             frozen=tuple(config.optim.frozen),
+            ema_decay=config.optim.ema_decay,
         ),
         in_shardings=(state_shardings, batch_sharding),  # (state, batch)
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),  # (state, scalar metrics)

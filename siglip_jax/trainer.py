@@ -66,8 +66,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         safeguards.check_total_steps(restored_step, config.total_steps, checkpointer.root)
         logger.warning("Resumed from step %d of %s.", restored_step, checkpointer.root)
     elif config.init_from:
-        state = training.state.replace(
-            params=loading.initial_params(config, training.state.params, training.state_shardings.params)
+        # The EMA (optim.ema_decay) starts from the loaded parameters too.
+        state = training.state.with_params(
+            loading.initial_params(config, training.state.params, training.state_shardings.params)
         )
     else:
         state = training.state
@@ -97,6 +98,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     def evaluate(info: hooks.StepInfo) -> dict[str, float]:
         # Non-finite embeddings are reported as a metric, not raised, so the checkpoint after it is still saved.
         results = safeguards.run_evals(evaluators, embedder, info.state.params, info.step)
+        if config.optim.ema_decay:  # the moving average beside the raw weights, on the same sets
+            ema_results = safeguards.run_evals(evaluators, embedder, info.state.ema_params, info.step)
+            results.update({f"ema/{key}": value for key, value in ema_results.items()})
         throughput.reset(info.step)  # evaluation time is not training throughput
         return results
 

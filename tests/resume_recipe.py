@@ -13,6 +13,7 @@ def get_config(arg: str | None = None):
     config.checkpoint_every_steps = 10
     config.keep_checkpoints = 2
     config.data.prefetch_batches = 1
+    config.optim.ema_decay = 0.9  # the EMA is part of the state that must resume bitwise ("ema/param_norm")
     return config
 
 

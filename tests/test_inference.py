@@ -123,3 +123,40 @@ def test_load_every_source(tmp_path, tiny):
         inference.load(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="Cannot load a model"):
         inference.load(str(tmp_path / "missing"))
+
+
+def test_eval_pairs_of_a_softmax_model_are_its_softmax_with_its_own_tokenizer(tmp_path, tiny, caplog):
+    """Issue 15 item 6: a softmax-trained model has no trained bias, so its pair scores are the softmax of
+    t*cos over the texts given, and the output says so; a recipe asking for sigmoid scores and lowercased
+    text is overruled by the model's own config, with a warning naming both."""
+    import json
+    import logging
+
+    from siglip_jax import evaluation_cli
+
+    _, params = tiny
+    config = tiny_config(**{"loss.name": "softmax"})
+    model_path = str(tmp_path / "softmax.msgpack")
+    params_lib.save_params_file(model_path, config, params)
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    texts = ["A Red Circle", "a BLUE square", "Two Green Stars"]
+    with open(tmp_path / "pairs.jsonl", "w") as stream:
+        for index, (image, text) in enumerate(zip(pixels, texts)):
+            path = tmp_path / f"{index}.png"
+            path.write_bytes(images_lib.encode_image(image))
+            stream.write(json.dumps({"image": str(path), "text": text}) + "\n")
+    recipe = tiny_config(**{"loss.name": "sigmoid", "data.lowercase": True})
+    with caplog.at_level(logging.WARNING):
+        results = evaluation_cli.run(recipe, None, model_path, str(tmp_path / "pairs.jsonl"))
+    assert "loss.name='sigmoid', but the loaded model was trained with loss.name='softmax'" in caplog.text
+    assert "data.lowercase=True, but the loaded model was trained with data.lowercase=False" in caplog.text
+    assert results["probability"].startswith("softmax over the texts") and "softmax over the texts" in results["table"]
+
+    tokens = make_tokenizer("byte", max_len=12)(texts)  # as trained: not lowercased
+    image_embeddings = _reference(config, params, pixels=np.stack(pixels))
+    text_embeddings = _reference(config, params, token_ids=tokens)
+    logits = np.exp(params["t"]) * image_embeddings @ text_embeddings.T
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    softmax /= softmax.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose([pair["probability"] for pair in results["pairs"]], np.diag(softmax), rtol=1e-4)

@@ -21,6 +21,20 @@ def test_override_takes_the_model_from_the_source_and_the_rest_from_the_recipe()
     assert loading.with_overrides(saved, None) is saved
 
 
+def test_override_keeps_the_loss_and_tokenizer_the_model_was_trained_with(caplog):
+    saved = tiny_config(**{"loss.name": "softmax", "loss.max_temperature": 100.0, "data.tokenizer": "sentencepiece",
+                           "data.tokenizer_path": "/models/spm.model", "data.lowercase": True})
+    recipe = tiny_config(**{"data.tokenizer_path": "/other/spm.model", "data.batch_size": 8})
+    with caplog.at_level("WARNING"):
+        merged = loading.with_overrides(saved, recipe)
+    assert (merged.loss.name, merged.loss.max_temperature, merged.data.tokenizer, merged.data.tokenizer_path,
+            merged.data.lowercase) == ("softmax", 100.0, "sentencepiece", "/models/spm.model", True)
+    assert merged.data.batch_size == 8  # everything else is the recipe's
+    assert ("The recipe sets data.tokenizer_path='/other/spm.model', but the loaded model was trained with "
+            "data.tokenizer_path='/models/spm.model'") in caplog.text
+    assert "loss.name='sigmoid', but the loaded model was trained with loss.name='softmax'" in caplog.text
+
+
 def test_file_loads_straight_into_the_given_shardings_and_refuses_a_step(tmp_path):
     config = tiny_config()
     params = random_params(config)
@@ -61,6 +75,12 @@ def test_scores_follow_the_loss():
                                over_images, rtol=1e-5)
     np.testing.assert_allclose(scores.pair_probabilities(images, texts[:2], t, b, "softmax"),
                                np.diag(np.exp(logits[:, :2]) / np.exp(logits[:, :2]).sum(axis=1, keepdims=True)), rtol=1e-5)
+    # A model trained with the temperature clamped (loss.max_temperature) is scored with it clamped.
+    clamped = 1 / (1 + np.exp(-(np.exp(1.5) * dots + b)))
+    np.testing.assert_allclose(scores.match_probabilities(images, texts, t, b, max_temperature=np.exp(1.5)), clamped,
+                               rtol=1e-5)
+    assert scores.describe("softmax", over="images").startswith("softmax over the images given")
+    assert scores.describe("sigmoid").startswith("sigmoid(t*cos + b) per pair")
     with pytest.raises(ValueError, match="valid: sigmoid, softmax"):
         scores.match_probabilities(images, texts, t, b, "hinge")
 

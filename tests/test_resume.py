@@ -93,6 +93,7 @@ def test_rerun_after_sigkill_continues_bitwise(uninterrupted, tmp_path):
     for step in range(resumed_from + 1, TOTAL_STEPS + 1):
         assert resumed[step]["data/batch_crc32"] == uninterrupted[step]["data/batch_crc32"], f"step {step}: another batch"
         assert resumed[step]["loss"] == uninterrupted[step]["loss"], f"step {step}: loss differs"
+        assert resumed[step]["ema/param_norm"] == uninterrupted[step]["ema/param_norm"], f"step {step}: EMA differs"
     for step in range(1, killed_at + 1):  # the lines of the killed run are kept, not overwritten
         assert step in resumed
     assert checkpoint.latest_step(workdir) == TOTAL_STEPS

@@ -31,8 +31,10 @@ def test_index_and_query(tmp_path, capsys):
 
     html_path = str(tmp_path / "results.html")
     search.main(["query", index_path, "a dog on a beach", "-k", "3", "--html", html_path])
-    lines = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     assert len(lines) == 3
+    assert "probability: sigmoid(t*cos + b) per pair" in captured.err  # what the numbers are, for this model's loss
     rows = [line.split("\t") for line in lines]
     cosines = [float(row[2]) for row in rows]
     assert cosines == sorted(cosines, reverse=True)

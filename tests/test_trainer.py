@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from siglip_jax import trainer
+from siglip_jax import loading, sharding, trainer
+from siglip_jax.data.from_config import build_source, build_tokenizer
+from siglip_jax.evaluation import runner
 from siglip_jax.config import eval_config, source_config
 from tests.helpers import tiny_config
 
@@ -18,6 +20,7 @@ def test_short_demo_run_loss_falls_and_logs(tmp_path):
     config.optim.warmup_steps = 5
     config.profile_steps = (3, 5)
     config.evals.shapes = eval_config("retrieval", source_config("demo", split="eval", size=32, image_size=16))
+    config.optim.ema_decay = 0.9
     final = trainer.train(config, str(tmp_path))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [line["loss"] for line in lines if "loss" in line]
@@ -26,6 +29,13 @@ def test_short_demo_run_loss_falls_and_logs(tmp_path):
     assert steps[0] == 1 and steps[-1] == 40
     evals = [line for line in lines if "shapes/image_to_text/recall@5" in line]
     assert [line["step"] for line in evals] == [20, 40]
+    # The EMA is evaluated beside the raw weights, and what was evaluated is what the checkpoint holds.
+    assert [line["step"] for line in lines if "ema/shapes/image_to_text/recall@5" in line] == [20, 40]
+    saved_ema = loading.load_model(str(tmp_path), weights="ema")
+    offline = runner.evaluate_params(saved_ema.config, saved_ema.params, build_tokenizer(saved_ema.config), build_source,
+                                     sharding.create_mesh(config.mesh.shape, config.mesh.axis_names))
+    for key, value in offline.items():
+        assert final[f"ema/{key}"] == pytest.approx(value, abs=1e-6), key
     for key in ("learning_rate", "temperature", "bias", "examples_per_second"):
         assert key in lines[-1]
     assert 0.0 <= final["shapes/text_to_image/recall@1"] <= 1.0

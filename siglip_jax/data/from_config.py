@@ -32,6 +32,11 @@ def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
         lowercase=config.data.lowercase,
         path=config.data.tokenizer_path or None,
     )
+    return check_vocabulary(tokenizer, config)
+
+
+def check_vocabulary(tokenizer: Callable, config: ml_collections.ConfigDict) -> Callable:
+    """`tokenizer`, refused when it has more ids than the model's text embedding has rows."""
     if tokenizer.vocab_size > config.model.text.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but model.text.vocab_size is "

@@ -10,12 +10,25 @@ the package (eval.py --pairs, inference, search), and it follows the loss the mo
       gallery pass `over="images"`. For pairs, the candidates of image i are all the given texts.
 
 The functions are pure and jit-able; pass the embeddings the model returns (already L2-normalised by
-the model) and its learned log temperature t' and bias b.
+the model), its learned log temperature t' and bias b, the loss it was trained with and the loss's
+temperature clamp (loss.max_temperature: t is clamped as in training). Callers read loss and clamp from
+the model's own saved config (loading.with_overrides keeps them), and say which score they print
+(`describe`).
 """
 import jax
 import jax.numpy as jnp
 
+from siglip_jax.losses import clamp_log_temperature
+
 LOSSES = ("sigmoid", "softmax")
+
+
+def describe(loss: str, over: str = "texts") -> str:
+    """One line naming what the probabilities of a model trained with `loss` are, for output headers."""
+    if loss == "softmax":
+        return (f"softmax over the {over} given of t*cos (softmax-trained model: no trained bias, so these "
+                "are relative to the candidates, not per-pair probabilities)")
+    return "sigmoid(t*cos + b) per pair (sigmoid-trained model: a calibrated per-pair probability)"
 
 
 def _check_pair_inputs(image_embeddings, text_embeddings) -> None:
@@ -29,16 +42,17 @@ def _check_pair_inputs(image_embeddings, text_embeddings) -> None:
             f"{text_embeddings.shape[1]}; both must come from the same two-tower model.")
 
 
-def _probability(dots, log_temperature, bias, loss: str, axis: int):
+def _probability(dots, log_temperature, bias, loss: str, axis: int, max_temperature: float):
     if loss not in LOSSES:
         raise ValueError(f"Unknown loss {loss!r} for match probabilities; valid: {', '.join(LOSSES)}.")
-    temperature = jnp.exp(jnp.asarray(log_temperature, jnp.float32))
+    temperature = jnp.exp(clamp_log_temperature(jnp.asarray(log_temperature, jnp.float32), max_temperature))
     if loss == "softmax":
         return jax.nn.softmax(temperature * dots, axis=axis)
     return jax.nn.sigmoid(temperature * dots + jnp.asarray(bias, jnp.float32))
 
 
-def pair_probabilities(image_embeddings, text_embeddings, log_temperature, bias, loss: str = "sigmoid") -> jax.Array:
+def pair_probabilities(image_embeddings, text_embeddings, log_temperature, bias, loss: str = "sigmoid",
+                       max_temperature: float = 0.0) -> jax.Array:
     """Probability that image i matches text i: sigmoid(exp(t') x_i . y_i + b), or for softmax the
     diagonal of `match_probabilities` (text i among all the texts given).
 
@@ -47,6 +61,8 @@ def pair_probabilities(image_embeddings, text_embeddings, log_temperature, bias,
       text_embeddings: [num_pairs, width], row i paired with image row i.
       log_temperature: scalar t' (the model stores the log so that t = exp(t') stays positive).
       bias: scalar b.
+      loss: "sigmoid" or "softmax", the model's loss.name.
+      max_temperature: the model's loss.max_temperature (0: no clamp).
     Returns:
       [num_pairs] float32 in (0, 1).
     """
@@ -58,13 +74,14 @@ def pair_probabilities(image_embeddings, text_embeddings, log_temperature, bias,
             f"{image_embeddings.shape[0]} images and {text_embeddings.shape[0]} texts. "
             "Use match_probabilities for every image against every text.")
     if loss == "softmax":
-        return jnp.diagonal(match_probabilities(image_embeddings, text_embeddings, log_temperature, bias, loss))
+        return jnp.diagonal(match_probabilities(image_embeddings, text_embeddings, log_temperature, bias, loss,
+                                                max_temperature=max_temperature))
     dots = jnp.einsum("nd,nd->n", image_embeddings, text_embeddings, preferred_element_type=jnp.float32)
-    return _probability(dots, log_temperature, bias, loss, axis=-1)
+    return _probability(dots, log_temperature, bias, loss, -1, max_temperature)
 
 
 def match_probabilities(image_embeddings, text_embeddings, log_temperature, bias, loss: str = "sigmoid",
-                        over: str = "texts") -> jax.Array:
+                        over: str = "texts", max_temperature: float = 0.0) -> jax.Array:
     """Every image against every text: [num_images, width] x [num_texts, width] -> [num_images, num_texts].
     `over` ("texts" or "images") names the candidates a softmax normalises over; sigmoid ignores it.
 
@@ -76,4 +93,4 @@ def match_probabilities(image_embeddings, text_embeddings, log_temperature, bias
     if over not in ("texts", "images"):
         raise ValueError(f"over={over!r}: the candidates are 'texts' (each image's) or 'images' (each text's).")
     dots = jnp.einsum("nd,md->nm", image_embeddings, text_embeddings, preferred_element_type=jnp.float32)
-    return _probability(dots, log_temperature, bias, loss, axis=-1 if over == "texts" else 0)
+    return _probability(dots, log_temperature, bias, loss, -1 if over == "texts" else 0, max_temperature)
