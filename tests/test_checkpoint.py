@@ -190,10 +190,11 @@ GLOBAL_BATCH = 12
 
 
 def _global_positions(batches, process_index, process_count):
-    """Positions of the global stream that process i of n has read in its first `batches` batches: its
-    local stream is positions i, i + n, i + 2n, ... (the pipeline's striding), batched by 12 / n."""
+    """Positions of the global stream that process i of n has read in its first `batches` batches: block i
+    of 12 / n positions of each global batch of 12 (the pipeline's split)."""
     local_batch = GLOBAL_BATCH // process_count
-    return {process_index + k * process_count for k in range(batches * local_batch)}
+    return {batch * GLOBAL_BATCH + process_index * local_batch + row
+            for batch in range(batches) for row in range(local_batch)}
 
 
 @pytest.mark.parametrize("saved_count, new_count", [(2, 1), (1, 4), (4, 2), (2, 3)])

@@ -103,9 +103,12 @@ def train_batches(
     number of records replaced in that batch); `get_state()` / `set_state()` save and restore its
     position: {"next_index": batches read} with no workers.
 
-    Process p of n takes positions p, p + n, p + 2n, ... of one global, per-epoch reshuffled order, so
-    together the processes see every record once per epoch, and after b batches each they have used
-    exactly the first b x global_batch positions, whatever n is.
+    Global batch b is positions [b x G, (b + 1) x G) of one global, per-epoch reshuffled order (G =
+    n x local_batch_size), and process p of n reads its block [b x G + p x L, b x G + (p + 1) x L): the
+    rows its devices hold when sharding.host_local_to_global stacks the processes' batches in process
+    order. So a global batch holds the same examples in the same rows whatever n is (a multi-process run
+    computes what one process computes, bit for bit), together the processes see every record once per
+    epoch, and after b batches each they have used exactly the first b x G positions.
     """
     from siglip_jax.data import streaming  # streams build on make_example above
 
@@ -121,10 +124,11 @@ def train_batches(
         )
     records = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     examples = records.map_with_index(TrainExamples(records, len(source), tokenizer, options, seed))
-    examples = examples[process_index::process_count]
     # Batching here, before the iterator, makes a whole batch one unit of work for the reading threads
     # and workers: the per-element cost of an iterator pipeline is larger than decoding a small image.
-    batches = examples.batch(local_batch_size, drop_remainder=True)
+    # Batching before taking this process's share gives it a contiguous block of each global batch (lazily:
+    # only its own blocks are ever decoded).
+    batches = examples.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
     iterable = batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch_batches))
     if num_workers > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
