@@ -94,7 +94,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     def evaluate(info: hooks.StepInfo) -> dict[str, float]:
         # Non-finite embeddings are reported as a metric, not raised, so the checkpoint after it is still saved.
-        results = safeguards.run_evals(evaluators, embedder, info.state.params, info.step)
+        results = runner.run_evaluators(evaluators, embedder, info.state.params, info.step)
         throughput.reset(info.step)  # evaluation time is not training throughput
         return results
 

@@ -16,15 +16,24 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 
 
 class _ByLabelEmbedder:
-    """Images embed to the one-hot of their mean pixel bucket, prompts to the one-hot of the class word."""
+    """An oracle: images embed to the one-hot of the label in params for their record (the key each chunk
+    row carries), prompts to the one-hot of the class word. One process, one chunk at a time."""
 
     def __init__(self, class_names):
         self.class_names = class_names
+        self.rows_per_process = 4
+        self.chunk_sizes = []
 
-    def images(self, params, images):
-        out = np.zeros((len(images), len(self.class_names)), np.float32)
-        out[np.arange(len(images)), params["image_labels"]] = 1.0
-        return out
+    def embed_shares(self, tower, params, local_chunks, empty_inputs, key_columns=1):
+        assert tower == "image"
+        embeddings, keys = [], []
+        for inputs, chunk_keys in local_chunks:
+            self.chunk_sizes.append(len(inputs))
+            out = np.zeros((len(inputs), len(self.class_names)), np.float32)
+            out[np.arange(len(inputs)), params["record_labels"][chunk_keys[:, 0]]] = 1.0
+            embeddings.append(out)
+            keys.append(chunk_keys)
+        return np.concatenate(embeddings), np.concatenate(keys)
 
     def texts(self, params, tokens):
         decoded = [ByteTokenizer(32).decode(row) for row in tokens]
@@ -41,10 +50,12 @@ def test_zero_shot_classification_on_cifar10_folder():
     assert source.class_names[:3] == ["airplane", "automobile", "bird"] and len(source) == 30
     evaluator = runner.ClassificationSet(source, ByteTokenizer(32), 16, source.class_names, ("a photo of a {}.",))
     embedder = _ByLabelEmbedder(source.class_names)
+    labels = np.array([source[index]["label"] for index in range(len(source))])
     # An embedder that sees the true labels scores 1.0; one that sees shifted labels scores 0.
-    perfect = evaluator.evaluate(embedder, {"image_labels": evaluator.labels})
+    perfect = evaluator.evaluate(embedder, {"record_labels": labels})
     assert perfect["top1"] == 1.0 and perfect["mean_per_class_recall"] == 1.0
-    wrong = evaluator.evaluate(embedder, {"image_labels": (evaluator.labels + 1) % 10})
+    assert embedder.chunk_sizes == [4] * 7 + [2]  # streamed a batch at a time, never the whole set
+    wrong = evaluator.evaluate(embedder, {"record_labels": (labels + 1) % 10})
     # The true class ties at score 0 with 8 others behind the wrong one; ties count against it.
     assert wrong["top1"] == 0.0 and wrong["top5"] == 0.0
     assert perfect["num_images"] == 30

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import grain
 import numpy as np
@@ -135,12 +135,18 @@ def train_batches(
     return iter(iterable)
 
 
+def eval_share(num_records: int, process_index: int, process_count: int) -> range:
+    """The records [start, stop) process p of n reads of an eval set: contiguous, sizes differing by at
+    most one, together every record once."""
+    return range(process_index * num_records // process_count, (process_index + 1) * num_records // process_count)
+
+
 def eval_records(
-    source: Any, image_size: int, num_records: int | None = None
-) -> Iterator[tuple[np.ndarray, list[str], dict]]:
-    """(image uint8 [s, s, 3], non-empty captions, record) for each usable record of the first
-    `num_records` (default all), in order; unreadable images are logged and left out."""
-    for index in range(len(source) if num_records is None else num_records):
+    source: Any, image_size: int, indices: Iterable[int] | None = None
+) -> Iterator[tuple[int, np.ndarray, list[str], dict]]:
+    """(index, image uint8 [s, s, 3], non-empty captions, record) for each usable record among `indices`
+    (default all), in order, read one at a time; unreadable images are logged and left out."""
+    for index in range(len(source)) if indices is None else indices:
         record = source[index]
         try:
             image = images.eval_transform(images.decode_image(record["image"]), image_size)
@@ -148,4 +154,4 @@ def eval_records(
             logger.warning("Skipped eval record %s: %s", record.get("id", index), error)
             continue
         captions = [caption for caption in record.get("captions", ()) if caption and caption.strip()]
-        yield image, captions, record
+        yield index, image, captions, record
