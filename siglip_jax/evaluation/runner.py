@@ -51,6 +51,14 @@ def _chunks(rows: Iterable[tuple[np.ndarray, tuple[int, ...]]], size: int) -> It
         yield np.stack(inputs), np.asarray(keys, np.int32)
 
 
+def _checked_size(source: Any, max_items: int) -> int:
+    """The records an eval reads; an empty source is refused when the eval is built, not at its first run
+    (which record is usable is only known once read, at every eval)."""
+    if len(source) == 0:
+        raise ValueError(f"The eval source {source!r} has no records; check its path and split.")
+    return min(len(source), max_items) if max_items else len(source)
+
+
 def _this_share(num_records: int) -> range:
     return pipeline.eval_share(num_records, jax.process_index(), jax.process_count())
 
@@ -60,7 +68,7 @@ class RetrievalSet:
 
     def __init__(self, source: Any, tokenizer: Callable, image_size: int, max_items: int = 0):
         self.source, self.tokenizer, self.image_size = source, tokenizer, image_size
-        self.num_records = min(len(source), max_items) if max_items else len(source)
+        self.num_records = _checked_size(source, max_items)
         self._token_shape = np.shape(tokenizer([""]))[1:]
 
     def evaluate(self, embedder: Embedder, params: Any) -> dict[str, float]:
@@ -103,7 +111,7 @@ class ClassificationSet:
     def __init__(self, source: Any, tokenizer: Callable, image_size: int, class_names: list[str],
                  templates: tuple[str, ...], max_items: int = 0):
         self.source, self.tokenizer, self.image_size = source, tokenizer, image_size
-        self.num_records = min(len(source), max_items) if max_items else len(source)
+        self.num_records = _checked_size(source, max_items)
         self.class_names = list(class_names)
         self.templates = templates
 
