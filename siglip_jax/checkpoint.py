@@ -5,6 +5,7 @@ A workdir holds `checkpoints/<step>/` with three items:
   state/   the TrainState (step, params, opt_state), as sharded arrays
   data/    each process's grain iterator state, `process_<i>-of-<n>.json` (written by grain's handler)
   config/  the config the run used, as JSON
+Reading only the parameters (evaluation, export, init_from) is checkpoint_params.py.
 
 Orbax writes a step into a temporary directory and renames it when every item is complete, so a save
 killed midway leaves the previous checkpoint as the latest. A checkpoint that cannot be read anyway
@@ -27,11 +28,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import Mesh, SingleDeviceSharding
 
-from siglip_jax import config as config_lib
-from siglip_jax import sharding, storage
-from siglip_jax.models.two_towers import param_shardings
+from siglip_jax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +83,10 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], under: It
 
 
 def checkpoint_root(workdir: str) -> str:
-    return str(_path(workdir) / CHECKPOINTS_SUBDIR)
+    return str(as_path(workdir) / CHECKPOINTS_SUBDIR)
 
 
-def _path(path: str) -> epath.Path:
+def as_path(path: str) -> epath.Path:
     """A local path made absolute, or a cloud one (gs://...) as it is: Orbax and epath read both."""
     return epath.Path(path if "://" in path else os.path.abspath(path))
 
@@ -101,7 +99,7 @@ def _preservation_policy(keep_checkpoints: int, keep_every_steps: int) -> Any:
     return policies.AnyPreservationPolicy(keep)
 
 
-def _manager(root: str, *, keep_checkpoints: int | None = None, keep_every_steps: int = 0, read_only: bool = False):
+def open_manager(root: str, *, keep_checkpoints: int | None = None, keep_every_steps: int = 0, read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
         preservation_policy=None if keep_checkpoints is None else _preservation_policy(keep_checkpoints, keep_every_steps),
         read_only=read_only,
@@ -118,7 +116,7 @@ def latest_step(workdir: str) -> int | None:
     root = checkpoint_root(workdir)
     if not epath.Path(root).is_dir():
         return None
-    with _manager(root, read_only=True) as manager:
+    with open_manager(root, read_only=True) as manager:
         return manager.latest_step()
 
 
@@ -137,7 +135,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, keep_checkpoints: int = 3, keep_every_steps: int = 0):
         self.root = checkpoint_root(workdir)
-        self._manager = _manager(self.root, keep_checkpoints=keep_checkpoints, keep_every_steps=keep_every_steps)
+        self._manager = open_manager(self.root, keep_checkpoints=keep_checkpoints, keep_every_steps=keep_every_steps)
         # A step directory Orbax does not list (emptied, or its commit marker lost) would block saving that step.
         listed = set(self._manager.all_steps())
         self._set_aside([int(p.name) for p in epath.Path(self.root).iterdir() if p.name.isdigit() and int(p.name) not in listed],
@@ -322,100 +320,6 @@ def redistribute_data_states(states: dict[int, Any], process_count: int) -> list
     return [{"next_index": next_index} for _ in range(process_count)]
 
 
-# ---- Parameters only, for evaluation, export and init_from ---------------------------------------
-
-
-def _resolve(path: str, step: int | None) -> tuple[epath.Path, int]:
-    """(checkpoints root, step) for a workdir, its checkpoints directory or one step's directory."""
-    path = _path(path)
-    if (path / STATE).is_dir():  # one step's directory
-        if not path.name.isdigit():
-            raise NoCheckpointError(f"{path} looks like a checkpoint but its name {path.name!r} is not a step number.")
-        if step is not None and step != int(path.name):
-            raise ValueError(f"Got the checkpoint directory of step {path.name} and also step={step}; give one.")
-        return path.parent, int(path.name)
-    root = path / CHECKPOINTS_SUBDIR if (path / CHECKPOINTS_SUBDIR).is_dir() else path
-    if not root.is_dir():
-        raise NoCheckpointError(f"No checkpoint at {path}: give a workdir, its {CHECKPOINTS_SUBDIR}/ or a step directory.")
-    with _manager(root, read_only=True) as manager:
-        steps = sorted(manager.all_steps())
-    if not steps:
-        raise NoCheckpointError(f"No complete checkpoint under {root}.")
-    if step is None:
-        return root, steps[-1]
-    if step not in steps:
-        raise NoCheckpointError(f"No checkpoint of step {step} under {root}; the complete ones: {steps}.")
-    return root, step
-
-
-def read_saved_config(step_dir: epath.Path) -> ml_collections.ConfigDict:
-    """The config saved with a checkpoint step, merged over the defaults and validated: the one way a
-    saved config is read (see config.from_json)."""
-    return config_lib.from_json((step_dir / CONFIG / "metadata").read_text())  # JsonSave's file
-
-
-def _weights_field(saved_state: dict, weights: str, step_dir: epath.Path) -> str:
-    """The TrainState field holding `weights` ("raw" or "ema", config.WEIGHTS), checked to be saved."""
-    if weights not in config_lib.WEIGHTS:
-        raise ValueError(f"Unknown weights {weights!r}; valid: {', '.join(config_lib.WEIGHTS)}.")
-    field = "ema_params" if weights == "ema" else "params"
-    if not isinstance(saved_state.get(field), dict):
-        raise NoCheckpointError(f"The checkpoint {step_dir} has no EMA of the parameters (its run had "
-                                "optim.ema_decay=0); load its raw weights (--weights raw), or train with "
-                                "optim.ema_decay > 0.")
-    return field
-
-
-def saved_params_shapes(path: str, *, step: int | None = None, weights: str = "raw") -> tuple[ml_collections.ConfigDict, Any]:
-    """(config, the shapes and dtypes of the parameters or, with weights="ema", of their EMA) of a
-    checkpoint, from its metadata: no array is read."""
-    root, step = _resolve(path, step)
-    step_dir = root / str(step)
-    saved_state = ocp.PyTreeCheckpointHandler().metadata(step_dir / STATE).tree
-    return read_saved_config(step_dir), saved_state[_weights_field(saved_state, weights, step_dir)]
-
-
-def restore_params(
-    path: str, *, step: int | None = None, mesh: Mesh | None = None, shardings: Any = None, weights: str = "raw"
-) -> tuple[Any, ml_collections.ConfigDict]:
-    """The parameters (no optimizer state) and the config of a checkpoint; with weights="ema", the
-    parameters' exponential moving average (optim.ema_decay) instead.
-
-    `path` is a workdir, its checkpoints/ directory or one step's directory; without `step`, the latest
-    complete checkpoint. Placement: `shardings` (a tree like the parameters, or a dict over some of
-    their groups: only those are read) if given, else the training layout on `mesh` if given, else all
-    on the first local device. Orbax restores each array straight into its sharding.
-    """
-    root, step = _resolve(path, step)
-    step_dir = root / str(step)
-    config = read_saved_config(step_dir)
-    state_dir = step_dir / STATE
-    with ocp.PyTreeCheckpointer() as reader:
-        saved_state = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
-        field = _weights_field(saved_state, weights, step_dir)
-        saved_params = saved_state[field]
-        if shardings is None:
-            if mesh is not None:
-                shardings = param_shardings(config.model, mesh, sharding.rules_as_tuples(config.mesh.axis_rules))
-            else:
-                device = SingleDeviceSharding(jax.local_devices()[0])
-                shardings = jax.tree.map(lambda _: device, saved_params)
-        if isinstance(shardings, dict) and set(shardings) < set(saved_params):
-            saved_params = {group: saved_params[group] for group in shardings}
-        target = abstract_like(saved_params, shardings)
-        restored = reader.restore(
-            state_dir,
-            args=ocp.args.PyTreeRestore(
-                item={field: target},
-                restore_args={field: ocp.checkpoint_utils.construct_restore_args(target)},
-                partial_restore=True,
-            ),
-        )
-    params = restored[field]
-    logger.info("Restored the %s parameters of %s", weights, step_dir)
-    return params, config
-
-
 __all__ = [
     "Checkpointer",
     "CheckpointMismatchError",
@@ -423,19 +327,5 @@ __all__ = [
     "abstract_like",
     "config_differences",
     "latest_step",
-    "read_saved_config",
     "redistribute_data_states",
-    "restore_params",
-    "saved_params_shapes",
 ]
-
-
-def parse_step(text: str | None) -> int | None:
-    """A --checkpoint STEP flag given with --workdir: a step number, or "latest" / "" / None for the latest
-    complete checkpoint."""
-    if text is None or text.strip().lower() in ("", "latest"):
-        return None
-    if not text.strip().isdigit():
-        raise ValueError(f"--checkpoint {text!r} with --workdir must be a step number (e.g. 1000) or 'latest'; to "
-                         "evaluate an exported file instead, pass --checkpoint PATH without --workdir.")
-    return int(text)

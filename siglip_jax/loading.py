@@ -29,7 +29,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from siglip_jax import checkpoint, sharding
+from siglip_jax import checkpoint_params, sharding
 from siglip_jax import config as config_lib
 from siglip_jax.export import big_vision, hf
 from siglip_jax.export import params as params_lib
@@ -43,7 +43,7 @@ ShapeCheck = Callable[[ml_collections.ConfigDict, dict], None]
 
 
 def is_workdir(path: str) -> bool:
-    """True for what checkpoint.restore_params reads (a directory that is not an HF export)."""
+    """True for what checkpoint_params.restore_params reads (a directory that is not an HF export)."""
     return os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))
 
 
@@ -92,10 +92,10 @@ def load_model(
     if weights not in config_lib.WEIGHTS:
         raise ValueError(f"Unknown weights {weights!r}; valid: {', '.join(config_lib.WEIGHTS)}.")
     if is_workdir(source):
-        config, saved_shapes = checkpoint.saved_params_shapes(source, step=step, weights=weights)
+        config, saved_shapes = checkpoint_params.saved_params_shapes(source, step=step, weights=weights)
         if check is not None:
             check(config, saved_shapes)
-        params, config = checkpoint.restore_params(
+        params, config = checkpoint_params.restore_params(
             source, step=step, mesh=mesh, shardings=_target_shardings(config, mesh, shardings), weights=weights
         )
         name, data = params_lib.tokenizer_asset(config)
@@ -121,7 +121,7 @@ def source_from_flags(workdir: str | None, checkpoint_arg: str | None) -> tuple[
     """(source, step) for load_model from the CLIs' --workdir / --checkpoint flags: a workdir with
     an optional step, or a path alone."""
     if workdir:
-        return workdir, checkpoint.parse_step(checkpoint_arg)
+        return workdir, checkpoint_params.parse_step(checkpoint_arg)
     if checkpoint_arg:
         if not os.path.exists(checkpoint_arg):
             raise FileNotFoundError(f"--checkpoint {checkpoint_arg!r} does not exist; pass a workdir, an exported "

@@ -6,8 +6,9 @@ carries on and reports (a log warning and a metric).
   * a resumed run's total_steps must reach past its checkpoint;
   * a run that restarts from step 0 beside an earlier run's metrics.jsonl moves that file aside;
   * a checkpoint is saved only when its step was finite (the trainer asks its NonFiniteGuard);
-  * a loss far above the run's first loss is warned about and logged ("loss_over_start");
-  * an eval that meets non-finite embeddings reports it as a metric instead of raising.
+  * a loss far above the run's first loss is warned about and logged ("loss_over_start").
+(An eval that meets non-finite embeddings reports it as a metric instead of raising: see
+evaluation/runner.run_evaluators, the one way evals run.)
 """
 from __future__ import annotations
 
@@ -100,45 +101,3 @@ class LossWatch:
                 self.start, self.factor)
         self.above = ratio > self.factor
         return {"loss_over_start": float(ratio)}
-
-
-# ---- Evaluation ---------------------------------------------------------------------------------
-
-class NonFiniteEmbeddings(FloatingPointError):
-    pass
-
-
-class _CheckedEmbedder:
-    """An evaluation embedder whose image and text embeddings are checked to be finite, so a diverged model
-    is reported by name instead of failing (or inflating) the metrics."""
-
-    def __init__(self, embedder: Any):
-        self.embedder = embedder
-
-    @staticmethod
-    def _checked(embeddings: Any, tower: str) -> Any:
-        if not np.all(np.isfinite(np.asarray(embeddings))):
-            raise NonFiniteEmbeddings(f"{tower} embeddings hold NaN or Inf")
-        return embeddings
-
-    def images(self, params: Any, images: np.ndarray) -> Any:
-        return self._checked(self.embedder.images(params, images), "image")
-
-    def texts(self, params: Any, tokens: np.ndarray) -> Any:
-        return self._checked(self.embedder.texts(params, tokens), "text")
-
-
-def run_evals(evaluators: dict[str, Any], embedder: Any, params: Any, step: int) -> dict[str, float]:
-    """Every evaluator's metrics as "<eval name>/<metric>"; an eval that meets non-finite embeddings gives
-    "<eval name>/nonfinite_embeddings" = 1 and a warning instead, so the run (and its checkpoint) goes on."""
-    checked = _CheckedEmbedder(embedder)
-    results: dict[str, float] = {}
-    for name, evaluator in evaluators.items():
-        try:
-            metrics = evaluator.evaluate(checked, params)
-        except NonFiniteEmbeddings as error:
-            logger.warning("Eval %r at step %d: %s; its metrics are left out. The model has diverged: lower "
-                           "optim.learning_rate, or resume from an earlier checkpoint.", name, step, error)
-            metrics = {"nonfinite_embeddings": 1.0}
-        results.update({f"{name}/{key}": value for key, value in metrics.items()})
-    return results

@@ -97,9 +97,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     def evaluate(info: hooks.StepInfo) -> dict[str, float]:
         # Non-finite embeddings are reported as a metric, not raised, so the checkpoint after it is still saved.
-        results = safeguards.run_evals(evaluators, embedder, info.state.params, info.step)
+        results = runner.run_evaluators(evaluators, embedder, info.state.params, info.step)
         if config.optim.ema_decay:  # the moving average beside the raw weights, on the same sets
-            ema_results = safeguards.run_evals(evaluators, embedder, info.state.ema_params, info.step)
+            ema_results = runner.run_evaluators(evaluators, embedder, info.state.ema_params, info.step)
             results.update({f"ema/{key}": value for key, value in ema_results.items()})
         throughput.reset(info.step)  # evaluation time is not training throughput
         return results

@@ -17,8 +17,8 @@ def get_config(arg: str | None = None):
     config.data.prefetch_batches = 1
     config.checkpoint_every_steps = 0  # saved once, at the end: every process writes its shards
     config.tensorboard = False
-    config.evals.retrieval = eval_config(  # at the end: eval inputs every process holds in full
+    config.evals.retrieval = eval_config(  # at the end: each process reads and embeds its 12 of the 24 records
         "retrieval", source_config("demo", split="eval", size=24, image_size=16)
     )
-    config.data.eval_batch_size = 16  # 24 items: one full batch and one padded
+    config.data.eval_batch_size = 16  # 8 rows per process per batch: a full batch, then one half padding
     return config

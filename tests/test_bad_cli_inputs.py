@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from siglip_jax import checkpoint, evaluation_cli, search
+from siglip_jax import checkpoint_params, evaluation_cli, search
 from siglip_jax.data import images as images_lib
 from siglip_jax.export import formats
 from siglip_jax.export import params as params_lib
@@ -100,10 +100,10 @@ def test_search_names_a_file_that_is_not_an_index(tmp_path, write):
 # --------------------------------------------------------------------------------------------- eval
 
 def test_checkpoint_step_flag_accepts_latest_and_refuses_garbage():
-    assert checkpoint.parse_step("latest") is None and checkpoint.parse_step(None) is None
-    assert checkpoint.parse_step("1200") == 1200
+    assert checkpoint_params.parse_step("latest") is None and checkpoint_params.parse_step(None) is None
+    assert checkpoint_params.parse_step("1200") == 1200
     with pytest.raises(ValueError, match=r"--checkpoint 'last' with --workdir must be a step number .* or 'latest'"):
-        checkpoint.parse_step("last")
+        checkpoint_params.parse_step("last")
 
 
 def test_bad_pair_lines_are_skipped_named_and_the_rest_scored(tmp_path, exported, caplog):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax import checkpoint, optim, sharding
+from siglip_jax import checkpoint, checkpoint_params, optim, sharding
 from siglip_jax.data import pipeline
 from siglip_jax.data.from_config import build_source, build_tokenizer
 from siglip_jax.models import two_towers
@@ -165,13 +165,13 @@ def test_no_readable_checkpoint_is_a_clear_error(saved, tmp_path):
 
 def test_restore_params_from_workdir_step_dir_and_onto_a_mesh(saved):
     workdir, config, expected, *_ = saved
-    params, restored_config = checkpoint.restore_params(workdir)
+    params, restored_config = checkpoint_params.restore_params(workdir)
     jax.tree.map(np.testing.assert_array_equal, _as_numpy(params), expected.params)
     assert restored_config.model.image.width == config.model.image.width
     assert all(leaf.sharding.device_set == {jax.local_devices()[0]} for leaf in jax.tree.leaves(params))
 
     mesh = sharding.create_mesh((4, 2, 1), AXES)
-    params, _ = checkpoint.restore_params(os.path.join(workdir, "checkpoints", "7"), mesh=mesh)
+    params, _ = checkpoint_params.restore_params(os.path.join(workdir, "checkpoints", "7"), mesh=mesh)
     jax.tree.map(np.testing.assert_array_equal, _as_numpy(params), expected.params)
     assert any("fsdp" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(params))
     assert checkpoint.latest_step(workdir) == 7
@@ -180,9 +180,9 @@ def test_restore_params_from_workdir_step_dir_and_onto_a_mesh(saved):
 def test_restore_params_of_a_missing_checkpoint_says_what_it_wants(saved, tmp_path):
     workdir, *_ = saved
     with pytest.raises(checkpoint.NoCheckpointError, match="give a workdir"):
-        checkpoint.restore_params(str(tmp_path / "nothing here"))
+        checkpoint_params.restore_params(str(tmp_path / "nothing here"))
     with pytest.raises(checkpoint.NoCheckpointError, match=r"complete ones: \[7\]"):
-        checkpoint.restore_params(workdir, step=8)
+        checkpoint_params.restore_params(workdir, step=8)
     assert checkpoint.latest_step(str(tmp_path)) is None
 
 
@@ -190,10 +190,11 @@ GLOBAL_BATCH = 12
 
 
 def _global_positions(batches, process_index, process_count):
-    """Positions of the global stream that process i of n has read in its first `batches` batches: its
-    local stream is positions i, i + n, i + 2n, ... (the pipeline's striding), batched by 12 / n."""
+    """Positions of the global stream that process i of n has read in its first `batches` batches: block i
+    of 12 / n positions of each global batch of 12 (the pipeline's split)."""
     local_batch = GLOBAL_BATCH // process_count
-    return {process_index + k * process_count for k in range(batches * local_batch)}
+    return {batch * GLOBAL_BATCH + process_index * local_batch + row
+            for batch in range(batches) for row in range(local_batch)}
 
 
 @pytest.mark.parametrize("saved_count, new_count", [(2, 1), (1, 4), (4, 2), (2, 3)])

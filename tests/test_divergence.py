@@ -93,7 +93,7 @@ def test_eval_of_nan_parameters_is_reported_not_raised(caplog):
     embedder = runner.Embedder(model, mesh, rules, 8)
     evaluators = runner.build_evaluators(config, from_config.build_tokenizer(config), from_config.build_source)
     with caplog.at_level(logging.WARNING):
-        results = safeguards.run_evals(evaluators, embedder, params, step=12)
+        results = runner.run_evaluators(evaluators, embedder, params, step=12)
     assert results == {"shapes/nonfinite_embeddings": 1.0}
     assert "Eval 'shapes' at step 12: image embeddings hold NaN or Inf" in caplog.text
 

@@ -16,15 +16,24 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 
 
 class _ByLabelEmbedder:
-    """Images embed to the one-hot of their mean pixel bucket, prompts to the one-hot of the class word."""
+    """An oracle: images embed to the one-hot of the label in params for their record (the key each chunk
+    row carries), prompts to the one-hot of the class word. One process, one chunk at a time."""
 
     def __init__(self, class_names):
         self.class_names = class_names
+        self.rows_per_process = 4
+        self.chunk_sizes = []
 
-    def images(self, params, images):
-        out = np.zeros((len(images), len(self.class_names)), np.float32)
-        out[np.arange(len(images)), params["image_labels"]] = 1.0
-        return out
+    def embed_shares(self, tower, params, local_chunks, empty_inputs, key_columns=1):
+        assert tower == "image"
+        embeddings, keys = [], []
+        for inputs, chunk_keys in local_chunks:
+            self.chunk_sizes.append(len(inputs))
+            out = np.zeros((len(inputs), len(self.class_names)), np.float32)
+            out[np.arange(len(inputs)), params["record_labels"][chunk_keys[:, 0]]] = 1.0
+            embeddings.append(out)
+            keys.append(chunk_keys)
+        return np.concatenate(embeddings), np.concatenate(keys)
 
     def texts(self, params, tokens):
         decoded = [ByteTokenizer(32).decode(row) for row in tokens]
@@ -41,10 +50,12 @@ def test_zero_shot_classification_on_cifar10_folder():
     assert source.class_names[:3] == ["airplane", "automobile", "bird"] and len(source) == 30
     evaluator = runner.ClassificationSet(source, ByteTokenizer(32), 16, source.class_names, ("a photo of a {}.",))
     embedder = _ByLabelEmbedder(source.class_names)
+    labels = np.array([source[index]["label"] for index in range(len(source))])
     # An embedder that sees the true labels scores 1.0; one that sees shifted labels scores 0.
-    perfect = evaluator.evaluate(embedder, {"image_labels": evaluator.labels})
+    perfect = evaluator.evaluate(embedder, {"record_labels": labels})
     assert perfect["top1"] == 1.0 and perfect["mean_per_class_recall"] == 1.0
-    wrong = evaluator.evaluate(embedder, {"image_labels": (evaluator.labels + 1) % 10})
+    assert embedder.chunk_sizes == [4] * 7 + [2]  # streamed a batch at a time, never the whole set
+    wrong = evaluator.evaluate(embedder, {"record_labels": (labels + 1) % 10})
     # The true class ties at score 0 with 8 others behind the wrong one; ties count against it.
     assert wrong["top1"] == 0.0 and wrong["top5"] == 0.0
     assert perfect["num_images"] == 30
@@ -67,3 +78,70 @@ def test_embedder_pads_the_last_batch_and_keeps_order():
     direct = model.apply({"params": params}, images, method=model.embed_images)
     assert batched.shape == (21, 32)
     np.testing.assert_allclose(batched, direct, rtol=1e-5, atol=1e-6)
+
+
+class _Uncaptioned:
+    """Demo records with record 3's captions removed: it must be skipped, its image left out."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        record = self.inner[index]
+        return {**record, "captions": []} if index == 3 else record
+
+
+class _Recording:
+    """The real Embedder, keeping what embed_shares returned and how many rows each chunk had."""
+
+    def __init__(self, embedder):
+        self.embedder, self.results, self.chunk_sizes = embedder, {}, {}
+        self.rows_per_process = embedder.rows_per_process
+
+    def embed_shares(self, tower, params, local_chunks, empty_inputs, key_columns=1):
+        sizes = self.chunk_sizes.setdefault(tower, [])
+
+        def counted():
+            for inputs, keys in local_chunks:
+                sizes.append(len(inputs))
+                yield inputs, keys
+
+        self.results[tower] = self.embedder.embed_shares(tower, params, counted(), empty_inputs, key_columns)
+        return self.results[tower]
+
+
+def test_retrieval_streams_batches_and_matches_the_model_applied_whole():
+    from siglip_jax.data.demo import DemoSource
+    from siglip_jax.evaluation import retrieval
+    from siglip_jax.models import two_towers
+    from tests.helpers import tiny_config
+    from tests.params_helpers import random_params
+
+    config = tiny_config()
+    model = two_towers.build_model(config.model)
+    params = random_params(config)
+    mesh = sharding.create_mesh((-1, 1, 1), ("data", "fsdp", "tensor"))
+    source = _Uncaptioned(DemoSource("eval", 11, 16))
+    tokenizer = ByteTokenizer(12)
+    embedder = _Recording(Embedder(model, mesh, DEFAULT_AXIS_RULES, batch_size=8))
+    metrics = runner.RetrievalSet(source, tokenizer, 16).evaluate(embedder, params)
+
+    kept = [index for index in range(11) if index != 3]
+    assert embedder.chunk_sizes == {"image": [8, 2], "text": [8, 8, 8, 8, 8, 8, 2]}  # 10 images, 50 captions
+    from siglip_jax.data import images as images_lib  # the eval preprocessing is not what is tested here
+
+    images = np.stack([images_lib.eval_transform(images_lib.decode_image(source[index]["image"]), 16) for index in kept])
+    captions = [caption for index in kept for caption in source[index]["captions"]]
+    caption_image_ids = np.repeat(np.arange(10), 5)
+    image_embeddings, image_keys = embedder.results["image"]
+    text_embeddings, text_keys = embedder.results["text"]
+    assert image_keys[:, 0].tolist() == kept and text_keys[:, 0].tolist() == np.repeat(kept, 5).tolist()
+    np.testing.assert_allclose(image_embeddings, model.apply({"params": params}, images, method=model.embed_images),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(text_embeddings, model.apply({"params": params}, tokenizer(captions),
+                                                            method=model.embed_texts), rtol=1e-5, atol=1e-6)
+    expected = retrieval.retrieval_metrics(image_embeddings, text_embeddings, caption_image_ids)
+    assert metrics == {**expected, "num_images": 10.0, "num_skipped": 1.0}

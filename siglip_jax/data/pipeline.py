@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import grain
 import numpy as np
@@ -27,6 +27,19 @@ class ImageOptions:
     # NaFlex towers: > 0 gives packed [max_patches, p * p * 3 + 4] patches (data/naflex.py) instead of squares
     naflex_patch_size: int = 0
     naflex_max_patches: int = 0
+
+
+def as_image_options(image_size: int | ImageOptions) -> ImageOptions:
+    """A square image size as ImageOptions; ImageOptions as they are."""
+    return image_size if isinstance(image_size, ImageOptions) else ImageOptions(image_size)
+
+
+def eval_image_shape(image_size: int | ImageOptions) -> tuple[int, ...]:
+    """The shape of one eval_view: [s, s, 3], or NaFlex's packed [max_patches, p * p * 3 + 4]."""
+    options = as_image_options(image_size)
+    if options.naflex_max_patches:
+        return (options.naflex_max_patches, naflex.packed_channels(options.naflex_patch_size))
+    return (options.image_size, options.image_size, 3)
 
 
 def eval_view(image: np.ndarray, options: ImageOptions) -> np.ndarray:
@@ -121,9 +134,12 @@ def train_batches(
     number of records replaced in that batch); `get_state()` / `set_state()` save and restore its
     position: {"next_index": batches read} with no workers.
 
-    Process p of n takes positions p, p + n, p + 2n, ... of one global, per-epoch reshuffled order, so
-    together the processes see every record once per epoch, and after b batches each they have used
-    exactly the first b x global_batch positions, whatever n is.
+    Global batch b is positions [b x G, (b + 1) x G) of one global, per-epoch reshuffled order (G =
+    n x local_batch_size), and process p of n reads its block [b x G + p x L, b x G + (p + 1) x L): the
+    rows its devices hold when sharding.host_local_to_global stacks the processes' batches in process
+    order. So a global batch holds the same examples in the same rows whatever n is (a multi-process run
+    computes what one process computes, bit for bit), together the processes see every record once per
+    epoch, and after b batches each they have used exactly the first b x G positions.
     """
     from siglip_jax.data import streaming  # streams build on make_example above
 
@@ -139,24 +155,31 @@ def train_batches(
         )
     records = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     examples = records.map_with_index(TrainExamples(records, len(source), tokenizer, options, seed))
-    examples = examples[process_index::process_count]
     # Batching here, before the iterator, makes a whole batch one unit of work for the reading threads
     # and workers: the per-element cost of an iterator pipeline is larger than decoding a small image.
-    batches = examples.batch(local_batch_size, drop_remainder=True)
+    # Batching before taking this process's share gives it a contiguous block of each global batch (lazily:
+    # only its own blocks are ever decoded).
+    batches = examples.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
     iterable = batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch_batches))
     if num_workers > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(iterable)
 
 
+def eval_share(num_records: int, process_index: int, process_count: int) -> range:
+    """The records [start, stop) process p of n reads of an eval set: contiguous, sizes differing by at
+    most one, together every record once."""
+    return range(process_index * num_records // process_count, (process_index + 1) * num_records // process_count)
+
+
 def eval_records(
-    source: Any, image_size: int | ImageOptions, num_records: int | None = None
-) -> Iterator[tuple[np.ndarray, list[str], dict]]:
-    """(image uint8 [s, s, 3] or NaFlex-packed (see ImageOptions), non-empty captions, record) for each
-    usable record of the first `num_records` (default all), in order; unreadable images are logged and
-    left out."""
-    options = image_size if isinstance(image_size, ImageOptions) else ImageOptions(image_size)
-    for index in range(len(source) if num_records is None else num_records):
+    source: Any, image_size: int | ImageOptions, indices: Iterable[int] | None = None
+) -> Iterator[tuple[int, np.ndarray, list[str], dict]]:
+    """(index, image uint8 [s, s, 3] or NaFlex-packed (see ImageOptions), non-empty captions, record) for
+    each usable record among `indices` (default all), in order, read one at a time; unreadable images are
+    logged and left out."""
+    options = as_image_options(image_size)
+    for index in range(len(source)) if indices is None else indices:
         record = source[index]
         try:
             image = eval_view(images.decode_image(record["image"]), options)
@@ -164,4 +187,4 @@ def eval_records(
             logger.warning("Skipped eval record %s: %s", record.get("id", index), error)
             continue
         captions = [caption for caption in record.get("captions", ()) if caption and caption.strip()]
-        yield image, captions, record
+        yield index, image, captions, record

@@ -1,10 +1,16 @@
 """Runs evaluations against model parameters: embeds a source's images and captions with the one
 Embedder (siglip_jax.embedder, sharded over the mesh), then computes the metrics. Used by the trainer's
-eval hook and by eval.py."""
+eval hook and by eval.py.
+
+With several processes, each process reads, decodes and embeds only its share of an eval set
+(pipeline.eval_share: contiguous record ranges), one batch at a time, so no host holds the whole set;
+the Embedder gathers the embeddings (with each row's record index), and every process computes the
+same metrics from them. The records are read again at every eval.
+"""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import ml_collections
@@ -13,7 +19,6 @@ from jax.sharding import Mesh
 
 from siglip_jax import losses, sharding
 from siglip_jax.data import from_config, pipeline
-from siglip_jax.data import images as image_ops
 from siglip_jax.embedder import Embedder
 from siglip_jax.evaluation import classification, fewshot, retrieval
 from siglip_jax.models import two_towers
@@ -22,31 +27,82 @@ from siglip_jax.models.two_towers import param_shardings
 logger = logging.getLogger(__name__)
 
 
+class NonFiniteEmbeddings(FloatingPointError):
+    pass
+
+
+def _checked(embeddings: np.ndarray, tower: str) -> np.ndarray:
+    """A diverged model is reported by name instead of failing (or inflating) the metrics."""
+    if not np.all(np.isfinite(embeddings)):
+        raise NonFiniteEmbeddings(f"{tower} embeddings hold NaN or Inf")
+    return embeddings
+
+
+def _chunks(rows: Iterable[tuple[np.ndarray, tuple[int, ...]]], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(input, key row) pairs -> (inputs [<= size, ...], keys int32 [<= size, c]) chunks, lazily."""
+    inputs, keys = [], []
+    for item, key in rows:
+        inputs.append(item)
+        keys.append(key)
+        if len(inputs) == size:
+            yield np.stack(inputs), np.asarray(keys, np.int32)
+            inputs, keys = [], []
+    if inputs:
+        yield np.stack(inputs), np.asarray(keys, np.int32)
+
+
+def _checked_size(source: Any, max_items: int) -> int:
+    """The records an eval reads; an empty source is refused when the eval is built, not at its first run
+    (which record is usable is only known once read, at every eval)."""
+    if len(source) == 0:
+        raise ValueError(f"The eval source {source!r} has no records; check its path and split.")
+    return min(len(source), max_items) if max_items else len(source)
+
+
+def _this_share(num_records: int) -> range:
+    return pipeline.eval_share(num_records, jax.process_index(), jax.process_count())
+
+
 class RetrievalSet:
-    """A source's images and all their captions, preprocessed once and kept for repeated evals."""
+    """A source's images and all their captions (the first `max_items` records, 0: all)."""
 
     def __init__(self, source: Any, tokenizer: Callable, image_size: int, max_items: int = 0):
-        images, captions, caption_image_ids = [], [], []
-        self.num_records = min(len(source), max_items) if max_items else len(source)
-        for image, image_captions, record in pipeline.eval_records(source, image_size, self.num_records):
-            if not image_captions:
-                logger.warning("Skipped retrieval record %s: it has no caption.", record.get("id"))
-                continue
-            caption_image_ids.extend([len(images)] * len(image_captions))
-            images.append(image)
-            captions.extend(image_captions)
-        if not images:
-            raise ValueError(f"The retrieval source {source!r} has no usable image with a caption.")
-        self.num_skipped = self.num_records - len(images)
-        self.images = np.stack(images)
-        self.tokens = tokenizer(captions)
-        self.caption_image_ids = np.asarray(caption_image_ids, np.int32)
+        self.source, self.tokenizer, self.image_size = source, tokenizer, image_size
+        self.num_records = _checked_size(source, max_items)
+        self._token_shape = np.shape(tokenizer([""]))[1:]
 
     def evaluate(self, embedder: Embedder, params: Any) -> dict[str, float]:
-        image_embeddings = embedder.images(params, self.images)
-        text_embeddings = embedder.texts(params, self.tokens)
-        metrics = retrieval.retrieval_metrics(image_embeddings, text_embeddings, self.caption_image_ids)
-        return {**metrics, "num_images": float(len(self.images)), "num_skipped": float(self.num_skipped)}
+        captions, caption_records = [], []  # this share's, kept as text: small beside the images
+
+        def images() -> Iterator[tuple[np.ndarray, tuple[int]]]:
+            for index, image, image_captions, record in pipeline.eval_records(
+                    self.source, self.image_size, _this_share(self.num_records)):
+                if not image_captions:
+                    logger.warning("Skipped retrieval record %s: it has no caption.", record.get("id", index))
+                    continue
+                captions.extend(image_captions)
+                caption_records.extend([index] * len(image_captions))
+                yield image, (index,)
+
+        size = embedder.rows_per_process
+        empty_images = np.zeros((0, *pipeline.eval_image_shape(self.image_size)), np.uint8)
+        image_embeddings, image_keys = embedder.embed_shares("image", params, _chunks(images(), size), empty_images)
+        if not len(image_keys):
+            raise ValueError(f"The retrieval source {self.source!r} has no usable image with a caption.")
+        _checked(image_embeddings, "image")
+
+        def texts() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for start in range(0, len(captions), size):
+                yield self.tokenizer(captions[start:start + size]), np.asarray(caption_records[start:start + size])
+
+        empty_tokens = np.zeros((0, *self._token_shape), np.int32)
+        text_embeddings, text_keys = embedder.embed_shares("text", params, texts(), empty_tokens)
+        _checked(text_embeddings, "text")
+        # A caption's image is the row of its record among the images (both ordered by record index).
+        caption_image_ids = np.searchsorted(image_keys[:, 0], text_keys[:, 0]).astype(np.int32)
+        metrics = retrieval.retrieval_metrics(image_embeddings, text_embeddings, caption_image_ids)
+        return {**metrics, "num_images": float(len(image_keys)),
+                "num_skipped": float(self.num_records - len(image_keys))}
 
 
 class ClassificationSet:
@@ -54,27 +110,26 @@ class ClassificationSet:
 
     def __init__(self, source: Any, tokenizer: Callable, image_size: int, class_names: list[str],
                  templates: tuple[str, ...], max_items: int = 0):
-        self.num_records = min(len(source), max_items) if max_items else len(source)
-        images, labels = [], []
-        for image, _, record in pipeline.eval_records(source, image_size, self.num_records):
-            images.append(image)
-            labels.append(int(record["label"]))
-        if not images:
-            raise ValueError(f"The classification source {source!r} has no readable image.")
-        self.num_skipped = self.num_records - len(images)
-        self.images = np.stack(images)
-        self.labels = np.asarray(labels, np.int32)
+        self.source, self.tokenizer, self.image_size = source, tokenizer, image_size
+        self.num_records = _checked_size(source, max_items)
         self.class_names = list(class_names)
         self.templates = templates
-        self.tokenizer = tokenizer
 
     def evaluate(self, embedder: Embedder, params: Any) -> dict[str, float]:
         class_embeddings = classification.class_text_embeddings(
-            lambda prompts: embedder.texts(params, self.tokenizer(prompts)), self.class_names, self.templates
+            lambda prompts: _checked(embedder.texts(params, self.tokenizer(prompts)), "text"),
+            self.class_names, self.templates,
         )
-        image_embeddings = embedder.images(params, self.images)
-        metrics = classification.classification_metrics(image_embeddings, self.labels, class_embeddings)
-        return {**metrics, "num_images": float(len(self.images)), "num_skipped": float(self.num_skipped)}
+        records = pipeline.eval_records(self.source, self.image_size, _this_share(self.num_records))
+        labelled = ((image, (index, int(record["label"]))) for index, image, _, record in records)
+        empty_images = np.zeros((0, *pipeline.eval_image_shape(self.image_size)), np.uint8)
+        image_embeddings, keys = embedder.embed_shares(
+            "image", params, _chunks(labelled, embedder.rows_per_process), empty_images, key_columns=2)
+        if not len(keys):
+            raise ValueError(f"The classification source {self.source!r} has no readable image.")
+        _checked(image_embeddings, "image")
+        metrics = classification.classification_metrics(image_embeddings, keys[:, 1], class_embeddings)
+        return {**metrics, "num_images": float(len(keys)), "num_skipped": float(self.num_records - len(keys))}
 
 
 class ContrastiveLossSet:
@@ -89,7 +144,7 @@ class ContrastiveLossSet:
                  loss_config: ml_collections.ConfigDict, max_items: int = 0):
         self.num_records = min(len(source), max_items) if max_items else len(source)
         images, captions = [], []
-        for image, image_captions, record in pipeline.eval_records(source, image_size, self.num_records):
+        for _, image, image_captions, record in pipeline.eval_records(source, image_size, range(self.num_records)):
             if not image_captions:
                 logger.warning("Skipped validation-loss record %s: it has no caption.", record.get("id"))
                 continue
@@ -125,15 +180,11 @@ class ContrastiveLossSet:
                 "num_skipped": float(self.num_skipped)}
 
 
-def _labelled_images(source: Any, image_size: int, indices: Any) -> tuple[np.ndarray, np.ndarray]:
+def _labelled_images(source: Any, image_size: Any, indices: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The eval views and labels of the readable records among `indices` (unreadable ones logged, left out)."""
     images, labels = [], []
-    for index in indices:
-        record = source[int(index)]
-        try:
-            images.append(image_ops.eval_transform(image_ops.decode_image(record["image"]), image_size))
-        except image_ops.DecodeError as error:
-            logger.warning("Skipped few-shot record %s: %s", record.get("id", index), error)
-            continue
+    for _, image, _, record in pipeline.eval_records(source, image_size, (int(index) for index in indices)):
+        images.append(image)
         labels.append(int(record["label"]))
     return np.stack(images), np.asarray(labels, np.int32)
 
@@ -218,12 +269,21 @@ def build_evaluators(
     return evaluators
 
 
-def run_evaluators(evaluators: dict[str, Any], embedder: Embedder, params: Any) -> dict[str, float]:
-    """Runs every evaluator; metric keys are "<eval name>/<metric>"."""
-    results = {}
+def run_evaluators(evaluators: dict[str, Any], embedder: Embedder, params: Any, step: int | None = None
+                   ) -> dict[str, float]:
+    """Every evaluator's metrics as "<eval name>/<metric>". An eval that meets non-finite embeddings gives
+    "<eval name>/nonfinite_embeddings" = 1 and a warning instead of raising, so a training run (and its
+    checkpoint) goes on. Every process calls it (the embedding is a collective) and gets the same metrics."""
+    results: dict[str, float] = {}
     for name, evaluator in evaluators.items():
-        for key, value in evaluator.evaluate(embedder, params).items():
-            results[f"{name}/{key}"] = value
+        try:
+            metrics = evaluator.evaluate(embedder, params)
+        except NonFiniteEmbeddings as error:
+            at = "" if step is None else f" at step {step}"
+            logger.warning("Eval %r%s: %s; its metrics are left out. The model has diverged: lower "
+                           "optim.learning_rate, or resume from an earlier checkpoint.", name, at, error)
+            metrics = {"nonfinite_embeddings": 1.0}
+        results.update({f"{name}/{key}": value for key, value in metrics.items()})
     return results
 
 
