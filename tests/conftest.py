@@ -1,11 +1,36 @@
-"""Test session setup: 8 simulated CPU devices, set before JAX initialises its backends."""
+"""Test session setup: 8 simulated CPU devices, set before JAX initialises its backends, and one persistent
+compilation cache for the session, shared with every subprocess the tests start."""
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 
+# Many tests build the same tiny train step (trainer.train in process, train.py in subprocesses); each
+# build is a new jax.jit, so only a persistent cache lets the second build load the executable instead of
+# compiling it again (tens of seconds each on two loaded cores). Set in the environment before JAX is
+# imported, so this process and every child (they all inherit os.environ) read and fill the same cache.
+# A cache dir given from outside (e.g. kept between CI runs) is used as it is and not removed.
+_OWN_CACHE_DIR = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="siglip_jax_test_compile_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # a train run also compiles ~100 small ops
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE_DIR is not None:
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)

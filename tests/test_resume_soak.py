@@ -1,6 +1,13 @@
-"""Soak test of resume: one run SIGKILLed 20 times at seeded random moments (after some steps, or while
-a checkpoint is being written), rerun each time with the same command. The final per-step losses are
-bitwise equal to an uninterrupted run, and no kill loses a checkpoint that was complete before it."""
+"""Soak test of resume: one run SIGKILLed 10 times at seeded random moments, every other kill while a
+checkpoint is being written and the others 1-3 steps after a checkpoint completed, rerun each time with
+the same command. The final per-step losses are bitwise equal to an uninterrupted run, and no kill loses
+a checkpoint that was complete before it.
+
+Each kill costs a whole train.py start, so the kills alternate between the two moments instead of
+drawing them (30% during a save): half the reruns of the 20 drawn kills this test once made, and more
+kills during a save (5 tries, at least 2 asserted) than those 20 gave on average (6 tries, 1 asserted).
+The run is the recipe's 40 steps, so its compiled step is the one tests/test_resume.py compiles and the
+session's compilation cache (tests/conftest.py) already holds it."""
 import json
 import os
 import random
@@ -16,18 +23,17 @@ from siglip_jax import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "tests", "resume_recipe.py")
-NUM_KILLS = 20
-TOTAL_STEPS = 80
+NUM_KILLS = 10
+TOTAL_STEPS = 40  # the recipe's; 4 steps per kill, as the 20 kills of 80 steps had
 OVERRIDES = [f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=2",
              "--config.tensorboard=False"]
 RUN_TIMEOUT_S = 600
 
 
-def _start(workdir, cache_dir):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           # every rerun loads the compiled step instead of compiling it again: seconds per rerun
-           "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+def _start(workdir):
+    # os.environ carries the session's compilation cache (tests/conftest.py): every rerun loads the
+    # compiled step instead of compiling it again, seconds per rerun
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, "train.py", f"--config={RECIPE}", f"--workdir={workdir}", *OVERRIDES]
     with open(workdir + ".log", "ab") as log:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -86,10 +92,9 @@ def _wait_for_kill_moment(process, workdir, kill, resumed_from, before, during_s
 
 
 @pytest.mark.slow
-def test_twenty_sigkills_then_the_same_losses_as_uninterrupted(tmp_path):
-    cache_dir = str(tmp_path / "jax_cache")
+def test_ten_sigkills_then_the_same_losses_as_uninterrupted(tmp_path):
     reference = str(tmp_path / "uninterrupted")
-    assert _wait(_start(reference, cache_dir)) == 0, open(reference + ".log").read()[-3000:]
+    assert _wait(_start(reference)) == 0, open(reference + ".log").read()[-3000:]
     expected = _metrics_by_step(reference)
     assert sorted(expected) == list(range(1, TOTAL_STEPS + 1))
 
@@ -99,8 +104,8 @@ def test_twenty_sigkills_then_the_same_losses_as_uninterrupted(tmp_path):
     for kill in range(NUM_KILLS):
         resumed_from = max(_complete_steps(workdir), default=0)
         before = _mtime_ns(workdir)
-        process = _start(workdir, cache_dir)
-        during_save = rng.random() < 0.3
+        process = _start(workdir)
+        during_save = kill % 2 == 1
         steps_ahead = rng.randint(1, 3)
         deadline = time.monotonic() + RUN_TIMEOUT_S
         try:
@@ -114,10 +119,10 @@ def test_twenty_sigkills_then_the_same_losses_as_uninterrupted(tmp_path):
         # Nothing complete before the kill is lost: at worst the steps since the last complete save.
         assert max(_complete_steps(workdir), default=0) >= max(complete_before, default=0)
         assert max(_metrics_by_step(workdir)) < TOTAL_STEPS, "the run finished before its kill; raise TOTAL_STEPS"
-    assert kills_during_save >= 1, "no kill landed during a save"
+    assert kills_during_save >= 2, f"only {kills_during_save} of the {NUM_KILLS // 2} kills meant for a save landed in one"
 
     last_complete = checkpoint.latest_step(workdir)
-    assert _wait(_start(workdir, cache_dir)) == 0, open(workdir + ".log").read()[-3000:]
+    assert _wait(_start(workdir)) == 0, open(workdir + ".log").read()[-3000:]
     log = open(workdir + ".log").read()
     assert re.findall(r"Resumed from step (\d+) ", log)[-1:] == ([str(last_complete)] if last_complete else [])
     assert not re.search("Could not read the newer checkpoint|Moved the checkpoint", log), "a kill broke a checkpoint"
