@@ -133,9 +133,12 @@ class ConsoleWriter:
         lines = [" | ".join(parts)]
         evals: dict[str, dict[str, float]] = {}
         for key, value in metrics.items():
-            name, _, metric = key.partition("/")
+            # "ema/<eval>/<metric>" is an eval of the parameters' moving average; "ema/decay" and the
+            # like are step metrics, kept for metrics.jsonl.
+            weights = " (EMA)" if key.startswith("ema/") else ""
+            name, _, metric = key.removeprefix("ema/").partition("/")
             if metric and name != "data":
-                evals.setdefault(name, {})[metric] = value
+                evals.setdefault(name + weights, {})[metric] = value
         lines += [f"  eval {name}: {format_eval(results)}" for name, results in sorted(evals.items())]
         tqdm.tqdm.write("\n".join(lines))
 

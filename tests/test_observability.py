@@ -76,3 +76,14 @@ def test_plot_tool_draws_every_panel(tmp_path):
     titles = plot.plot(plot.read_metrics(str(path)), str(tmp_path / "curves.png"))
     assert titles == ["loss", "learning rate", "temperature exp(t)", "bias b", "eval recall"]
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_console_shows_ema_evals_beside_raw_ones_and_keeps_step_metrics_out(capsys):
+    console = metrics.ConsoleWriter(total_steps=10, enabled=True)
+    console.write(10, {
+        "loss": 1.0, "ema/decay": 0.9, "ema/param_norm": 77.9,
+        "demo/image_to_text/recall@1": 0.25, "ema/demo/image_to_text/recall@1": 0.5,
+    })
+    console.close()
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if "eval" in line]
+    assert lines == ["eval demo: image->text R@1 25.0", "eval demo (EMA): image->text R@1 50.0"]
