@@ -59,6 +59,43 @@ def append_text(file: epath.Path, text: str) -> None:
     with_retries(lambda: file.write_text(before + text), f"Writing {file}")
 
 
+def _bucket_filesystem(location: epath.Path):
+    from etils.epath import backend
+
+    return backend.fsspec_backend.fs(location)  # epath's own instance, so invalidating its listings reaches epath
+
+
+def list_folder(folder: epath.Path) -> list[epath.Path]:
+    """The entries of a folder as they are now ([] when it does not exist). In a bucket the listing
+    cached by an earlier call (gcsfs keeps one per folder) is dropped first: Orbax may have deleted
+    objects since, through paths whose parents' listings gcsfs does not update."""
+    if is_remote(folder):
+        _bucket_filesystem(folder).invalidate_cache()
+    return list(folder.iterdir()) if folder.exists() else []
+
+
+def move_tree(source: epath.Path, target: epath.Path) -> None:
+    """Renames a folder; in a bucket (no folders, no rename) its objects are copied under `target` and
+    deleted, so `target`'s parent need not exist there."""
+    if not is_remote(source):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        return
+    import fsspec
+
+    filesystem = _bucket_filesystem(source)
+    source_key, target_key = (fsspec.core.strip_protocol(os.fspath(p)).rstrip("/") for p in (source, target))
+    filesystem.invalidate_cache()  # a listing cached before the folder was written would list nothing
+    keys = with_retries(lambda: filesystem.find(source_key), f"Listing {source}")
+    if not keys:
+        raise FileNotFoundError(f"Nothing to move: {source} holds no objects.")
+    for key in keys:
+        destination = target_key + key[len(source_key):]
+        with_retries(lambda: filesystem.copy(key, destination), f"Copying {key} to {destination}")
+    with_retries(lambda: filesystem.rm(source_key, recursive=True), f"Deleting {source}")
+    filesystem.invalidate_cache()  # gcsfs would otherwise go on listing the folders as they were before
+
+
 def check_writable(location: str | os.PathLike) -> None:
     """Fails at start-up, with the fix, when a bucket workdir cannot be written (no such bucket, no
     credentials), instead of late in the run."""

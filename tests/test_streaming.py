@@ -217,6 +217,29 @@ def test_skips_are_counted_per_shard_and_batches_keep_their_size(tmp_path, caplo
     assert f"of {shards[0]}: sample x of shard {shards[0]} has no image" in caplog.text
 
 
+def test_metrics_count_skips_per_shard(tmp_path):
+    """The trainer's metrics.jsonl: data/skipped/<shard> for each shard with skipped records, adding
+    up to data/num_skipped at every step."""
+    from siglip_jax import trainer
+    from siglip_jax.config import source_config
+    from tests.helpers import tiny_config
+
+    good = list(_shard_members(0))
+    _write_tar(tmp_path / "00000.tar", good[:4] + [("x.txt", b"caption without image"), ("z.jpg", b"not an image"),
+                                                  ("z.txt", b"junk")] + good[4:])
+    _write_tar(tmp_path / "00001.tar", list(_shard_members(1)))
+    shards = [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
+    config = tiny_config(total_steps=3)
+    config.data.train = source_config("webdataset_stream", shards=shards, shuffle_buffer=4, open_shards=2)
+    trainer.train(config, str(tmp_path / "run"))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        per_shard = {key[len("data/skipped/"):]: value for key, value in line.items() if key.startswith("data/skipped/")}
+        assert set(per_shard) <= {shards[0]} and sum(per_shard.values()) == line["data/num_skipped"]
+    # 3 steps x 16 examples = 48 of the 20 good samples an epoch: the 2 bad ones of each of 2 full epochs at least
+    assert lines[-1]["step"] == 3 and lines[-1][f"data/skipped/{shards[0]}"] >= 4
+
+
 def test_changed_process_count_starts_the_next_epoch_everywhere(shard_dir):
     states = {}
     for process_index in range(2):
