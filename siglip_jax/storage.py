@@ -106,12 +106,15 @@ def check_writable(location: str | os.PathLike) -> None:
         with_retries(lambda: probe.write_text("ok"), f"Writing {probe}", retries=2)
         probe.unlink()
     except Exception as error:  # noqa: BLE001 -- every failure here has the same fix
-        bucket = os.fspath(location).split("/")[2]
-        raise PermissionError(
-            f"Cannot write to {location} ({type(error).__name__}: {error}). Check that the bucket {bucket!r} exists "
-            "and that credentials are set (gs://: gcloud auth application-default login or "
-            "GOOGLE_APPLICATION_CREDENTIALS; s3://: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)."
-        ) from error
+        raise PermissionError(f"Cannot write to {location} ({type(error).__name__}: {error}). {bucket_hint(location)}") from error
+
+
+def bucket_hint(location: str | os.PathLike) -> str:
+    """The fix for a bucket path that cannot be reached: its bucket's name and the credential settings."""
+    bucket = os.fspath(location).split("/")[2]
+    return (f"Check that the bucket {bucket!r} exists and that credentials are set (gs://: gcloud auth "
+            "application-default login or GOOGLE_APPLICATION_CREDENTIALS; s3://: AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE).")
 
 
 def check_checkpoint_location(workdir: str | os.PathLike) -> None:

@@ -90,6 +90,21 @@ def test_a_folder_moves_within_a_bucket(storage_servers):  # noqa: F811
         storage.move_tree(root / "nothing", root / "broken" / "nothing")
 
 
+def test_unreadable_bucket_shards_are_a_start_up_error_naming_the_fix(monkeypatch):
+    from etils import epath
+
+    class DefaultCredentialsError(Exception):  # what google.auth raises without credentials
+        pass
+
+    def no_credentials(path):
+        raise DefaultCredentialsError("Your default credentials were not found.")
+
+    monkeypatch.setattr(epath.gpath.PosixGPath, "exists", no_credentials)
+    with pytest.raises(PermissionError, match=r"first shard 'gs://data-x/web/00000.tar'.*credentials were not found.*"
+                                              r"bucket 'data-x' exists and that credentials are set"):
+        make_source("webdataset_stream", shards="gs://data-x/web/{00000..00009}.tar")
+
+
 def test_transient_failures_are_retried_then_reported():
     calls = []
 
@@ -109,6 +124,11 @@ def test_s3_workdir_is_refused_at_start_up_with_the_fix():
         storage.check_checkpoint_location("s3://bucket/run")
     storage.check_checkpoint_location("gs://bucket/run")
     storage.check_checkpoint_location("relative/run")
+    from siglip_jax import trainer
+    from tests.helpers import tiny_config
+
+    with pytest.raises(ValueError, match="checkpoints cannot be written to s3://"):  # before anything is built
+        trainer.train(tiny_config(), "s3://bucket/run")
 
 
 @pytest.mark.parametrize("scheme", ["gs", "s3"])

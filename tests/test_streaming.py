@@ -217,6 +217,7 @@ def test_skips_are_counted_per_shard_and_batches_keep_their_size(tmp_path, caplo
     assert f"of {shards[0]}: sample x of shard {shards[0]} has no image" in caplog.text
 
 
+@pytest.mark.slow  # a whole (tiny) training run: one compile of the step
 def test_metrics_count_skips_per_shard(tmp_path):
     """The trainer's metrics.jsonl: data/skipped/<shard> for each shard with skipped records, adding
     up to data/num_skipped at every step."""

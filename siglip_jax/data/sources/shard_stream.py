@@ -48,7 +48,14 @@ def expand_patterns(shards: str | Sequence[str]) -> list[str]:
                 paths.append(name)
     if not paths:
         raise ValueError(f"No shards given ({shards!r}); pass a pattern like 'dir/{{00000..00099}}.tar' or a list.")
-    if not storage.with_retries(epath.Path(paths[0]).exists, f"Looking up the first shard {paths[0]}"):
+    try:
+        first_exists = storage.with_retries(epath.Path(paths[0]).exists, f"Looking up the first shard {paths[0]}")
+    except Exception as error:  # noqa: BLE001 -- no credentials, no network: each library raises its own
+        if not storage.is_remote(paths[0]):
+            raise
+        raise PermissionError(f"Cannot read the first shard {paths[0]!r} of {shards!r} ({type(error).__name__}: {error}). "
+                              f"{storage.bucket_hint(paths[0])}") from error
+    if not first_exists:
         raise FileNotFoundError(
             f"The first shard {paths[0]!r} of {shards!r} does not exist ({len(paths)} names from the pattern). "
             "Check the path, the brace range and, for gs:// or s3://, the bucket name and credentials."
