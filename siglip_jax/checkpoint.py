@@ -116,7 +116,7 @@ def _manager(root: str, *, keep_checkpoints: int | None = None, keep_every_steps
 def latest_step(workdir: str) -> int | None:
     """The step of the latest complete checkpoint in `workdir`, or None when there is none."""
     root = checkpoint_root(workdir)
-    if not epath.Path(root).is_dir():
+    if not storage.list_folder(epath.Path(root)):  # fresh: in a bucket another process may have saved since
         return None
     with _manager(root, read_only=True) as manager:
         return manager.latest_step()
