@@ -114,7 +114,7 @@ def open_manager(root: str, *, keep_checkpoints: int | None = None, keep_every_s
 def latest_step(workdir: str) -> int | None:
     """The step of the latest complete checkpoint in `workdir`, or None when there is none."""
     root = checkpoint_root(workdir)
-    if not epath.Path(root).is_dir():
+    if not storage.list_folder(epath.Path(root)):  # fresh: in a bucket another process may have saved since
         return None
     with open_manager(root, read_only=True) as manager:
         return manager.latest_step()
@@ -138,8 +138,10 @@ class Checkpointer:
         self._manager = open_manager(self.root, keep_checkpoints=keep_checkpoints, keep_every_steps=keep_every_steps)
         # A step directory Orbax does not list (emptied, or its commit marker lost) would block saving that step.
         listed = set(self._manager.all_steps())
-        self._set_aside([int(p.name) for p in epath.Path(self.root).iterdir() if p.name.isdigit() and int(p.name) not in listed],
-                        "it is not a complete checkpoint")
+        # (In a bucket, the root exists only once a save wrote into it, and Orbax has just deleted any step
+        # without its commit marker: the save of a killed run.)
+        on_disk = [int(p.name) for p in storage.list_folder(epath.Path(self.root)) if p.name.isdigit()]
+        self._set_aside([step for step in on_disk if step not in listed], "it is not a complete checkpoint")
         self.last_saved_step: int | None = self._manager.latest_step()
 
     def __enter__(self) -> "Checkpointer":
@@ -187,10 +189,9 @@ class Checkpointer:
             return
         if jax.process_index() == 0:
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            (epath.Path(self.root) / BROKEN_SUBDIR).mkdir(parents=True, exist_ok=True)
             for step in sorted(steps):
                 target = epath.Path(self.root) / BROKEN_SUBDIR / f"{step}.{stamp}"
-                (epath.Path(self.root) / str(step)).rename(target)
+                storage.move_tree(epath.Path(self.root) / str(step), target)
                 logger.warning("Moved the checkpoint of step %d aside to %s (%s), so that step can be saved again.", step, target, reason)
         if jax.process_count() > 1:
             ocp.multihost.sync_global_processes("siglip_jax_set_aside_broken_checkpoints")

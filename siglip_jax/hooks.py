@@ -32,6 +32,7 @@ class StepInfo:
     is_last: bool
     num_skipped: int = 0  # records this process's input replaced (unreadable) so far in this run
     epochs: Any = None  # streamed sources: the epoch each example of the local batch is from
+    skipped_by_shard: dict[str, int] = dataclasses.field(default_factory=dict)  # streamed: shard -> records skipped so far
     logged: dict[str, float] = dataclasses.field(default_factory=dict)  # what the due hooks returned so far
 
 
@@ -93,6 +94,8 @@ class Log(Hook):
             logged.update(self.loss_watch.check(info.step, logged))
         logged.update(self.throughput.measure(info.step))
         logged["data/num_skipped"] = float(info.num_skipped)  # records this process replaced in this run
+        for shard, count in sorted(info.skipped_by_shard.items()):  # their shards, for streamed sources
+            logged[f"data/skipped/{shard}"] = float(count)
         logged["nonfinite_skipped_total"] = float(self.nonfinite.total)
         if info.epochs is not None:
             logged["data/epoch"] = float(np.max(info.epochs))

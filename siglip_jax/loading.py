@@ -29,7 +29,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from siglip_jax import checkpoint_params, sharding
+from siglip_jax import checkpoint_params, sharding, storage
 from siglip_jax import config as config_lib
 from siglip_jax.export import big_vision, hf
 from siglip_jax.export import params as params_lib
@@ -44,7 +44,8 @@ ShapeCheck = Callable[[ml_collections.ConfigDict, dict], None]
 
 def is_workdir(path: str) -> bool:
     """True for what checkpoint_params.restore_params reads (a directory that is not an HF export)."""
-    return os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))
+    location = storage.path(path)  # gs:// workdirs too
+    return location.is_dir() and not (location / "config.json").exists()
 
 
 def _shapes(tree: Any) -> Any:

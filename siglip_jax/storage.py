@@ -59,6 +59,43 @@ def append_text(file: epath.Path, text: str) -> None:
     with_retries(lambda: file.write_text(before + text), f"Writing {file}")
 
 
+def _bucket_filesystem(location: epath.Path):
+    from etils.epath import backend
+
+    return backend.fsspec_backend.fs(location)  # epath's own instance, so invalidating its listings reaches epath
+
+
+def list_folder(folder: epath.Path) -> list[epath.Path]:
+    """The entries of a folder as they are now ([] when it does not exist). In a bucket the listing
+    cached by an earlier call (gcsfs keeps one per folder) is dropped first: Orbax may have deleted
+    objects since, through paths whose parents' listings gcsfs does not update."""
+    if is_remote(folder):
+        _bucket_filesystem(folder).invalidate_cache()
+    return list(folder.iterdir()) if folder.exists() else []
+
+
+def move_tree(source: epath.Path, target: epath.Path) -> None:
+    """Renames a folder; in a bucket (no folders, no rename) its objects are copied under `target` and
+    deleted, so `target`'s parent need not exist there."""
+    if not is_remote(source):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        return
+    import fsspec
+
+    filesystem = _bucket_filesystem(source)
+    source_key, target_key = (fsspec.core.strip_protocol(os.fspath(p)).rstrip("/") for p in (source, target))
+    filesystem.invalidate_cache()  # a listing cached before the folder was written would list nothing
+    keys = with_retries(lambda: filesystem.find(source_key), f"Listing {source}")
+    if not keys:
+        raise FileNotFoundError(f"Nothing to move: {source} holds no objects.")
+    for key in keys:
+        destination = target_key + key[len(source_key):]
+        with_retries(lambda: filesystem.copy(key, destination), f"Copying {key} to {destination}")
+    with_retries(lambda: filesystem.rm(source_key, recursive=True), f"Deleting {source}")
+    filesystem.invalidate_cache()  # gcsfs would otherwise go on listing the folders as they were before
+
+
 def check_writable(location: str | os.PathLike) -> None:
     """Fails at start-up, with the fix, when a bucket workdir cannot be written (no such bucket, no
     credentials), instead of late in the run."""
@@ -69,12 +106,15 @@ def check_writable(location: str | os.PathLike) -> None:
         with_retries(lambda: probe.write_text("ok"), f"Writing {probe}", retries=2)
         probe.unlink()
     except Exception as error:  # noqa: BLE001 -- every failure here has the same fix
-        bucket = os.fspath(location).split("/")[2]
-        raise PermissionError(
-            f"Cannot write to {location} ({type(error).__name__}: {error}). Check that the bucket {bucket!r} exists "
-            "and that credentials are set (gs://: gcloud auth application-default login or "
-            "GOOGLE_APPLICATION_CREDENTIALS; s3://: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)."
-        ) from error
+        raise PermissionError(f"Cannot write to {location} ({type(error).__name__}: {error}). {bucket_hint(location)}") from error
+
+
+def bucket_hint(location: str | os.PathLike) -> str:
+    """The fix for a bucket path that cannot be reached: its bucket's name and the credential settings."""
+    bucket = os.fspath(location).split("/")[2]
+    return (f"Check that the bucket {bucket!r} exists and that credentials are set (gs://: gcloud auth "
+            "application-default login or GOOGLE_APPLICATION_CREDENTIALS; s3://: AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE).")
 
 
 def check_checkpoint_location(workdir: str | os.PathLike) -> None:

@@ -4,6 +4,7 @@ preemption) is a hook from hooks.py with its cadence from the config. The only m
 the others; only the CLIs import it."""
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ import numpy as np
 from siglip_jax import config as config_lib
 from siglip_jax import checkpoint, hooks, loading, preemption, safeguards, sharding, storage
 from siglip_jax import metrics as metrics_lib
-from siglip_jax.data import pipeline
+from siglip_jax.data import pipeline, streaming
 from siglip_jax.data.from_config import build_source, build_tokenizer, missing_data_error
 from siglip_jax.embedder import Embedder
 from siglip_jax import workdir as workdir_lib
@@ -137,6 +138,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # ---- Loop ------------------------------------------------------------------------------------
     throughput.reset(first_step)
     num_skipped = 0
+    skipped_by_shard: collections.Counter = collections.Counter()  # streamed sources: shard -> records skipped
     try:
         for step in range(first_step + 1, config.total_steps + 1):
             wait_start = time.perf_counter()
@@ -150,13 +152,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 break
             throughput.add_data_wait(time.perf_counter() - wait_start)
             num_skipped += int(np.sum(local_batch.pop("num_skipped")))
+            if "skipped_shards" in local_batch:
+                streaming.count_skipped_by_shard(local_batch.pop("skipped_shards"), skipped_by_shard)
             epochs = local_batch.pop("epoch", None)  # streamed sources say which epoch each example is from
             batch = sharding.host_local_to_global(local_batch, training.batch_sharding)
             for hook in loop_hooks:
                 hook.before_step(step)
             with jax.set_mesh(mesh):
                 state, step_metrics = training.step(state, batch)
-            info = hooks.StepInfo(step, state, step_metrics, local_batch, step == config.total_steps, num_skipped, epochs)
+            info = hooks.StepInfo(step, state, step_metrics, local_batch, step == config.total_steps, num_skipped, epochs,
+                                  dict(skipped_by_shard))
             hooks.run_hooks(loop_hooks, info)
             if preempted.stop_requested:
                 break

@@ -67,7 +67,11 @@ def start_servers(directory):
     env = {
         "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gcs_port}",  # gcsfs
         "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{gcs_port}",  # tensorstore (Orbax's arrays)
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore: a fixed token, no search for credentials
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",  # s3fs (botocore) and tensorstore
+        # gcsfs (2026.10) otherwise asks GCS's control plane, absent from the emulator, for each bucket's
+        # layout, and logs a warning for every failed lookup.
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
     }
 

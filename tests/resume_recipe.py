@@ -18,9 +18,12 @@ def get_config(arg: str | None = None):
 
 
 def get_shard_config(shards: str):
-    """The same run reading streamed WebDataset shards (tests/test_streaming_resume.py)."""
+    """The same run reading streamed WebDataset shards (tests/test_streaming_resume.py); several patterns
+    are separated by ";" (e.g. some shards in a gs:// bucket, some in an s3:// one)."""
     from siglip_jax.config import source_config
 
     config = get_config()
-    config.data.train = source_config("webdataset_stream", shards=shards, shuffle_buffer=16, open_shards=2)
+    patterns = shards.split(";")
+    config.data.train = source_config("webdataset_stream", shards=patterns if len(patterns) > 1 else shards,
+                                      shuffle_buffer=16, open_shards=2)
     return config

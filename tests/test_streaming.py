@@ -151,7 +151,7 @@ def test_batches_resume_bitwise(shard_dir, num_workers):
     resumed.set_state(state)
     for want in reference[4:]:
         got = next(resumed)
-        assert set(got) == {"images", "tokens", "num_skipped", "epoch"}
+        assert set(got) == {"images", "tokens", "num_skipped", "skipped_shards", "epoch"}
         assert np.array_equal(got["images"], want["images"]) and np.array_equal(got["tokens"], want["tokens"])
 
 
@@ -179,6 +179,66 @@ def test_bad_samples_are_skipped_counted_and_named(tmp_path, caplog):
     assert skipped >= 3  # x, y, z of the first epoch
     log = caplog.text
     assert "00002.tar is truncated" in log and "00000.tar" in log and "z" in log
+
+
+def test_skips_are_counted_per_shard_and_batches_keep_their_size(tmp_path, caplog):
+    """One epoch of three shards: 00000.tar holds x (no image), y (no caption) and z (not an image),
+    00001.tar is whole, 00002.tar is cut short: 3 + 0 + 1 records skipped, each counted for its shard."""
+    caplog.set_level("WARNING")
+    good = list(_shard_members(0))
+    _write_tar(tmp_path / "00000.tar", good[:6] + [("x.txt", b"caption without image"), ("y.jpg", _jpeg(1)),
+                                                  ("z.jpg", b"not an image"), ("z.txt", b"junk")] + good[6:])
+    _write_tar(tmp_path / "00001.tar", list(_shard_members(1)))
+    _write_tar(tmp_path / "whole.tar", list(_shard_members(2)))
+    data = (tmp_path / "whole.tar").read_bytes()
+    (tmp_path / "00002.tar").write_bytes(data[: len(data) // 2])
+    shards = [str(tmp_path / f"{shard:05d}.tar") for shard in range(3)]
+    with tarfile.open(shards[2], mode="r|") as archive:  # complete samples before the cut, counted by hand
+        names = []
+        try:
+            names += [info.name for info in archive]
+        except tarfile.ReadError:
+            pass
+    whole_samples_in_cut = len({name.split(".")[0] for name in names}) - 1  # the last one is cut midway
+    source = make_source("webdataset_stream", shards=shards, shuffle_buffer=4, open_shards=3)
+    options = pipeline.ImageOptions(16, (0.5, 1.0), True)
+    tokenizer = ByteTokenizer(max_len=12)
+    examples = streaming.StreamExamples(source.stream(seed=0, process_index=0, process_count=1, num_epochs=1),
+                                        lambda record, rng: pipeline.make_example(record, rng, tokenizer, options), seed=0)
+    batches = list(examples.batch(4, drop_remainder=False))
+    counts = collections.Counter()
+    for batch in batches:
+        streaming.count_skipped_by_shard(batch["skipped_shards"], counts)
+    assert dict(counts) == {shards[0]: 3, shards[2]: 1}
+    assert sum(int(batch["num_skipped"].sum()) for batch in batches) == 4
+    assert sum(len(batch["images"]) for batch in batches) == 2 * PER_SHARD + whole_samples_in_cut
+    assert all(batch["images"].shape == (4, 16, 16, 3) for batch in batches[:-1])
+    assert f"of {shards[2]}: Shard {shards[2]} is truncated" in caplog.text
+    assert f"of {shards[0]}: sample x of shard {shards[0]} has no image" in caplog.text
+
+
+@pytest.mark.slow  # a whole (tiny) training run: one compile of the step
+def test_metrics_count_skips_per_shard(tmp_path):
+    """The trainer's metrics.jsonl: data/skipped/<shard> for each shard with skipped records, adding
+    up to data/num_skipped at every step."""
+    from siglip_jax import trainer
+    from siglip_jax.config import source_config
+    from tests.helpers import tiny_config
+
+    good = list(_shard_members(0))
+    _write_tar(tmp_path / "00000.tar", good[:4] + [("x.txt", b"caption without image"), ("z.jpg", b"not an image"),
+                                                  ("z.txt", b"junk")] + good[4:])
+    _write_tar(tmp_path / "00001.tar", list(_shard_members(1)))
+    shards = [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
+    config = tiny_config(total_steps=3)
+    config.data.train = source_config("webdataset_stream", shards=shards, shuffle_buffer=4, open_shards=2)
+    trainer.train(config, str(tmp_path / "run"))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        per_shard = {key[len("data/skipped/"):]: value for key, value in line.items() if key.startswith("data/skipped/")}
+        assert set(per_shard) <= {shards[0]} and sum(per_shard.values()) == line["data/num_skipped"]
+    # 3 steps x 16 examples = 48 of the 20 good samples an epoch: the 2 bad ones of each of 2 full epochs at least
+    assert lines[-1]["step"] == 3 and lines[-1][f"data/skipped/{shards[0]}"] >= 4
 
 
 def test_changed_process_count_starts_the_next_epoch_everywhere(shard_dir):

@@ -9,6 +9,7 @@ the same examples.
 """
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any, Callable, Sequence
 
@@ -79,10 +80,15 @@ class _MapRecordIterator(grain.DatasetIterator):
         self._epoch, self._index, self._order = int(state["epoch"]), int(state["index"]), None
 
 
+UNNAMED_SOURCE = "(no shard)"  # where a skipped record that came from no shard (a random-access source) is counted
+
+
 class StreamExamples(grain.IterDataset):
-    """Records -> examples {"images", "tokens", "num_skipped", "epoch"}; an unusable record (no image,
-    no caption, an unreadable or non-image member) is named in the log and passed over, and the next
-    example counts it in "num_skipped", so batches keep their size."""
+    """Records -> examples {"images", "tokens", "num_skipped", "skipped_shards", "epoch"}; an unusable
+    record (no image, no caption, an unreadable or non-image member, a truncated or unreadable shard) is
+    named in the log and passed over, and the next example counts it in "num_skipped" and names its
+    shard in "skipped_shards" (one line per skipped record, "" when none), so batches keep their size
+    and the trainer can count skips per shard."""
 
     def __init__(self, records: grain.IterDataset, make: Callable[[dict, np.random.Generator], dict | str], seed: int):
         super().__init__(records)
@@ -98,13 +104,16 @@ class _ExamplesIterator(grain.DatasetIterator):
         self._dataset = dataset
 
     def __next__(self) -> dict:
+        skipped_shards: list[str] = []
         for skipped in range(MAX_SKIPPED_IN_A_ROW + 1):
             record = next(self._parent)
             example = record.get("error") or self._dataset.make(record, np.random.default_rng([self._dataset.seed, *record["seed"]]))
             if not isinstance(example, str):
                 example["num_skipped"] = np.int32(skipped)
+                example["skipped_shards"] = np.str_("\n".join(skipped_shards))
                 example["epoch"] = np.int32(record["epoch"])
                 return example
+            skipped_shards.append(record.get("shard", UNNAMED_SOURCE))
             logger.warning("Skipped a training record%s: %s", f" of {record['shard']}" if "shard" in record else "", example)
         raise ValueError(f"{MAX_SKIPPED_IN_A_ROW} training records in a row were unusable, the last: {example}.")
 
@@ -126,8 +135,9 @@ def stream_batches(
     process_count: int = 1,
     num_workers: int = 0,
 ) -> grain.DatasetIterator:
-    """An endless iterator of this process's batches {"images", "tokens", "num_skipped", "epoch"} from a
-    stream source; `get_state()` / `set_state()` save and restore its exact position."""
+    """An endless iterator of this process's batches {"images", "tokens", "num_skipped", "skipped_shards",
+    "epoch"} from a stream source (see StreamExamples); `get_state()` / `set_state()` save and restore its
+    exact position."""
     records = source.stream(seed=seed, process_index=process_index, process_count=process_count)
 
     def make(record: dict, rng: np.random.Generator) -> dict | str:
@@ -137,6 +147,13 @@ def stream_batches(
     if num_workers > 0:
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(batches)
+
+
+def count_skipped_by_shard(skipped_shards: np.ndarray, counts: collections.Counter) -> None:
+    """Adds a batch's "skipped_shards" ([batch] strings, one shard name a line per skipped record) to
+    `counts` (shard name -> records skipped)."""
+    for names in skipped_shards.reshape(-1):
+        counts.update(name for name in str(names).split("\n") if name)
 
 
 # ---- A changed process count on resume ------------------------------------------------------------
@@ -179,4 +196,5 @@ def redistribute_stream_states(states: dict[int, Any], process_count: int) -> li
     return [_at_epoch(template, next_epoch) for _ in range(process_count)]
 
 
-__all__: Sequence[str] = ["MapRecordStream", "StreamExamples", "is_stream", "redistribute_stream_states", "stream_batches"]
+__all__: Sequence[str] = ["MapRecordStream", "StreamExamples", "count_skipped_by_shard", "is_stream", "redistribute_stream_states",
+                          "stream_batches"]

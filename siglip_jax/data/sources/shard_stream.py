@@ -16,7 +16,6 @@ counter (which seeds the block's permutation) and how many of its samples were h
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tarfile
 from typing import Any, Iterator, Sequence
@@ -27,8 +26,6 @@ from etils import epath
 
 from siglip_jax import storage
 from siglip_jax.data.sources.webdataset import IMAGE_EXTENSIONS, _expand_braces, _split_key
-
-logger = logging.getLogger(__name__)
 
 STATE_KIND = "shards"
 
@@ -51,7 +48,14 @@ def expand_patterns(shards: str | Sequence[str]) -> list[str]:
                 paths.append(name)
     if not paths:
         raise ValueError(f"No shards given ({shards!r}); pass a pattern like 'dir/{{00000..00099}}.tar' or a list.")
-    if not storage.with_retries(epath.Path(paths[0]).exists, f"Looking up the first shard {paths[0]}"):
+    try:
+        first_exists = storage.with_retries(epath.Path(paths[0]).exists, f"Looking up the first shard {paths[0]}")
+    except Exception as error:  # noqa: BLE001 -- no credentials, no network: each library raises its own
+        if not storage.is_remote(paths[0]):
+            raise
+        raise PermissionError(f"Cannot read the first shard {paths[0]!r} of {shards!r} ({type(error).__name__}: {error}). "
+                              f"{storage.bucket_hint(paths[0])}") from error
+    if not first_exists:
         raise FileNotFoundError(
             f"The first shard {paths[0]!r} of {shards!r} does not exist ({len(paths)} names from the pattern). "
             "Check the path, the brace range and, for gs:// or s3://, the bucket name and credentials."
@@ -90,7 +94,8 @@ def _record(key: str, parts: dict[str, bytes], shard: str) -> dict:
 def read_shard(path: str, skip: int = 0) -> Iterator[dict]:
     """The records of one tar (or .tar.gz) shard, read sequentially, after the first `skip` samples
     (members sharing a key are one sample, as webdataset expects them adjacent). A truncated or
-    unreadable shard ends early with a warning; the samples read before stay valid."""
+    unreadable shard ends early with one record whose "error" says so (it takes a sample's place in
+    the position, so a resumed run does not count it twice); the samples read before stay valid."""
     key, parts, index = None, {}, 0
     try:
         opened = storage.with_retries(lambda: epath.Path(path).open("rb"), f"Opening shard {path}")
@@ -111,8 +116,10 @@ def read_shard(path: str, skip: int = 0) -> Iterator[dict]:
                 # tarfile ends quietly at a missing header; a complete tar ends with a zero block instead
                 raise tarfile.ReadError("no end-of-archive block: the file was cut short")
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-        logger.warning("Shard %s is truncated or unreadable after %d samples (%s: %s); going on with the next.",
-                       path, index, type(error).__name__, error)
+        if index >= skip:
+            yield {"image": None, "captions": [], "id": f"{path}#{index}", "shard": path,
+                   "error": f"Shard {path} is truncated or unreadable after {index} samples ({type(error).__name__}: "
+                            f"{error}); going on with the next shard"}
         return
     if key is not None and index >= skip:
         yield _record(key, parts, path)
