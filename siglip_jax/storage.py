@@ -96,6 +96,19 @@ def move_tree(source: epath.Path, target: epath.Path) -> None:
     filesystem.invalidate_cache()  # gcsfs would otherwise go on listing the folders as they were before
 
 
+def upload(local: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copies a local file, or a folder's files (keeping their relative paths), to `target` in a bucket;
+    each object is written whole, with retries. For writers that take local paths only (exports)."""
+    local, target = os.fspath(local), path(target)
+    files = [local] if os.path.isfile(local) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(local) for name in names)
+    for file in files:
+        destination = target if file == local else target / os.path.relpath(file, local)
+        with open(file, "rb") as stream:
+            data = stream.read()
+        with_retries(lambda: destination.write_bytes(data), f"Writing {destination}")
+
+
 def check_writable(location: str | os.PathLike) -> None:
     """Fails at start-up, with the fix, when a bucket workdir cannot be written (no such bucket, no
     credentials), instead of late in the run."""

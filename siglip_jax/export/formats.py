@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Sequence
 
+from siglip_jax import storage
 from siglip_jax.export import hf, stablehlo
 from siglip_jax.export import params as params_lib
 
@@ -20,18 +22,19 @@ def check_output(output: str, format: str, overwrite: bool = False) -> None:
     """Refuses, before anything is written, an `output` whose contents the export would replace (unless
     `overwrite`) or that is the wrong kind of path for `format` (a directory for params, a file for the
     directory formats)."""
+    location = storage.path(output)  # gs:// and s3:// outputs too
     if format == "params":
-        if os.path.isdir(output):
+        if location.is_dir():
             raise IsADirectoryError(f"--output {output!r} is a directory, but --format params writes one file; "
                                     f"name the file, e.g. --output {os.path.join(output, 'model.msgpack')}.")
-        if os.path.exists(output) and not overwrite:
+        if location.exists() and not overwrite:
             raise FileExistsError(f"--output {output!r} already exists; pass --overwrite to replace it, or choose "
                                   "another --output.")
         return
-    if os.path.exists(output) and not os.path.isdir(output):
+    if location.exists() and not location.is_dir():
         raise NotADirectoryError(f"--output {output!r} is a file, but --format {format} writes a directory; choose "
                                  "a new or empty directory.")
-    entries = sorted(os.listdir(output)) if os.path.isdir(output) else []
+    entries = sorted(entry.name for entry in storage.list_folder(location)) if location.is_dir() else []
     if entries and not overwrite:
         raise FileExistsError(
             f"--output {output!r} is not empty ({len(entries)} entries, e.g. {entries[:3]}); --format {format} "
@@ -48,6 +51,17 @@ def export_model(exported: params_lib.ExportedParams, format: str, output: str, 
     if dtype not in valid_dtypes:
         raise ValueError(f"--dtype {dtype!r} is not available for --format {format}; valid: {', '.join(valid_dtypes)}.")
     check_output(output, format, overwrite)
+    if storage.is_remote(output):  # the writers take local paths: write here, then upload whole
+        with tempfile.TemporaryDirectory(prefix="siglip_export_") as scratch:
+            local = os.path.join(scratch, storage.path(output).name)
+            _write(exported, format, local, dtype, platforms)
+            storage.upload(local, output)
+        return
+    _write(exported, format, output, dtype, platforms)
+
+
+def _write(exported: params_lib.ExportedParams, format: str, output: str, dtype: str,
+           platforms: Sequence[str] | None) -> None:
     if format == "hf":
         hf.save_hf_directory(output, exported.config, exported.params, dtype=dtype)
     elif format == "stablehlo":

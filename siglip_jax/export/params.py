@@ -21,6 +21,7 @@ import numpy as np
 from flax import serialization
 
 from siglip_jax import config as config_lib
+from siglip_jax import storage
 from siglip_jax.data import tokenizers
 
 FORMAT_NAME = "siglip_jax.params"
@@ -97,21 +98,23 @@ def save_params_file(path: str, config: ml_collections.ConfigDict, params, dtype
 
 
 def is_params_file(path: str) -> bool:
-    """True if `path` is a file written by save_params_file (checked by content, not by name)."""
-    if not os.path.isfile(path):
+    """True if `path` (local, gs:// or s3://) is a file written by save_params_file (checked by content,
+    not by name)."""
+    location = storage.path(path)
+    if not location.is_file():
         return False
-    with open(path, "rb") as file:
+    with location.open("rb") as file:
         head = file.read(64)
     return FORMAT_NAME.encode() in head
 
 
 def load_params_file(path: str) -> ExportedParams:
     """Reads a file written by save_params_file; params come back as numpy arrays in their stored dtype."""
-    if not os.path.isfile(path):
+    location = storage.path(path)  # gs:// and s3:// too
+    if not location.is_file():
         raise FileNotFoundError(f"No exported params file at {path!r}; write one with "
                                 "`python export.py --format params --output FILE`.")
-    with open(path, "rb") as file:
-        payload = serialization.msgpack_restore(file.read())
+    payload = serialization.msgpack_restore(storage.with_retries(location.read_bytes, f"Reading {path}"))
     if not isinstance(payload, dict) or payload.get("__format__") != FORMAT_NAME:
         raise ValueError(f"{path!r} is not a siglip_jax params file (its '__format__' field is missing or "
                          f"not {FORMAT_NAME!r}).")
