@@ -124,7 +124,7 @@ def source_from_flags(workdir: str | None, checkpoint_arg: str | None) -> tuple[
     if workdir:
         return workdir, checkpoint_params.parse_step(checkpoint_arg)
     if checkpoint_arg:
-        if not os.path.exists(checkpoint_arg):
+        if not storage.path(checkpoint_arg).exists():  # a params file in a bucket too
             raise FileNotFoundError(f"--checkpoint {checkpoint_arg!r} does not exist; pass a workdir, an exported "
                                     "params file, an HF directory or a big_vision .npz (or --workdir W --checkpoint STEP).")
         return checkpoint_arg, None

@@ -212,6 +212,11 @@ def test_train_kill_rerun_eval_export_in_a_bucket(storage_servers, tmp_path):  #
     assert scored["text"] == "photo 5 of set 0" and 0 <= scored["probability"] <= 1
     _cli("export.py", f"--workdir={workdir}", "--format=params", f"--output={workdir}/export/model.msgpack", env=storage_servers["env"])
     assert (storage.path(workdir) / "export" / "model.msgpack").stat().length > 0
+    # The export read back from the bucket is the same model: the same pair probability as the workdir's.
+    _cli("eval.py", f"--checkpoint={workdir}/export/model.msgpack", f"--pairs={pairs}",
+         f"--output={tmp_path / 'from_export.json'}", env=storage_servers["env"])
+    [from_export] = json.loads((tmp_path / "from_export.json").read_text())["pairs"]
+    assert from_export["probability"] == pytest.approx(scored["probability"], abs=1e-6)
     # Both runs' TensorBoard events reach the bucket (tensorboardX writes locally; storage.LocalMirror copies).
     events = [name.name for name in (storage.path(workdir) / "tensorboard").iterdir() if name.name.startswith("events.out.tfevents")]
     assert len(events) == 2, events
