@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
+import io
 import os
 import sys
 import urllib.parse
@@ -22,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from siglip_jax import cli, inference
+from siglip_jax import cli, inference, storage
 from siglip_jax.config import WEIGHTS
 from siglip_jax.data import images as images_lib
 from siglip_jax.evaluation import blockwise
@@ -77,17 +78,22 @@ def build_index(embedder: inference.Embedder, image_dir: str, model: str, weight
 
 
 def save_index(path: str, index: Index) -> None:
-    with open(path, "wb") as file:  # a file object, so numpy does not append ".npz" to the name
-        np.savez(file, paths=np.array(index.paths), embeddings=index.embeddings, model=np.array(index.model),
-                 weights=np.array(index.weights))
+    """Writes the index to `path`: a local file, or an object in a gs:// or s3:// bucket."""
+    buffer = io.BytesIO()  # a file object, so numpy does not append ".npz" to the name
+    np.savez(buffer, paths=np.array(index.paths), embeddings=index.embeddings, model=np.array(index.model),
+             weights=np.array(index.weights))
+    location = storage.path(path)
+    storage.with_retries(lambda: location.write_bytes(buffer.getvalue()), f"Writing {path}")
 
 
 def load_index(path: str) -> Index:
-    if not os.path.isfile(path):
+    """Reads an index written by save_index (a local file or a bucket object)."""
+    location = storage.path(path)
+    if not location.is_file():
         raise FileNotFoundError(f"No search index at {path!r}; write one with `python -m siglip_jax.search index "
                                 "IMAGE_DIR --model MODEL --output INDEX`.")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(storage.with_retries(location.read_bytes, f"Reading {path}")), allow_pickle=False) as data:
             index = Index(paths=[str(p) for p in data["paths"]], embeddings=data["embeddings"], model=str(data["model"]),
                           weights=str(data["weights"]) if "weights" in data else "raw")  # older indexes: raw
     except (ValueError, KeyError, OSError, EOFError, AttributeError) as error:

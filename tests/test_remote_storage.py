@@ -13,7 +13,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from siglip_jax import checkpoint, metrics, storage
+from siglip_jax import checkpoint, metrics, search, storage
 from siglip_jax.data.sources import make_source
 from tests import test_resume
 from tests.remote_servers import storage_servers  # noqa: F401 -- a fixture
@@ -53,6 +53,21 @@ def test_metrics_jsonl_in_a_bucket(storage_servers, scheme, tmp_path, monkeypatc
     metrics.JsonlWriter(path, keep_through_step=2)  # a resumed run drops the later steps
     with fsspec.open(path, "r") as stream:
         assert [json.loads(line)["step"] for line in stream] == [1, 2]
+    assert not os.path.exists(tmp_path / f"{scheme}:"), "nothing may be written to a local folder named after the scheme"
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_search_index_in_a_bucket(storage_servers, scheme, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    index = search.Index(paths=["/photos/a.jpg", "/photos/b.jpg"], embeddings=np.eye(2, 3, dtype=np.float32),
+                         model="/models/m.msgpack", weights="ema")
+    path = f"{storage_servers[scheme]}/index-{uuid.uuid4().hex[:8]}.npz"
+    search.save_index(path, index)
+    with fsspec.open(path, "rb") as stream:  # an object in the bucket, read by another client
+        assert stream.read(2) == b"PK"  # the .npz (zip) written whole
+    loaded = search.load_index(path)
+    assert (loaded.paths, loaded.model, loaded.weights) == (index.paths, index.model, index.weights)
+    np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
     assert not os.path.exists(tmp_path / f"{scheme}:"), "nothing may be written to a local folder named after the scheme"
 
 
