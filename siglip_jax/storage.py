@@ -71,7 +71,10 @@ def list_folder(folder: epath.Path) -> list[epath.Path]:
     objects since, through paths whose parents' listings gcsfs does not update."""
     if is_remote(folder):
         _bucket_filesystem(folder).invalidate_cache()
-    return list(folder.iterdir()) if folder.exists() else []
+    try:
+        return list(folder.iterdir()) if folder.exists() else []
+    except FileNotFoundError:  # emptied between the check and the listing (a bucket folder is its objects)
+        return []
 
 
 def move_tree(source: epath.Path, target: epath.Path) -> None:
