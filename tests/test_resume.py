@@ -1,7 +1,14 @@
 """Resume and preemption, end to end: `python train.py` in a subprocess, killed (SIGKILL) or asked to stop
-(SIGTERM), then the same command again, compared step by step with an uninterrupted run."""
+(SIGTERM), then the same command again, compared step by step with one uninterrupted run of the recipe.
+
+The soak kills one run 10 times at seeded moments, every other kill while a checkpoint is being written
+and the others 1-3 steps after a checkpoint completed (which is also what a single kill after a save
+tests: that case was a test of its own until 2026-12-06, docs/testing.md). Each kill costs a whole
+train.py start, so the kills alternate between the two moments instead of drawing them."""
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,18 +24,20 @@ TOTAL_STEPS = 40
 RUN_TIMEOUT_S = 600  # the first run compiles cold: 240 s ran out on the shared 2-core machine at load ~20
 
 
-def _start(workdir):
+def _start(workdir, *overrides):
+    # os.environ carries the session's compilation cache (tests/conftest.py): every run after the first
+    # loads the compiled step instead of compiling it again
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    command = [sys.executable, os.path.join(REPO, "train.py"), f"--config={RECIPE}", f"--workdir={workdir}"]
+    command = [sys.executable, os.path.join(REPO, "train.py"), f"--config={RECIPE}", f"--workdir={workdir}", *overrides]
     with open(workdir + ".log", "ab") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _finish(process, workdir, timeout=RUN_TIMEOUT_S):
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)  # its own process group only
         process.wait()
         pytest.fail(f"train.py did not finish within {timeout} s; see {workdir}.log")
 
@@ -44,7 +53,7 @@ def _wait_for(condition, process, workdir, timeout=RUN_TIMEOUT_S):
         if process.poll() is not None:
             pytest.fail(f"train.py exited ({process.returncode}) before the test could interrupt it; see {workdir}.log")
         if time.monotonic() > deadline:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             pytest.fail(f"Timed out waiting on train.py; see {workdir}.log")
         time.sleep(0.02)
@@ -66,37 +75,13 @@ def _metrics_by_step(workdir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """{step: metrics} of the recipe run once without interruption: the reference of every test here."""
     workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
     os.makedirs(workdir)
     _run(workdir)
     metrics = _metrics_by_step(workdir)
     assert sorted(metrics) == list(range(1, TOTAL_STEPS + 1))
     return metrics
-
-
-@pytest.mark.slow
-def test_rerun_after_sigkill_continues_bitwise(uninterrupted, tmp_path):
-    workdir = str(tmp_path / "run")
-    os.makedirs(workdir)
-    process = _start(workdir)
-    # Orbax renames a step's directory into place only once all of it is written.
-    _wait_for(lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "20")), process, workdir)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = max(_metrics_by_step(workdir))
-    assert killed_at < TOTAL_STEPS, "the run finished before the kill; the test proves nothing"
-    resumed_from = checkpoint.latest_step(workdir)
-    assert resumed_from in (20, 30)
-
-    _run(workdir)
-    resumed = _metrics_by_step(workdir)
-    for step in range(resumed_from + 1, TOTAL_STEPS + 1):
-        assert resumed[step]["data/batch_crc32"] == uninterrupted[step]["data/batch_crc32"], f"step {step}: another batch"
-        assert resumed[step]["loss"] == uninterrupted[step]["loss"], f"step {step}: loss differs"
-        assert resumed[step]["ema/param_norm"] == uninterrupted[step]["ema/param_norm"], f"step {step}: EMA differs"
-    for step in range(1, killed_at + 1):  # the lines of the killed run are kept, not overwritten
-        assert step in resumed
-    assert checkpoint.latest_step(workdir) == TOTAL_STEPS
 
 
 @pytest.mark.slow
@@ -114,3 +99,85 @@ def test_sigterm_saves_the_current_step_and_exits_zero(uninterrupted, tmp_path):
     assert f"Preempted: saved step {stopped_at}" in log
     for step in range(1, stopped_at + 1):
         assert _metrics_by_step(workdir)[step]["loss"] == uninterrupted[step]["loss"]
+
+
+NUM_KILLS = 10
+# Checkpoints every 2 steps, so 40 steps give 10 kills 4 steps each. The cadence does not change what is
+# trained: the steps' losses are those of the uninterrupted run, which saves every 10.
+SOAK_OVERRIDES = ("--config.checkpoint_every_steps=2", "--config.keep_checkpoints=2", "--config.tensorboard=False")
+
+
+def _complete_steps(workdir):
+    """Checkpoints Orbax has committed: it renames a step's directory into place only when complete."""
+    root = os.path.join(workdir, "checkpoints")
+    return sorted(int(name) for name in os.listdir(root) if name.isdigit()) if os.path.isdir(root) else []
+
+
+def _mtime_ns(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    return os.stat(path).st_mtime_ns if os.path.exists(path) else None
+
+
+def _saving(workdir):
+    root = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(root) and any("orbax-checkpoint-tmp" in name for name in os.listdir(root))
+
+
+def _wait_for_kill_moment(process, workdir, kill, resumed_from, before, during_save, steps_ahead, rng, deadline):
+    while True:
+        assert process.poll() is None, f"kill {kill}: train.py exited ({process.returncode}) before its kill"
+        assert time.monotonic() < deadline, f"kill {kill}: no progress; see {workdir}.log"
+        # Until this run first writes metrics.jsonl, the lines in it are the killed run's.
+        done = max(_metrics_by_step(workdir), default=0) if _mtime_ns(workdir) != before else 0
+        if during_save and done > resumed_from and _saving(workdir):
+            break
+        # A kill only after this run completed a new checkpoint (then 1-3 more steps), so the run advances.
+        if not during_save and max(_complete_steps(workdir), default=0) > resumed_from and done >= max(_complete_steps(workdir)) + steps_ahead:
+            time.sleep(rng.uniform(0, 0.3))
+            break
+        time.sleep(0.002)
+
+
+@pytest.mark.slow
+def test_ten_sigkills_then_the_same_losses_as_uninterrupted(uninterrupted, tmp_path):
+    """Slow (~3 min on 2 cores): 11 train.py starts, each a Python + JAX start-up and a restore; the point
+    is many kills at different moments of one run."""
+    workdir = str(tmp_path / "killed")
+    rng = random.Random(18)
+    kills_during_save = 0
+    killed_runs_steps = set()
+    for kill in range(NUM_KILLS):
+        resumed_from = max(_complete_steps(workdir), default=0)
+        before = _mtime_ns(workdir)
+        process = _start(workdir, *SOAK_OVERRIDES)
+        during_save = kill % 2 == 1
+        steps_ahead = rng.randint(1, 3)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        try:
+            _wait_for_kill_moment(process, workdir, kill, resumed_from, before, during_save, steps_ahead, rng, deadline)
+        finally:  # also when an assertion fails: never leave a child training
+            complete_before = _complete_steps(workdir)
+            saving_at_kill = _saving(workdir)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        kills_during_save += saving_at_kill
+        # Nothing complete before the kill is lost: at worst the steps since the last complete save.
+        assert max(_complete_steps(workdir), default=0) >= max(complete_before, default=0)
+        assert max(_metrics_by_step(workdir)) < TOTAL_STEPS, "the run finished before its kill; raise TOTAL_STEPS"
+        killed_runs_steps.update(_metrics_by_step(workdir))
+    assert kills_during_save >= 2, f"only {kills_during_save} of the {NUM_KILLS // 2} kills meant for a save landed in one"
+
+    last_complete = checkpoint.latest_step(workdir)
+    assert last_complete, "no checkpoint survived the kills: the rerun below would not test a resume"
+    assert _finish(_start(workdir, *SOAK_OVERRIDES), workdir) == 0, open(workdir + ".log").read()[-3000:]
+    log = open(workdir + ".log").read()
+    assert re.findall(r"Resumed from step (\d+) ", log)[-1:] == [str(last_complete)]
+    assert not re.search("Could not read the newer checkpoint|Moved the checkpoint", log), "a kill broke a checkpoint"
+    resumed = _metrics_by_step(workdir)
+    assert sorted(resumed) == list(range(1, TOTAL_STEPS + 1))
+    assert killed_runs_steps <= set(resumed)  # the lines of the killed runs are kept, not overwritten
+    for step in range(1, TOTAL_STEPS + 1):
+        assert resumed[step]["data/batch_crc32"] == uninterrupted[step]["data/batch_crc32"], f"step {step}: another batch"
+        assert resumed[step]["loss"] == uninterrupted[step]["loss"], f"step {step}: loss differs"
+        assert resumed[step]["ema/param_norm"] == uninterrupted[step]["ema/param_norm"], f"step {step}: EMA differs"
+    assert checkpoint.latest_step(workdir) == TOTAL_STEPS
