@@ -6,12 +6,10 @@ SigLIP match probabilities for given image-text pairs.
     python eval.py --workdir /tmp/demo --pairs pairs.jsonl    # {"image": path, "text": "..."} per line
     python eval.py --workdir /tmp/run --weights ema           # the parameters' moving average (optim.ema_decay)
 """
-import json
-
 from absl import flags
 from ml_collections import config_flags
 
-from siglip_jax import cli, evaluation_cli, metrics, storage
+from siglip_jax import cli, evaluation_cli, metrics
 from siglip_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose `evals` to run (default: the checkpoint's own config).")
@@ -29,9 +27,7 @@ def main(argv):
     results = evaluation_cli.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _PAIRS.value, _WEIGHTS.value)
     print(results.pop("table"))
     if _OUTPUT.value:
-        output = storage.path(_OUTPUT.value)  # a local file or gs:// / s3://
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2, sort_keys=True))
+        evaluation_cli.write_output(results, _OUTPUT.value)
         print(f"Wrote {_OUTPUT.value}")
 
 

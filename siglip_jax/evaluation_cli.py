@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 
-from siglip_jax import inference, loading, sharding
+from siglip_jax import inference, loading, sharding, storage
 from siglip_jax.data import images as images_lib
 from siglip_jax.data.from_config import build_source, check_vocabulary
 from siglip_jax.data.sources import caption_tables
@@ -90,3 +90,10 @@ def run(config: ml_collections.ConfigDict | None, workdir: str | None, checkpoin
         raise ValueError("Nothing to evaluate: the config has no evals and no --pairs file was given.")
     results["table"] = "\n\n".join(tables)
     return results
+
+
+def write_output(results: dict[str, Any], output: str) -> None:
+    """Writes `run`'s results (without the printable table) as JSON to a local file or a gs:// / s3:// path."""
+    path = storage.path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({key: value for key, value in results.items() if key != "table"}, indent=2, sort_keys=True))

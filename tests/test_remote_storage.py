@@ -13,7 +13,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from siglip_jax import checkpoint, metrics, search, storage
+from siglip_jax import checkpoint, evaluation_cli, loading, metrics, search, storage
+from siglip_jax.export import formats
 from siglip_jax.data.sources import make_source
 from tests import test_resume
 from tests.remote_servers import storage_servers  # noqa: F401 -- a fixture
@@ -188,17 +189,12 @@ def _remote_metrics(workdir):
     return {entry["step"]: entry for entry in map(json.loads, path.read_text().splitlines())}
 
 
-def _cli(script, *flags, env):
-    finished = subprocess.run([sys.executable, script, *flags], cwd=REPO, env=dict(os.environ, **env, JAX_PLATFORMS="cpu"),
-                              capture_output=True, text=True, timeout=E2E_TIMEOUT_S)
-    assert finished.returncode == 0, f"{script} {' '.join(flags)}:\n{finished.stdout[-3000:]}{finished.stderr[-3000:]}"
-    return finished
-
-
 @pytest.mark.slow
 def test_train_kill_rerun_eval_export_in_a_bucket(storage_servers, tmp_path):  # noqa: F811
     """The workdir in the emulated GCS bucket, shards read from it and from the S3 one: train, SIGKILL
-    after the step-10 checkpoint, rerun (resumes), eval.py, export.py; nothing lands in a local gs: folder."""
+    after the step-10 checkpoint, rerun (resumes), then eval and export (their engines, in this process) into
+    the bucket and back; nothing lands in a local gs: folder. Slow (~2 min on 2 cores): two train.py starts
+    against the single-threaded emulator, which rewrites its object table on every write."""
     gs_shards = _upload_shards(tmp_path, storage_servers["gs"], count=2)
     s3_shards = _upload_shards(tmp_path, storage_servers["s3"], count=4).replace("{00000..00003}", "{00002..00003}")
     shards = f"{gs_shards};{s3_shards}"
@@ -222,15 +218,15 @@ def test_train_kill_rerun_eval_export_in_a_bucket(storage_servers, tmp_path):  #
     image.write_bytes(_jpeg(5))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"image": str(image), "text": "photo 5 of set 0"}) + "\n")
-    _cli("eval.py", f"--workdir={workdir}", f"--pairs={pairs}", f"--output={workdir}/eval.json", env=storage_servers["env"])
+    # eval.py's and export.py's engines, in this process (the storage servers' environment is set here
+    # too): the CLIs' own flag handling is tested in tests/test_workdir_tools.py and tests/test_cli.py.
+    evaluation_cli.write_output(evaluation_cli.run(None, workdir, None, str(pairs)), f"{workdir}/eval.json")
     [scored] = json.loads((storage.path(workdir) / "eval.json").read_text())["pairs"]
     assert scored["text"] == "photo 5 of set 0" and 0 <= scored["probability"] <= 1
-    _cli("export.py", f"--workdir={workdir}", "--format=params", f"--output={workdir}/export/model.msgpack", env=storage_servers["env"])
+    formats.export_model(loading.load_model(workdir), "params", f"{workdir}/export/model.msgpack")
     assert (storage.path(workdir) / "export" / "model.msgpack").stat().length > 0
     # The export read back from the bucket is the same model: the same pair probability as the workdir's.
-    _cli("eval.py", f"--checkpoint={workdir}/export/model.msgpack", f"--pairs={pairs}",
-         f"--output={tmp_path / 'from_export.json'}", env=storage_servers["env"])
-    [from_export] = json.loads((tmp_path / "from_export.json").read_text())["pairs"]
+    [from_export] = evaluation_cli.run(None, None, f"{workdir}/export/model.msgpack", str(pairs))["pairs"]
     assert from_export["probability"] == pytest.approx(scored["probability"], abs=1e-6)
     # Both runs' TensorBoard events reach the bucket (tensorboardX writes locally; storage.LocalMirror copies).
     events = [name.name for name in (storage.path(workdir) / "tensorboard").iterdir() if name.name.startswith("events.out.tfevents")]
