@@ -19,6 +19,9 @@ def tiny_config(**overrides):
     config.model.text.depth = 2
     config.model.text.mlp_dim = 64
     config.optim.warmup_steps = 0  # a nonzero first learning rate, so one step moves the parameters
+    # Constant, so the compiled step does not depend on total_steps: runs of 1, 2, 8 or 40 steps share one
+    # program, which the session's compilation cache (tests/conftest.py) then loads instead of compiling.
+    config.optim.schedule = "constant"
     config.optim.learning_rate = 1e-3
     config.data.batch_size = 16
     config.data.eval_batch_size = 16
