@@ -2,7 +2,10 @@
 from siglip_jax.config import default_config, source_config
 
 
-def tiny_config(**overrides):
+def tiny_config(depth: int = 1, **overrides):
+    """`depth` blocks per tower: 1 compiles a train step in about two thirds of the time 2 takes (14.5 s
+    against 22 s on the 2-core machine); tests of layer layouts (scanned or unrolled, HF and big_vision
+    names, per-layer rules) ask for 2, so that block 0 and block 1 differ."""
     config = default_config()
     config.total_steps = 4
     config.log_every_steps = 1
@@ -11,12 +14,12 @@ def tiny_config(**overrides):
     config.model.image.image_size = 16
     config.model.image.width = 32
     config.model.image.num_heads = 2
-    config.model.image.depth = 2
+    config.model.image.depth = depth
     config.model.image.mlp_dim = 64  # below big_vision's mu (128): faster compiles
     config.model.text.variant = "mu"
     config.model.text.vocab_size = 259
     config.model.text.max_len = 12
-    config.model.text.depth = 2
+    config.model.text.depth = depth
     config.model.text.mlp_dim = 64
     config.optim.warmup_steps = 0  # a nonzero first learning rate, so one step moves the parameters
     # Constant, so the compiled step does not depend on total_steps: runs of 1, 2, 8 or 40 steps share one

@@ -18,7 +18,7 @@ def _flat(params, prefix=""):
 
 
 def test_npz_round_trip_and_key_layout(tmp_path):
-    config = tiny_config(**{"model.text.width": 48, "model.text.num_heads": 4, "model.text.mlp_dim": 80})
+    config = tiny_config(2, **{"model.text.width": 48, "model.text.num_heads": 4, "model.text.mlp_dim": 80})
     params = random_params(config)
     path = str(tmp_path / "siglip.npz")
     big_vision.save_npz(path, params)
@@ -45,7 +45,7 @@ def test_npz_round_trip_and_key_layout(tmp_path):
 
 
 def test_scanned_blocks_are_unstacked(tmp_path):
-    config = tiny_config()
+    config = tiny_config(2)
     params = random_params(config)
     flat = {f"params/{key}": value for key, value in _flat(params).items()}
     for tower in ("img/Transformer", "txt/Encoder_0"):
@@ -75,7 +75,7 @@ def test_cli_converts_npz_to_params_file(tmp_path):
 
     from siglip_jax.export import params as params_lib
 
-    config = tiny_config()
+    config = tiny_config(2)
     params = random_params(config)
     npz_path, output = str(tmp_path / "release.npz"), str(tmp_path / "model.msgpack")
     big_vision.save_npz(npz_path, params)

@@ -116,7 +116,7 @@ def test_model_mismatch_is_refused_with_the_differing_keys(saved, tmp_path):
             checkpointer.restore(target, _batches(other), other)
     message = str(error.value)
     assert "model.image.width: 32 in the checkpoint, 64 now" in message
-    assert "model.text.depth: 2 in the checkpoint, 3 now" in message
+    assert "model.text.depth: 1 in the checkpoint, 3 now" in message
     assert "learning_rate" not in message  # not a model key: allowed to change on resume
     assert "init_from" in message
 

@@ -112,7 +112,7 @@ def test_scan_layers_naflex_model_exports(inputs, tmp_path):
     from tests.helpers import tiny_config
     from tests.params_helpers import random_params
 
-    config = tiny_config(**{"model.image.kind": "naflex", "model.image.max_num_patches": 16,
+    config = tiny_config(2, **{"model.image.kind": "naflex", "model.image.max_num_patches": 16,
                             "model.scan_layers": True, "model.text.max_len": 12})
     params = random_params(config)
     hf.save_hf_directory(str(tmp_path), config, params)

@@ -37,6 +37,8 @@ def _released_hf_model(directory):
 @pytest.mark.slow
 @pytest.mark.parametrize("source, scan_layers", [("hf", False), ("npz", True)])
 def test_finetune_released_checkpoint_at_new_resolution_then_export(tmp_path, source, scan_layers):
+    """Slow (~45-65 s on 2 cores): a transformers model built and saved, a trainer run at a new resolution
+    (its own compiled step), an HF export loaded back by transformers."""
     released = str(tmp_path / "released")
     _released_hf_model(released)
     init_from = released
@@ -44,7 +46,7 @@ def test_finetune_released_checkpoint_at_new_resolution_then_export(tmp_path, so
         _, params = hf.load_hf_directory(released)
         init_from = str(tmp_path / "released.npz")
         big_vision.save_npz(init_from, params)
-    config = tiny_config(**{
+    config = tiny_config(2, **{  # two blocks, as the released model has
         "model.image.image_size": 24, "model.scan_layers": scan_layers, "total_steps": 2, "tensorboard": False,
         "init_from": init_from, "init_skip": ("img/MAPHead_0/.*",), "optim.lr_mults": (("txt/.*", 0.1),),
         "checkpoint_every_steps": 0,

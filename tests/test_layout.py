@@ -37,16 +37,16 @@ def test_gaps_in_block_numbers_are_refused():
 
 
 def test_unrolled_params_run_a_scanned_model_identically_and_export_alike():
-    config = tiny_config()
+    config = tiny_config(2)
     images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
     tokens = jax.random.randint(jax.random.key(2), (2, 12), 1, 259)
     unrolled_model = two_towers.build_model(config.model)
     params = nn.meta.unbox(unrolled_model.init(jax.random.key(0), images, tokens))["params"]
-    scanned_config = tiny_config(**{"model.scan_layers": True})
+    scanned_config = tiny_config(2, **{"model.scan_layers": True})
     scanned_model = two_towers.build_model(scanned_config.model)
     stacked = layout.to_layout(jax.device_get(params), scan_layers=True)
-    expected = unrolled_model.apply({"params": params}, images, tokens)
-    actual = scanned_model.apply({"params": jax.tree.map(jnp.asarray, stacked)}, images, tokens)
+    expected = jax.jit(unrolled_model.apply)({"params": params}, images, tokens)  # one compile, not one per op
+    actual = jax.jit(scanned_model.apply)({"params": jax.tree.map(jnp.asarray, stacked)}, images, tokens)
     for ours, reference in zip(actual, expected):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
     # The scanned model exports the same HF tensors, and loads back stacked.

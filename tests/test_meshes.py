@@ -27,6 +27,8 @@ def _losses(tmp_path, mesh_shape):
 
 @pytest.mark.slow
 def test_five_step_loss_trajectory_is_the_same_on_every_mesh(tmp_path):
+    """Slow (~1-2 min on 2 cores): three whole runs of the trainer, each compiling its step for another
+    mesh (a program per mesh is the point)."""
     reference = _losses(tmp_path, (8, 1, 1))
     assert len(reference) == 5
     for mesh_shape in [(2, 4, 1), (2, 2, 2)]:

@@ -130,7 +130,7 @@ def test_variant_without_patch_size_is_refused():
 
 
 def test_image_size_not_multiple_of_patch_is_refused():
-    config = tiny_config()
+    config = tiny_config(2)
     model = two_towers.build_model(config.model)
     with pytest.raises(ValueError, match="not a multiple of the patch size 4"):
         model.init(jax.random.key(0), jnp.zeros((1, 18, 18, 3)), jnp.ones((1, 12), jnp.int32))
@@ -146,8 +146,8 @@ def _stack_blocks(tower_params, encoder_name, depth):
 
 @pytest.mark.parametrize("remat_policy", ["none", "full"])
 def test_scanned_layers_compute_the_same_function(remat_policy):
-    plain = tiny_config(**{"model.remat_policy": remat_policy})
-    scanned = tiny_config(**{"model.scan_layers": True, "model.remat_policy": remat_policy})
+    plain = tiny_config(2, **{"model.remat_policy": remat_policy})
+    scanned = tiny_config(2, **{"model.scan_layers": True, "model.remat_policy": remat_policy})
     images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
     tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 259)
     plain_model, scanned_model = two_towers.build_model(plain.model), two_towers.build_model(scanned.model)
@@ -157,8 +157,8 @@ def test_scanned_layers_compute_the_same_function(remat_policy):
     stacked["txt"] = _stack_blocks(params["txt"], "Encoder_0", 2)
     scanned_shapes = nn.unbox(jax.eval_shape(scanned_model.init, jax.random.key(0), images, tokens))["params"]
     assert jax.tree.map(lambda x: x.shape, stacked) == jax.tree.map(lambda x: x.shape, scanned_shapes)
-    expected = plain_model.apply({"params": params}, images, tokens)
-    got = scanned_model.apply({"params": stacked}, images, tokens)
+    expected = jax.jit(plain_model.apply)({"params": params}, images, tokens)  # one compile, not one per op
+    got = jax.jit(scanned_model.apply)({"params": stacked}, images, tokens)
     for want, have in zip(expected, got):
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6)
 

@@ -36,6 +36,8 @@ def shards(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sharded_run_resumes_bitwise_after_sigkill(shards, tmp_path):
+    """Slow (~1 min on 2 cores): three train.py runs (uninterrupted, killed, rerun): a SIGKILL needs a
+    process of its own."""
     reference = str(tmp_path / "uninterrupted")
     os.makedirs(reference)
     assert test_resume._finish(_start(reference, shards), reference) == 0

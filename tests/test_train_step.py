@@ -33,8 +33,9 @@ def _config(variant="plain"):
     # blows float32 reduction-order noise in gradients that are exactly zero in theory (the attention
     # key bias: softmax ignores a constant added to all of a query's logits) up to +-lr.
     overrides = {"optim.name": "sgd", "optim.learning_rate": 0.5, "optim.b1": 0.0}
-    if variant == "ring_scan":
-        overrides.update({"loss.implementation": "ring", "loss.chunk_size": 1, "model.scan_layers": True})
+    if variant == "ring_scan":  # two blocks: a scan over one block would not loop
+        overrides.update({"loss.implementation": "ring", "loss.chunk_size": 1, "model.scan_layers": True,
+                          "model.image.depth": 2, "model.text.depth": 2})
     if variant == "chunked":  # 8 keys per chunk: one from each of the 8 shards on the 4x2 mesh
         overrides.update({"loss.implementation": "chunked", "loss.chunk_size": 8})
     return tiny_config(**overrides)
@@ -65,7 +66,7 @@ def test_sharded_step_equals_single_device(variant, mesh_shape, batch, single_de
 
 def test_step_loss_matches_numpy_sigmoid_loss_of_the_initial_embeddings(batch, single_device_result):
     _, loss, new_state, (model, initial_params) = single_device_result
-    image_embeddings, text_embeddings = model.apply({"params": initial_params}, batch["images"], batch["tokens"])
+    image_embeddings, text_embeddings = jax.jit(model.apply)({"params": initial_params}, batch["images"], batch["tokens"])
     logits = np.exp(np.float64(initial_params["t"])) * np.asarray(image_embeddings, np.float64) @ np.asarray(
         text_embeddings, np.float64
     ).T + np.float64(initial_params["b"])
