@@ -46,12 +46,15 @@ def single_device_result(batch):
     return _run_one_step(_config(), (1, 1, 1), batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "variant, mesh_shape",
     [("plain", (8, 1, 1)), ("plain", (4, 2, 1)), ("ring_scan", (2, 2, 2)), ("chunked", (4, 2, 1))],
     ids=["data8", "data4xfsdp2", "ring-chunked-scan-2x2x2", "chunked-data4xfsdp2"],
 )
 def test_sharded_step_equals_single_device(variant, mesh_shape, batch, single_device_result):
+    """Slow beside the rest of the suite (25-40 s alone, 55-100 s under two workers): each case compiles
+    the whole step for its own mesh, and the non-plain variants their single-device reference too."""
     if variant == "plain":
         reference_params, reference_loss, _, _ = single_device_result
     else:
