@@ -19,6 +19,8 @@ BUDGET = 20  # a 16 px demo picture is a 4 x 4 grid of 4 px patches: 4 positions
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """One NaFlex training run that both tests read. Slow (~40-60 s on 2 cores): the NaFlex step is its
+    own program (packed patches, another image tower)."""
     workdir = tmp_path_factory.mktemp("naflex_run")
     config = tiny_config(**{"model.image.kind": "naflex", "model.image.max_num_patches": BUDGET,
                             "model.image.posemb_grid": 4})
