@@ -15,6 +15,7 @@ import collections
 import glob
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -83,7 +84,7 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def _stats_dir() -> str:
-    return os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"] + "_stats")
+    return os.environ["JAX_COMPILATION_CACHE_DIR"] + "_stats"
 
 
 def pytest_sessionfinish(session):
@@ -102,6 +103,7 @@ def pytest_terminal_summary(terminalreporter, config):
             counts = json.load(stream)
         for name, values in counts.items():
             getattr(totals, name).update(values)
+    shutil.rmtree(_stats_dir(), ignore_errors=True)  # read once; the cache itself goes at unconfigure
     cache_entries = [name for name in os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"])
                      if not name.endswith("-atime")]
     write = terminalreporter.write_line

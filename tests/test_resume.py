@@ -145,7 +145,6 @@ def test_ten_sigkills_then_the_same_losses_as_uninterrupted(uninterrupted, tmp_p
     workdir = str(tmp_path / "killed")
     rng = random.Random(18)
     kills_during_save = 0
-    killed_runs_steps = set()
     for kill in range(NUM_KILLS):
         resumed_from = max(_complete_steps(workdir), default=0)
         before = _mtime_ns(workdir)
@@ -164,7 +163,6 @@ def test_ten_sigkills_then_the_same_losses_as_uninterrupted(uninterrupted, tmp_p
         # Nothing complete before the kill is lost: at worst the steps since the last complete save.
         assert max(_complete_steps(workdir), default=0) >= max(complete_before, default=0)
         assert max(_metrics_by_step(workdir)) < TOTAL_STEPS, "the run finished before its kill; raise TOTAL_STEPS"
-        killed_runs_steps.update(_metrics_by_step(workdir))
     assert kills_during_save >= 2, f"only {kills_during_save} of the {NUM_KILLS // 2} kills meant for a save landed in one"
 
     last_complete = checkpoint.latest_step(workdir)
@@ -174,8 +172,8 @@ def test_ten_sigkills_then_the_same_losses_as_uninterrupted(uninterrupted, tmp_p
     assert re.findall(r"Resumed from step (\d+) ", log)[-1:] == [str(last_complete)]
     assert not re.search("Could not read the newer checkpoint|Moved the checkpoint", log), "a kill broke a checkpoint"
     resumed = _metrics_by_step(workdir)
+    # Steps up to the last checkpoint were logged only by the killed runs: their lines are kept, not overwritten.
     assert sorted(resumed) == list(range(1, TOTAL_STEPS + 1))
-    assert killed_runs_steps <= set(resumed)  # the lines of the killed runs are kept, not overwritten
     for step in range(1, TOTAL_STEPS + 1):
         assert resumed[step]["data/batch_crc32"] == uninterrupted[step]["data/batch_crc32"], f"step {step}: another batch"
         assert resumed[step]["loss"] == uninterrupted[step]["loss"], f"step {step}: loss differs"
