@@ -1,38 +1,11 @@
-"""Training on data, FSDP and tensor meshes: same trajectory, parameters really sharded."""
-import json
-
+"""FSDP really shards: parameter and optimizer memory per device. (The loss trajectory on data, FSDP and
+tensor meshes is tests/test_train_step.py's, beside the sharded step it reuses.)"""
 import jax
-import numpy as np
-import pytest
 
-from siglip_jax import optim, sharding, trainer
+from siglip_jax import optim, sharding
 from siglip_jax.models import two_towers
 from siglip_jax.train_step import create_train_state
 from tests.helpers import tiny_config
-
-
-def _losses(tmp_path, mesh_shape):
-    config = tiny_config()
-    config.total_steps = 5
-    config.mesh.shape = mesh_shape
-    config.tensorboard = False
-    config.model.image.width = config.model.text.width = 64
-    config.model.image.num_heads = config.model.text.num_heads = 4
-    config.model.image.mlp_dim = config.model.text.mlp_dim = 128
-    workdir = tmp_path / "x".join(map(str, mesh_shape))
-    trainer.train(config, str(workdir))
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [line["loss"] for line in lines if "loss" in line]
-
-
-@pytest.mark.slow
-def test_five_step_loss_trajectory_is_the_same_on_every_mesh(tmp_path):
-    """Slow (~1-2 min on 2 cores): three whole runs of the trainer, each compiling its step for another
-    mesh (a program per mesh is the point)."""
-    reference = _losses(tmp_path, (8, 1, 1))
-    assert len(reference) == 5
-    for mesh_shape in [(2, 4, 1), (2, 2, 2)]:
-        np.testing.assert_allclose(_losses(tmp_path, mesh_shape), reference, rtol=1e-5)
 
 
 def test_fsdp_divides_parameter_and_optimizer_memory():

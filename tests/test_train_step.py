@@ -1,9 +1,17 @@
-"""One train step on sharded meshes equals the same step on one device."""
+"""One train step on sharded meshes equals the same step on one device, and five steps of the trainer
+follow the same loss trajectory on a data, an FSDP and a tensor mesh.
+
+The trajectory runs the variants' own config (`_config()`) so that its data and FSDP meshes load the
+steps the variants compiled (the session's compilation cache, tests/conftest.py) instead of compiling
+again; only its tensor mesh is a program of its own. Until 2026-12-06 it was tests/test_meshes.py's own
+test at twice the width with Adam (three programs; docs/testing.md)."""
+import json
+
 import jax
 import numpy as np
 import pytest
 
-from siglip_jax import sharding
+from siglip_jax import sharding, trainer
 from siglip_jax.train_step import build_training
 from tests.helpers import tiny_config
 
@@ -55,16 +63,36 @@ def single_device_result(batch):
 def test_sharded_step_equals_single_device(variant, mesh_shape, batch, single_device_result):
     """Slow beside the rest of the suite (25-40 s alone, 55-100 s under two workers): each case compiles
     the whole step for its own mesh, and the non-plain variants their single-device reference too."""
-    if variant == "plain":
-        reference_params, reference_loss, _, _ = single_device_result
-    else:
+    if variant == "ring_scan":  # scanned blocks stack their parameters: a reference of the same layout
         reference_params, reference_loss, _, _ = _run_one_step(_config(variant), (1, 1, 1), batch)
+    else:  # the chunked loss is the plain one, summed in another order
+        reference_params, reference_loss, _, _ = single_device_result
     params, loss, new_state, _ = _run_one_step(_config(variant), mesh_shape, batch)
     assert loss == pytest.approx(reference_loss, rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, reference_params)
     if mesh_shape[1] > 1:  # FSDP really shards: the token embedding's width is split over fsdp
         embedding = new_state.params["txt"]["Embed_0"]["embedding"]
         assert embedding.addressable_shards[0].data.shape == (259, 32 // mesh_shape[1])
+
+
+def _trajectory(workdir, mesh_shape):
+    config = _config()
+    config.total_steps = 5
+    config.mesh.shape = mesh_shape
+    config.tensorboard = False
+    trainer.train(config, str(workdir))
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+@pytest.mark.slow
+def test_five_step_loss_trajectory_is_the_same_on_every_mesh(tmp_path):
+    """Slow (~1 min on 2 cores): three whole runs of the trainer; the tensor mesh compiles its step (a
+    program per mesh is the point), the other two load the variants' steps above from the cache."""
+    reference = _trajectory(tmp_path / "8x1x1", (8, 1, 1))
+    assert len(reference) == 5 and len(set(reference)) == 5, reference  # the parameters move every step
+    for mesh_shape in [(4, 2, 1), (2, 2, 2)]:
+        np.testing.assert_allclose(_trajectory(tmp_path / "x".join(map(str, mesh_shape)), mesh_shape), reference, rtol=1e-5)
 
 
 def test_step_loss_matches_numpy_sigmoid_loss_of_the_initial_embeddings(batch, single_device_result):
