@@ -40,10 +40,11 @@ def pytest_unconfigure(config):
 # the longest go first so the other worker is not left idle at the end (longest-first packing). Order
 # only: every module still runs. Module times are in docs/testing.md.
 LONGEST_MODULES_FIRST = (
-    "test_resume.py", "test_remote_storage.py", "test_multihost.py", "test_train_step.py", "test_divergence.py",
-    "test_meshes.py", "test_losses.py", "test_accumulation.py", "test_checkpoint_fallback.py",
-    "test_finetune_e2e.py", "test_streaming.py", "test_streaming_resume.py", "test_naflex_e2e.py",
-    "test_workdir_lock.py", "test_trainer.py", "test_checkpoint.py",
+    # test_resume.py's train.py runs compile tests/resume_recipe.py's step, which test_trainer.py loads.
+    "test_resume.py", "test_train_step.py", "test_remote_storage.py", "test_multihost.py", "test_divergence.py",
+    "test_finetune_e2e.py", "test_losses.py", "test_accumulation.py", "test_models.py", "test_streaming_resume.py",
+    "test_checkpoint_fallback.py", "test_naflex_e2e.py", "test_ema.py", "test_coco_recipe.py", "test_checkpoint.py",
+    "test_streaming.py", "test_trainer.py",
 )
 
 

@@ -17,7 +17,7 @@ from tests.params_helpers import random_params
 
 @pytest.fixture(scope="module")
 def exported():
-    config = tiny_config()
+    config = tiny_config(**{"model.image.pooling": "map"})  # HF's SiglipVisionModel has the MAP head only
     return params_lib.ExportedParams(config=config, params=random_params(config))
 
 

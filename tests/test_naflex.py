@@ -20,7 +20,8 @@ transformers = pytest.importorskip("transformers", reason="the references need t
 
 
 def naflex_config(**overrides):
-    return tiny_config(**{"model.image.kind": "naflex", "model.image.max_num_patches": 16, **overrides})
+    return tiny_config(**{"model.image.kind": "naflex", "model.image.pooling": "map", "model.image.max_num_patches": 16,
+                          **overrides})
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (2, 8), (1, 16), (3, 5), (7, 2), (6, 6), (9, 2), (1, 1)])

@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     """One NaFlex training run that both tests read. Slow (~40-60 s on 2 cores): the NaFlex step is its
     own program (packed patches, another image tower)."""
     workdir = tmp_path_factory.mktemp("naflex_run")
-    config = tiny_config(**{"model.image.kind": "naflex", "model.image.max_num_patches": BUDGET,
+    config = tiny_config(**{"model.image.kind": "naflex", "model.image.pooling": "map", "model.image.max_num_patches": BUDGET,
                             "model.image.posemb_grid": 4})
     config.total_steps = 8
     config.log_every_steps = 4

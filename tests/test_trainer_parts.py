@@ -40,7 +40,7 @@ def test_jsonl_writer_drops_lines_after_the_resumed_step(tmp_path):
 
 @pytest.mark.slow
 def test_init_from_copies_chosen_towers_and_refuses_mismatches(tmp_path):
-    source_config = tiny_config()
+    source_config = tiny_config(**{"model.image.pooling": "map"})  # the released architecture's head, skipped below
     source_config.total_steps = 1
     source_config.tensorboard = False
     trainer.train(source_config, str(tmp_path / "source"))
@@ -48,14 +48,14 @@ def test_init_from_copies_chosen_towers_and_refuses_mismatches(tmp_path):
     exported = str(tmp_path / "source.msgpack")
     params_lib.save_params_file(exported, source_config, trained)
 
-    config = tiny_config(**{"seed": 7, "init_from": exported, "init_towers": ("img",)})
+    config = tiny_config(**{"seed": 7, "init_from": exported, "init_towers": ("img",), "model.image.pooling": "map"})
     fresh = {name: jax.tree.map(np.zeros_like, value) for name, value in trained.items()}
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), fresh)
     params = loading.initial_params(config, fresh, shardings)
     jax.tree.map(np.testing.assert_array_equal, params["img"], trained["img"])
     jax.tree.map(np.testing.assert_array_equal, params["txt"], fresh["txt"])  # not copied
 
-    wider = tiny_config(**{"init_from": exported, "model.image.width": 64})
+    wider = tiny_config(**{"init_from": exported, "model.image.width": 64, "model.image.pooling": "map"})
     wider_params = {**fresh, "img": {**fresh["img"], "pos_embedding": np.zeros((1, 16, 64), np.float32)}}
     with pytest.raises(ValueError, match=r"(?s)does not fit this model.*img/pos_embedding: \(1, 16, 32\) in the checkpoint, "
                                          r"\(1, 16, 64\) here; add it to init_skip"):
@@ -63,7 +63,8 @@ def test_init_from_copies_chosen_towers_and_refuses_mismatches(tmp_path):
 
     # Another resolution (4x4 -> 6x6 patches): the position embedding is resampled as scipy's bilinear
     # zoom does (big_vision's resample_posemb); init_skip keeps the fresh MAP head.
-    larger = tiny_config(**{"init_from": exported, "model.image.image_size": 24, "init_skip": ("img/MAPHead_0/.*",)})
+    larger = tiny_config(**{"init_from": exported, "model.image.image_size": 24, "init_skip": ("img/MAPHead_0/.*",),
+                            "model.image.pooling": "map"})
     larger_params = {**fresh, "img": {**fresh["img"], "pos_embedding": np.zeros((1, 36, 32), np.float32)}}
     params = loading.initial_params(larger, larger_params, shardings)
     expected = scipy.ndimage.zoom(np.asarray(trained["img"]["pos_embedding"]).reshape(4, 4, 32), (1.5, 1.5, 1), order=1)
