@@ -66,7 +66,9 @@ def saved(tmp_path_factory):
     moments all non-trivial (one update applied), and a data iterator 3 batches in."""
     config = tiny_config()
     state, optimizer = _fresh_state(config, (8, 1, 1), jax.devices())
-    state = state.apply_gradients(jax.tree.map(lambda p: 0.1 * p + 0.01, state.params), optimizer)
+    # One program for the update (applied op by op it compiled ~250 small ones); keeps the state's shardings.
+    update = lambda state: state.apply_gradients(jax.tree.map(lambda p: 0.1 * p + 0.01, state.params), optimizer)  # noqa: E731
+    state = jax.jit(update, out_shardings=jax.tree.map(lambda leaf: leaf.sharding, state))(state)
     state = state.replace(step=state.step + 6)
     batches = _batches(config)
     for _ in range(3):

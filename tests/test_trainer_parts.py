@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from siglip_jax import hooks, loading, metrics, trainer
+from siglip_jax import hooks, loading, metrics
 from siglip_jax.export import params as params_lib
 from tests.helpers import tiny_config
+from tests.params_helpers import random_params
 
 
 class _NoCheckpoints:
@@ -38,13 +39,12 @@ def test_jsonl_writer_drops_lines_after_the_resumed_step(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 10, 20, 21]
 
 
-@pytest.mark.slow
 def test_init_from_copies_chosen_towers_and_refuses_mismatches(tmp_path):
+    # The source: a params file of every leaf random (tests/params_helpers.py), so a copied leaf cannot
+    # equal a fresh one by chance. Until 2026-12-06 it was a one-step trainer run, which compiled a step
+    # to make parameters that differ from the zeros below (docs/testing.md).
     source_config = tiny_config(**{"model.image.pooling": "map"})  # the released architecture's head, skipped below
-    source_config.total_steps = 1
-    source_config.tensorboard = False
-    trainer.train(source_config, str(tmp_path / "source"))
-    trained = loading.load_model(str(tmp_path / "source")).params
+    trained = random_params(source_config)
     exported = str(tmp_path / "source.msgpack")
     params_lib.save_params_file(exported, source_config, trained)
 
