@@ -10,7 +10,9 @@ Three counts, because the compilation cache hides some of the work:
 Subprocesses are those the test processes start (`subprocess.Popen`); what a child starts (grain
 workers, a multi-process run's peers) is not counted.
 
-With pytest-xdist each worker writes its counts beside the cache and the controller sums them."""
+With pytest-xdist each worker writes its counts beside the cache and the controller sums them. The
+controller also sums each test's seconds (setup, call and teardown: pytest-xdist hands it every report)
+and prints the 30 slowest tests and the seconds per module."""
 import collections
 import glob
 import json
@@ -83,6 +85,14 @@ def pytest_runtest_protocol(item, nextitem):
     _COUNTS.current_test = "(between tests)"
 
 
+_SECONDS_BY_TEST: collections.Counter = collections.Counter()
+
+
+def pytest_runtest_logreport(report):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller, or the only process without xdist
+        _SECONDS_BY_TEST[report.nodeid] += report.duration
+
+
 def _stats_dir() -> str:
     return os.environ["JAX_COMPILATION_CACHE_DIR"] + "_stats"
 
@@ -120,3 +130,11 @@ def pytest_terminal_summary(terminalreporter, config):
     write("most subprocesses:")
     for test, count in totals.subprocesses.most_common(15):
         write(f"  {test}: {count}")
+    write("slowest 30 tests (seconds, setup + call + teardown):")
+    for test, seconds in _SECONDS_BY_TEST.most_common(30):
+        write(f"  {seconds:6.1f}  {test}")
+    by_module = collections.Counter()
+    for test, seconds in _SECONDS_BY_TEST.items():
+        by_module[test.split("::")[0]] += seconds
+    write(f"seconds by module ({sum(by_module.values()):.0f} s in all, over the workers): "
+          + ", ".join(f"{os.path.basename(module)} {seconds:.0f}" for module, seconds in by_module.most_common()))
