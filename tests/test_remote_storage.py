@@ -170,7 +170,8 @@ E2E_TIMEOUT_S = 900  # per train.py run: ~1 min alone on 2 cores, many times tha
 # One device: Orbax writes one object per array chunk, and the emulator rewrites its whole object table
 # (JSON) on every insert, so a save's cost grows with objects x objects already stored. One chunk per array
 # (no 8-way sharding) cuts a save of the recipe's 255 arrays from ~1,100 requests to ~550.
-E2E_OVERRIDES = (f"--config.total_steps={E2E_STEPS}", "--config.tensorboard=True")
+# EMA decay 0.2: the one-device step is then tests/test_ema.py's, compiled once for both (session cache).
+E2E_OVERRIDES = (f"--config.total_steps={E2E_STEPS}", "--config.tensorboard=True", "--config.optim.ema_decay=0.2")
 
 
 def _start(workdir, shards, env, log):
