@@ -136,6 +136,11 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep_checkpoints: int = 3, keep_every_steps: int = 0):
         self.root = checkpoint_root(workdir)
         self._manager = open_manager(self.root, keep_checkpoints=keep_checkpoints, keep_every_steps=keep_every_steps)
+        # Orbax deletes unfinished saves in a background future it starts here and awaits only before its first
+        # save; listing before it is done raced with it (a bucket step listed, then gone when moved aside).
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)  # private in orbax 0.12
+        if await_cleanup is not None:
+            await_cleanup()
         # A step directory Orbax does not list (emptied, or its commit marker lost) would block saving that step.
         listed = set(self._manager.all_steps())
         # (In a bucket, the root exists only once a save wrote into it, and Orbax has just deleted any step
