@@ -177,7 +177,7 @@ E2E_OVERRIDES = (f"--config.total_steps={E2E_STEPS}", "--config.tensorboard=True
 def _start(workdir, shards, env, log):
     command = [sys.executable, os.path.join(REPO, "train.py"), f"--config={test_resume.RECIPE}:{shards}", f"--workdir={workdir}",
                *E2E_OVERRIDES]
-    environment = dict(os.environ, **env, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    environment = dict(os.environ, **env, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
                        PYTHONUNBUFFERED="1")
     with open(log, "ab") as stream:
         return subprocess.Popen(command, cwd=REPO, env=environment, stdout=stream, stderr=subprocess.STDOUT)

@@ -62,7 +62,7 @@ def single_device_result(batch):
 )
 def test_sharded_step_equals_single_device(variant, mesh_shape, batch, single_device_result):
     """Slow beside the rest of the suite (25-40 s alone, 55-100 s under two workers): each case compiles
-    the whole step for its own mesh, and the non-plain variants their single-device reference too."""
+    the whole step for its own mesh, and the scanned ring variant its single-device reference too."""
     if variant == "ring_scan":  # scanned blocks stack their parameters: a reference of the same layout
         reference_params, reference_loss, _, _ = _run_one_step(_config(variant), (1, 1, 1), batch)
     else:  # the chunked loss is the plain one, summed in another order
