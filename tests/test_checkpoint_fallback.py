@@ -72,6 +72,8 @@ RESUMED_FROM = {"the two latest emptied": 2}
 @pytest.mark.slow
 @pytest.mark.parametrize("breakage", list(BREAKAGES))
 def test_rerun_continues_past_a_broken_latest_checkpoint(reference, breakage, tmp_path, caplog):
+    """Slow: the first case pays the module's reference run (60 s under two workers: 8 steps saved every 2,
+    often the session's first compile of tiny_config's step); every case reruns the trainer on a copy."""
     reference_dir, reference_losses = reference
     workdir = str(tmp_path / "run")
     shutil.copytree(reference_dir, workdir)

@@ -62,6 +62,8 @@ def test_bad_recipe_arguments_and_missing_folder_are_explained(tmp_path):
 
 @pytest.mark.slow
 def test_coco_recipe_trains_and_evaluates_the_karpathy_test_split(tmp_path):
+    """Slow (32-81 s under two workers): the recipe's own towers, data and eval compile programs no other
+    test shares."""
     karpathy, _ = _karpathy_file(tmp_path)
     config = _recipe(f"path={COCO_MINI},karpathy={karpathy},size=small")
     config.total_steps, config.log_every_steps, config.eval_every_steps = 2, 1, 0
