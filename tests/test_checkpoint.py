@@ -31,22 +31,17 @@ def _fresh_state(config, mesh_shape, devices):
 
 
 def _restore_target(config, mesh_shape, devices):
-    """What the trainer restores into on this mesh: the train state's shapes with its shardings, traced
-    with `jax.eval_shape` so nothing compiles."""
+    """What the trainer restores into on this mesh: the train state's shapes with its shardings (traced:
+    nothing compiles)."""
     mesh = sharding.create_mesh(mesh_shape, AXES, devices)
     model = two_towers.build_model(config.model)
     optimizer = optim.build_optimizer(config.optim, config.total_steps)
-    shardings = {}
-
-    def build(rng):
-        state, shardings["state"] = create_train_state(
-            model, optimizer, image_size=config.model.image.image_size, text_length=config.model.text.max_len,
-            mesh=mesh, axis_rules=sharding.rules_as_tuples(config.mesh.axis_rules), rng=rng,
-        )
-        return state
-
-    abstract = jax.eval_shape(build, jax.random.key(1))
-    return checkpoint.abstract_like(abstract, shardings["state"]), shardings["state"]
+    abstract, shardings = create_train_state(
+        model, optimizer, image_size=config.model.image.image_size, text_length=config.model.text.max_len,
+        mesh=mesh, axis_rules=sharding.rules_as_tuples(config.mesh.axis_rules), rng=jax.random.key(1),
+        initialise=False,
+    )
+    return checkpoint.abstract_like(abstract, shardings), shardings
 
 
 def _batches(config):
