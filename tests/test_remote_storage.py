@@ -170,8 +170,12 @@ E2E_TIMEOUT_S = 900  # per train.py run: ~1 min alone on 2 cores, many times tha
 # One device: Orbax writes one object per array chunk, and the emulator rewrites its whole object table
 # (JSON) on every insert, so a save's cost grows with objects x objects already stored. One chunk per array
 # (no 8-way sharding) cuts a save of the recipe's 255 arrays from ~1,100 requests to ~550.
-# EMA decay 0.2: the one-device step is then tests/test_ema.py's, compiled once for both (session cache).
-E2E_OVERRIDES = (f"--config.total_steps={E2E_STEPS}", "--config.tensorboard=True", "--config.optim.ema_decay=0.2")
+# SGD without momentum and no EMA: the state is the parameters and one buffer like them, half the arrays
+# (and requests) of Adam's two moments and the EMA. What is saved does not matter here, where it goes does;
+# the bitwise resume of Adam and the EMA is tests/test_resume.py's. It is also the single-device step of
+# tests/test_train_step.py (SGD at 0.5), which the session's compilation cache may then already hold.
+E2E_OVERRIDES = (f"--config.total_steps={E2E_STEPS}", "--config.tensorboard=True", "--config.optim.name=sgd",
+                 "--config.optim.learning_rate=0.5", "--config.optim.b1=0.0", "--config.optim.ema_decay=0.0")
 
 
 def _start(workdir, shards, env, log):
