@@ -25,7 +25,9 @@ def test_analytic_flops_match_xla_cost_analysis_within_ten_percent():
     batch = {"images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
              "tokens": jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
     with jax.set_mesh(mesh):
-        cost = training.step.lower(training.abstract_state, batch).compile().cost_analysis()
+        # XLA's cost analysis of the lowered module: the same count as after compiling (0.998 against 1.001
+        # of the analytic figure, 2026-12-06) without the ~6-15 s compile of a width-128 step.
+        cost = training.step.lower(training.abstract_state, batch).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     analytic = flops.train_flops_per_example(config.model, batch_size)
     assert cost["flops"] / batch_size == pytest.approx(analytic, rel=0.10)
