@@ -106,7 +106,7 @@ def _reference_eval(workdir: str, step: int) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
-    """Slow (~2.5 min on 2 cores): seven real processes (two training runs, a 2-process eval, two resumed
+    """Slow (73-82 s under two workers, 2026-12-06): seven real processes (two training runs, a 2-process eval, two resumed
     runs), each a Python + JAX start-up; a process boundary is what this tests."""
     single, multi = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
     _wait(_train(single, num_processes=1, devices_per_process=8), _train(multi, num_processes=2, devices_per_process=4))

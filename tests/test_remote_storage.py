@@ -198,7 +198,7 @@ def _remote_metrics(workdir):
 def test_train_kill_rerun_eval_export_in_a_bucket(storage_servers, tmp_path):  # noqa: F811
     """The workdir in the emulated GCS bucket, shards read from it and from the S3 one: train, SIGKILL
     after the step-10 checkpoint, rerun (resumes), then eval and export (their engines, in this process) into
-    the bucket and back; nothing lands in a local gs: folder. Slow (~2 min on 2 cores): two train.py starts
+    the bucket and back; nothing lands in a local gs: folder. Slow (72-84 s under two workers, 2026-12-06): two train.py starts
     against the single-threaded emulator, which rewrites its object table on every write."""
     gs_shards = _upload_shards(tmp_path, storage_servers["gs"], count=2)
     s3_shards = _upload_shards(tmp_path, storage_servers["s3"], count=4).replace("{00000..00003}", "{00002..00003}")
