@@ -102,7 +102,7 @@ def _preservation_policy(keep_checkpoints: int, keep_every_steps: int) -> Any:
 # Orbax writes an array replicated over several devices as one slice per replica, in parallel
 # ("replica-parallel"). For small arrays the per-slice device work costs more than the parallel writes
 # save: on 8 CPU devices, 4 saves of the test model's state (~190 arrays, none over 100 KB) took 3.2 s with
-# every array sliced and 1.0 s with none (2026-12-06, docs/testing.md). Below this size per slice an
+# every array sliced and 1.1 s with this threshold (2026-12-06, docs/testing.md). Below this size per slice an
 # array is written whole by one replica; the large ones of real models (embeddings, MLP kernels) stay parallel.
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
 

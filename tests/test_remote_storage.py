@@ -173,7 +173,7 @@ E2E_TIMEOUT_S = 900  # per train.py run: ~1 min alone on 2 cores, many times tha
 # SGD without momentum and no EMA: the state is the parameters and one buffer like them, half the arrays
 # (and requests) of Adam's two moments and the EMA. What is saved does not matter here, where it goes does;
 # the bitwise resume of Adam and the EMA is tests/test_resume.py's. It is also the single-device step of
-# tests/test_train_step.py (SGD at 0.5), which the session's compilation cache may then already hold.
+# tests/test_train_step.py (SGD at 0.5), which the session's compilation cache may then already hold (not verified).
 E2E_OVERRIDES = (f"--config.total_steps={E2E_STEPS}", "--config.tensorboard=True", "--config.optim.name=sgd",
                  "--config.optim.learning_rate=0.5", "--config.optim.b1=0.0", "--config.optim.ema_decay=0.0")
 
