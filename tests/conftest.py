@@ -7,6 +7,12 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# The suite's programs are tiny and run a few steps each, so compiling dominates: at XLA's backend
+# (LLVM) optimisation level 0 the tiny train step compiles in ~6 s instead of ~10 s and runs in 8 ms
+# instead of 3 ms, with the same loss to the last bit (2026-12-06). Level 0 changes code generation only,
+# not the HLO program nor its float semantics. Inherited by every subprocess the tests start.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 # Many tests build the same tiny train step (trainer.train in process, train.py in subprocesses); each
 # build is a new jax.jit, so only a persistent cache lets the second build load the executable instead of

@@ -1,5 +1,18 @@
 """Small configs shared by tests: tiny towers so every compile takes seconds on two CPU cores."""
+import os
+
 from siglip_jax.config import default_config, source_config
+
+
+def child_environment(device_count: int | None = 8, **extra: str) -> dict[str, str]:
+    """os.environ for a child Python + JAX process: CPU only, `device_count` simulated devices (None: one,
+    the platform's own), and the session's other XLA flags and compilation cache (tests/conftest.py) kept,
+    so the children compile as cheaply as the pytest process and share its cached programs."""
+    xla_flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                 if "xla_force_host_platform_device_count" not in flag]
+    if device_count is not None:
+        xla_flags.append(f"--xla_force_host_platform_device_count={device_count}")
+    return {**os.environ, "XLA_FLAGS": " ".join(xla_flags), "JAX_PLATFORMS": "cpu", **extra}
 
 
 def tiny_config(depth: int = 1, **overrides):

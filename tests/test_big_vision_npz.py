@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from siglip_jax.export import big_vision
-from tests.helpers import tiny_config
+from tests.helpers import child_environment, tiny_config
 from tests.params_helpers import random_params
 
 
@@ -80,7 +80,7 @@ def test_cli_converts_npz_to_params_file(tmp_path):
     npz_path, output = str(tmp_path / "release.npz"), str(tmp_path / "model.msgpack")
     big_vision.save_npz(npz_path, params)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = child_environment(None)
     result = subprocess.run(
         [sys.executable, "export.py", "--format", "params", "--checkpoint", npz_path, "--output", output,
          "--dtype", "bfloat16"], cwd=root, env=env, capture_output=True, text=True)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from siglip_jax.export import params as params_lib
-from tests.helpers import tiny_config
+from tests.helpers import child_environment, tiny_config
 from tests.params_helpers import random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,8 +18,8 @@ TIMEOUT_S = 240
 
 def _run_all(commands, extra_env=None):
     """{name: (returncode, stderr)} of each command, all started at once."""
-    env = {**{k: v for k, v in os.environ.items() if k != "SIGLIP_TRACEBACK"}, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", **(extra_env or {})}
+    env = {k: v for k, v in child_environment(PYTHONPATH=REPO).items() if k != "SIGLIP_TRACEBACK"}
+    env.update(extra_env or {})
     processes = {name: subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for name, args in commands.items()}

@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from tests.helpers import child_environment
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "tests", "multihost_recipe.py")
 EVAL_DRIVER = os.path.join(REPO, "tests", "multihost_eval.py")
@@ -33,14 +35,6 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _child_environment() -> dict:
-    # The device count comes from --local_device_count; the pytest process's forced count of 8
-    # (tests/conftest.py) must not leak into the children.
-    xla_flags = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
-                         if "xla_force_host_platform_device_count" not in flag)
-    return dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
-
-
 def _start(program: str, log_prefix: str, num_processes: int, devices_per_process: int, flags: tuple[str, ...]) -> list:
     """Starts `program` as `num_processes` processes, each leading its own process group."""
     coordinator = f"localhost:{_free_port()}"
@@ -52,7 +46,7 @@ def _start(program: str, log_prefix: str, num_processes: int, devices_per_proces
             command += [f"--coordinator_address={coordinator}", f"--process_id={process_id}"]
         log_path = f"{log_prefix}.process{process_id}.log"
         with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-            child = subprocess.Popen(command, cwd=REPO, env=_child_environment(), stdout=log,
+            child = subprocess.Popen(command, cwd=REPO, env=child_environment(None), stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         children.append((child, log_path))
     return children

@@ -17,6 +17,7 @@ from siglip_jax import checkpoint, evaluation_cli, loading, metrics, search, sto
 from siglip_jax.export import formats
 from siglip_jax.data.sources import make_source
 from tests import test_resume
+from tests.helpers import child_environment
 from tests.remote_servers import storage_servers  # noqa: F401 -- a fixture
 from tests.test_streaming import NUM_SHARDS, _jpeg, PER_SHARD, _shard_members, _take, _write_tar
 
@@ -181,8 +182,7 @@ E2E_OVERRIDES = (f"--config.total_steps={E2E_STEPS}", "--config.tensorboard=True
 def _start(workdir, shards, env, log):
     command = [sys.executable, os.path.join(REPO, "train.py"), f"--config={test_resume.RECIPE}:{shards}", f"--workdir={workdir}",
                *E2E_OVERRIDES]
-    environment = dict(os.environ, **env, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-                       PYTHONUNBUFFERED="1")
+    environment = child_environment(1, **env, PYTHONUNBUFFERED="1")
     with open(log, "ab") as stream:
         return subprocess.Popen(command, cwd=REPO, env=environment, stdout=stream, stderr=subprocess.STDOUT)
 

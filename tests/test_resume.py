@@ -17,6 +17,7 @@ import time
 import pytest
 
 from siglip_jax import checkpoint
+from tests.helpers import child_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "tests", "resume_recipe.py")  # 40 steps, checkpoints every 10
@@ -27,7 +28,7 @@ RUN_TIMEOUT_S = 600  # the first run compiles cold: 240 s ran out on the shared 
 def _start(workdir, *overrides):
     # os.environ carries the session's compilation cache (tests/conftest.py): every run after the first
     # loads the compiled step instead of compiling it again
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = child_environment()
     command = [sys.executable, os.path.join(REPO, "train.py"), f"--config={RECIPE}", f"--workdir={workdir}", *overrides]
     with open(workdir + ".log", "ab") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -12,7 +12,7 @@ import pytest
 from siglip_jax import serving
 from siglip_jax.export import stablehlo
 from siglip_jax.models import two_towers
-from tests.helpers import tiny_config
+from tests.helpers import child_environment, tiny_config
 from tests.params_helpers import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,7 @@ def test_serving_runs_without_the_model_code(exported):
         "assert not loaded, loaded\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = child_environment(None)
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from siglip_jax import workdir as workdir_lib
+from tests.helpers import child_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "tests", "resume_recipe.py")
@@ -17,7 +18,7 @@ HOLD = "import sys, time; from siglip_jax import workdir; workdir.prepare(sys.ar
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    return child_environment(PYTHONPATH=REPO)
 
 
 def _train(workdir, *overrides):

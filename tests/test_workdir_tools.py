@@ -9,7 +9,7 @@ import pytest
 
 from siglip_jax import inference, trainer
 from siglip_jax.config import eval_config, source_config
-from tests.helpers import tiny_config
+from tests.helpers import child_environment, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "tests", "resume_recipe.py")
@@ -28,7 +28,7 @@ def workdir(tmp_path_factory):
 
 
 def _run(args, timeout=240):
-    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = child_environment(PYTHONPATH=REPO)
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
