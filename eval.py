@@ -9,8 +9,10 @@ SigLIP match probabilities for given image-text pairs.
 from absl import flags
 from ml_collections import config_flags
 
-from siglip_jax import cli, evaluation_cli, metrics
 from siglip_jax import config as config_lib
+from siglip_jax.evaluation import command
+from siglip_jax.runtime import cli
+from siglip_jax.training import metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose `evals` to run (default: the checkpoint's own config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: evaluates its latest checkpoint.")
@@ -24,10 +26,10 @@ _PAIRS = flags.DEFINE_string("pairs", None, "JSONL of {\"image\": path, \"text\"
 def main(argv):
     del argv
     metrics.quiet_library_logs()
-    results = evaluation_cli.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _PAIRS.value, _WEIGHTS.value)
+    results = command.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _PAIRS.value, _WEIGHTS.value)
     print(results.pop("table"))
     if _OUTPUT.value:
-        evaluation_cli.write_output(results, _OUTPUT.value)
+        command.write_output(results, _OUTPUT.value)
         print(f"Wrote {_OUTPUT.value}")
 
 

@@ -9,9 +9,10 @@ import dataclasses
 from absl import app, flags
 from ml_collections import config_flags
 
-from siglip_jax import cli, loading, metrics
 from siglip_jax import config as config_lib
-from siglip_jax.export import formats
+from siglip_jax.io import formats, loading
+from siglip_jax.runtime import cli
+from siglip_jax.training import metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe the workdir was trained with (workdir case).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export from.")

@@ -5,7 +5,8 @@ elsewhere give every process --coordinator_address, --num_processes and its own 
 from absl import flags
 from ml_collections import config_flags
 
-from siglip_jax import cli, distributed, metrics, trainer
+from siglip_jax.runtime import cli, distributed
+from siglip_jax.training import metrics, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and logs.")

@@ -23,8 +23,8 @@ def compiled_train_step(config, mesh_shape=(1, 1, 1), batch_size=None):
     import ml_collections
     import numpy as np
 
-    from siglip_jax import sharding
-    from siglip_jax.train_step import build_training
+    from siglip_jax.runtime import sharding
+    from siglip_jax.training.train_step import build_training
 
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = sharding.create_mesh(mesh_shape, ("data", "fsdp", "tensor"), devices)

@@ -30,7 +30,7 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # as tests/conftest.py sets
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
-    from siglip_jax import trainer
+    from siglip_jax.training import trainer
     from tests.helpers import tiny_config
 
     def config():  # tests/test_checkpoint_fallback.py's run

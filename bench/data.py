@@ -22,7 +22,7 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS(["bench"])  # grain's worker processes read absl flags
 
-from siglip_jax.data import pipeline, sources  # noqa: E402
+from siglip_jax.data import pipeline, preprocess, sources  # noqa: E402
 from siglip_jax.data.tokenizers import ByteTokenizer  # noqa: E402
 
 FLICKR8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "flickr8k")
@@ -33,7 +33,7 @@ def pipeline_images_per_second(num_workers: int, num_batches: int, batch_size: i
     batches = pipeline.train_batches(
         source,
         tokenizer=ByteTokenizer(64),
-        options=pipeline.ImageOptions(224, random_crop_scale=(0.5, 1.0), random_flip=True),
+        options=preprocess.ImageOptions(224, random_crop_scale=(0.5, 1.0), random_flip=True),
         local_batch_size=batch_size,
         seed=0,
         num_workers=num_workers,
@@ -100,7 +100,7 @@ def raw_images_per_second(records: list[dict], image_size: int = 224) -> float:
 def stream_images_per_second(pattern: str, num_workers: int, num_images: int, batch_size: int = 32) -> float:
     source = sources.make_source("webdataset_stream", shards=pattern, shuffle_buffer=64, open_shards=2)
     batches = pipeline.train_batches(
-        source, tokenizer=ByteTokenizer(64), options=pipeline.ImageOptions(224, random_crop_scale=(0.5, 1.0), random_flip=True),
+        source, tokenizer=ByteTokenizer(64), options=preprocess.ImageOptions(224, random_crop_scale=(0.5, 1.0), random_flip=True),
         local_batch_size=batch_size, seed=0, num_workers=num_workers)
     return _images_per_second(batches, max(1, num_images // batch_size), batch_size)
 
@@ -115,7 +115,7 @@ def startup_seconds(directory: str, num_shards: int) -> float:
     start = time.perf_counter()
     source = sources.make_source("webdataset_stream", shards=os.path.join(directory, f"{{00000..{num_shards - 1:05d}}}.tar"),
                                  shuffle_buffer=4, open_shards=4)
-    batches = pipeline.train_batches(source, tokenizer=ByteTokenizer(16), options=pipeline.ImageOptions(64),
+    batches = pipeline.train_batches(source, tokenizer=ByteTokenizer(16), options=preprocess.ImageOptions(64),
                                      local_batch_size=4, seed=0)
     next(batches)
     return time.perf_counter() - start
@@ -157,7 +157,7 @@ def shard_benchmarks(num_images: int) -> None:
 def demo_data_wait(steps: int) -> dict:
     import importlib.util
 
-    from siglip_jax import trainer
+    from siglip_jax.training import trainer
 
     spec = importlib.util.spec_from_file_location("demo", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
     recipe = importlib.util.module_from_spec(spec)

@@ -5,9 +5,9 @@ import time
 import jax
 import numpy as np
 
-from siglip_jax import sharding
 from siglip_jax.models import two_towers
-from siglip_jax.train_step import build_training
+from siglip_jax.runtime import sharding
+from siglip_jax.training.train_step import build_training
 from tests.helpers import tiny_config
 
 

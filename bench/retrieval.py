@@ -68,7 +68,8 @@ def run_case(name: str, dtype_name: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from siglip_jax.evaluation import blockwise, retrieval
+    from siglip_jax.evaluation import retrieval
+    from siglip_jax.inference import blockwise
 
     kind, gallery_size = CASES[name]
     rng = np.random.default_rng(0)

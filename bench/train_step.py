@@ -5,7 +5,7 @@ own matmul peak, measured in the same run.
                                [--image-size 224] [--tokens 64] [--expect-cudnn]
 
 On a CPU the peak is a large float32 matmul timed here; on an accelerator it is the same measurement
-(bf16), printed beside the vendor peak from siglip_jax.metrics.PEAK_TFLOPS.
+(bf16), printed beside the vendor peak from siglip_jax.training.metrics.PEAK_TFLOPS.
 
 `--batch fill` sizes the batch to the device: one compile at a probe batch gives the compiler's
 per-example temporary bytes and the fixed state bytes, and the batch is the largest multiple of 32 that
@@ -83,9 +83,9 @@ def main() -> None:
 
     import jax
 
-    from siglip_jax import metrics
     from siglip_jax.config import default_config
     from siglip_jax.models import flops
+    from siglip_jax.training import metrics
 
     device = jax.devices()[0]
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
@@ -125,7 +125,7 @@ def main() -> None:
     if vendor:
         print(f"MFU vs vendor peak ({vendor:.0f} TFLOP/s): {100 * achieved / vendor:.1f}%")
     else:
-        print(f"MFU vs vendor peak: {device.device_kind!r} is not in siglip_jax.metrics.PEAK_TFLOPS")
+        print(f"MFU vs vendor peak: {device.device_kind!r} is not in siglip_jax.training.metrics.PEAK_TFLOPS")
     # cuDNN's kernel takes half-precision inputs on a GPU; anywhere else XLA's attention is the right answer.
     cudnn_expected = device.platform == "gpu" and dtype in ("bfloat16", "float16")
     verdict = "ok" if attention.startswith("cuDNN") or not cudnn_expected else "MISSING cuDNN"

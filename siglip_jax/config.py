@@ -3,6 +3,7 @@ that name the bad key and the valid ones. Recipes in configs/ start from `defaul
 from __future__ import annotations
 
 import difflib
+import logging
 from typing import Any
 
 import ml_collections
@@ -133,9 +134,8 @@ def default_config() -> ml_collections.ConfigDict:
             ),
             loss=dict(
                 name="sigmoid",  # "sigmoid" (SigLIP) or "softmax" (CLIP)
-                implementation="all_gather",  # "all_gather", "ring" or "chunked", see losses.py
+                implementation="all_gather",  # "all_gather", "ring" or "chunked", see losses/contrastive.py
                 chunk_size=0,  # keys scored at once: needed by "chunked", optional for "ring"
-                bidirectional=False,  # ring only: pass blocks both ways, half the hops
                 max_temperature=0.0,  # clamp exp(t) at this in the loss (open_clip's softmax: 100); 0: off
             ),
             optim=dict(
@@ -290,8 +290,22 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(item) for item in value) if isinstance(value, (list, tuple)) else value
 
 
+# Keys that configs saved by earlier versions may hold -> what the key meant, for the one line a reader gets.
+# Saved configs are read without them (a checkpoint's parameters do not depend on them); recipes that set
+# one are refused like any unknown key.
+RETIRED_KEYS = {
+    "loss.bidirectional": "the bidirectional ring (removed 2026-12-06, issue 27: 1.9x the ring's memory and no "
+                          "faster); `ring` now always sends one way and computes the same loss",
+}
+
+
 def _merge(target: ml_collections.ConfigDict, values: dict, path: str) -> None:
     for key, value in values.items():
+        if path + key in RETIRED_KEYS:
+            if value:
+                logging.getLogger(__name__).warning("The saved config sets %s=%r, %s.", path + key, value,
+                                                    RETIRED_KEYS[path + key])
+            continue
         if key in FREE_FORM_KEYS:
             target[key] = ml_collections.ConfigDict(value)
         elif key not in target:

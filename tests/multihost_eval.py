@@ -13,7 +13,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from siglip_jax import distributed  # noqa: E402
+from siglip_jax.runtime import distributed  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Its checkpoint step.")
@@ -43,11 +43,12 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value)
     import jax
 
-    from siglip_jax import loading, sharding
     from siglip_jax.data.from_config import build_source, build_tokenizer
-    from siglip_jax.embedder import Embedder
     from siglip_jax.evaluation import runner
+    from siglip_jax.inference.embedder import Embedder
+    from siglip_jax.io import loading
     from siglip_jax.models import two_towers
+    from siglip_jax.runtime import sharding
     from tests import multihost_recipe
 
     config = multihost_recipe.get_config()

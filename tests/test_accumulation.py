@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from siglip_jax import optim, sharding
-from siglip_jax.train_step import build_training, loss_and_grads
+from siglip_jax.runtime import sharding
+from siglip_jax.training import optim
+from siglip_jax.training.train_step import build_training, loss_and_grads
 from tests.helpers import tiny_config
 
 MESH_SHAPE = (4, 1, 1)  # 16 examples: 4 per device, split into 2 or 4 microbatches

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from siglip_jax import checkpoint_params, evaluation_cli, search
 from siglip_jax.data import images as images_lib
-from siglip_jax.export import formats
-from siglip_jax.export import params as params_lib
+from siglip_jax.evaluation import command
+from siglip_jax.inference import search
+from siglip_jax.io import checkpoint_params, formats, params as params_lib
 from tests.helpers import tiny_config
 from tests.params_helpers import random_params
 
@@ -121,13 +121,13 @@ def test_bad_pair_lines_are_skipped_named_and_the_rest_scored(tmp_path, exported
         json.dumps({"image": str(good), "text": "nothing"}),
     ]))
     with caplog.at_level(logging.WARNING):
-        results = evaluation_cli.run(None, None, str(model), str(pairs))
+        results = command.run(None, None, str(model), str(pairs))
     assert [pair["text"] for pair in results["pairs"]] == ["a grey square", "nothing"]
     assert [entry.split(": ")[0] for entry in results["skipped_pairs"]] == [
         f"{pairs} line 2", f"{pairs} line 3", f"{pairs}"]
     assert "broken.png" in results["skipped_pairs"][2] and "skipped 3" in results["table"]
     assert f"Skipped 3 of 5 pairs in {pairs}" in caplog.text
-    from siglip_jax import inference
+    from siglip_jax.inference import predictor
 
-    expected = inference.load(str(model)).score_pairs([str(good)] * 2, ["a grey square", "nothing"])
+    expected = predictor.load(str(model)).score_pairs([str(good)] * 2, ["a grey square", "nothing"])
     np.testing.assert_allclose([pair["probability"] for pair in results["pairs"]], expected, rtol=1e-5)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siglip_jax.data import images, pipeline
+from siglip_jax.data import images, pipeline, preprocess
 from siglip_jax.data.demo import DemoSource
 from siglip_jax.data.tokenizers import ByteTokenizer
 
@@ -60,7 +60,7 @@ class _WithABomb:
 
 def test_pipeline_counts_the_huge_image_as_unusable(bomb_png):
     source = _WithABomb(bomb_png)
-    examples = pipeline.TrainExamples(source, len(source), ByteTokenizer(12), pipeline.ImageOptions(image_size=16), seed=0)
+    examples = pipeline.TrainExamples(source, len(source), ByteTokenizer(12), preprocess.ImageOptions(image_size=16), seed=0)
     start = time.perf_counter()
     example = examples(2, source[2])
     assert time.perf_counter() - start < 1.5

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from siglip_jax import metrics
+from siglip_jax.training import metrics
 
 
 def _strict(line: str) -> dict:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from siglip_jax.export import big_vision
+from siglip_jax.io import big_vision
 from tests.helpers import child_environment, tiny_config
 from tests.params_helpers import random_params
 
@@ -73,7 +73,7 @@ def test_cli_converts_npz_to_params_file(tmp_path):
     import subprocess
     import sys
 
-    from siglip_jax.export import params as params_lib
+    from siglip_jax.io import params as params_lib
 
     config = tiny_config(2)
     params = random_params(config)

@@ -8,11 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax import checkpoint, checkpoint_params, optim, sharding
-from siglip_jax.data import pipeline
+from siglip_jax.data import pipeline, preprocess
 from siglip_jax.data.from_config import build_source, build_tokenizer
+from siglip_jax.io import checkpoint, checkpoint_params
 from siglip_jax.models import two_towers
-from siglip_jax.train_step import create_train_state
+from siglip_jax.runtime import sharding
+from siglip_jax.training import optim
+from siglip_jax.training.train_step import create_train_state
 from tests.helpers import tiny_config
 
 AXES = ("data", "fsdp", "tensor")
@@ -47,7 +49,7 @@ def _restore_target(config, mesh_shape, devices):
 def _batches(config):
     return pipeline.train_batches(
         build_source(config.data.train), tokenizer=build_tokenizer(config),
-        options=pipeline.ImageOptions(config.model.image.image_size), local_batch_size=config.data.batch_size, seed=0,
+        options=preprocess.ImageOptions(config.model.image.image_size), local_batch_size=config.data.batch_size, seed=0,
     )
 
 
@@ -139,7 +141,7 @@ def test_unreadable_latest_falls_back_to_the_previous_and_says_so(saved, tmp_pat
     shutil.copytree(os.path.join(root, "7"), os.path.join(root, "12.orbax-checkpoint-tmp-1234"))
     assert checkpoint.latest_step(copy) == 9
     target, target_shardings = _restore_target(config, (8, 1, 1), jax.devices())
-    with caplog.at_level(logging.WARNING, logger="siglip_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="siglip_jax.io.checkpoint"):
         with checkpoint.Checkpointer(copy) as checkpointer:
             state, step = checkpointer.restore(target, _batches(config), config)
     assert step == 7

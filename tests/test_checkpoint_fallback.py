@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from siglip_jax import checkpoint, trainer
+from siglip_jax.io import checkpoint
+from siglip_jax.training import trainer
 from tests.helpers import tiny_config
 
 TOTAL_STEPS = 8

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax.evaluation import classification, scores
+from siglip_jax.evaluation import classification
+from siglip_jax.inference import scores
 
 
 # --- templates ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from siglip_jax.export import params as params_lib
+from siglip_jax.io import params as params_lib
 from tests.helpers import child_environment, tiny_config
 from tests.params_helpers import random_params
 
@@ -61,9 +61,9 @@ def test_each_cli_says_what_is_wrong_in_one_line(paths):
         "eval of a missing workdir": (["eval.py", f"--workdir={missing}"], f"Cannot load a model from {str(missing)!r}"),
         "export of a missing workdir": (["export.py", f"--workdir={missing}", "--format=params", f"--output={root / 'o'}"],
                                         missing),
-        "search of an empty folder": (["-m", "siglip_jax.search", "index", str(root / "no_images"), f"--model={model}",
+        "search of an empty folder": (["-m", "siglip_jax.inference.search", "index", str(root / "no_images"), f"--model={model}",
                                        f"--output={root / 'index.npz'}"], "No readable images"),
-        "search with a non-index file": (["-m", "siglip_jax.search", "query", str(root / "not_an_index.npz"), "dog"], ""),
+        "search with a non-index file": (["-m", "siglip_jax.inference.search", "query", str(root / "not_an_index.npz"), "dog"], ""),
         "convert of a missing folder": (["tools/convert.py", "--source=flickr8k", f"--path={missing}",
                                          f"--output_dir={root / 'shards'}"], missing),
         "tokenizer of a missing folder": (["tools/train_tokenizer.py", "--source=flickr8k", f"--path={missing}",

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from siglip_jax import metrics, trainer
 from siglip_jax.data.from_config import build_source
+from siglip_jax.training import metrics, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO_MINI = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "coco_mini"))

@@ -58,10 +58,10 @@ def test_bad_choice_lists_valid_values():
 
 
 def test_config_choices_are_the_loss_modules():
-    from siglip_jax import losses  # the config module stays free of JAX imports
+    from siglip_jax.losses import contrastive  # the config module stays free of JAX imports
 
-    assert config_lib.LOSS_NAMES == losses.LOSS_NAMES
-    assert config_lib.LOSS_IMPLEMENTATIONS == losses.LOSS_IMPLEMENTATIONS
+    assert config_lib.LOSS_NAMES == contrastive.LOSS_NAMES
+    assert config_lib.LOSS_IMPLEMENTATIONS == contrastive.LOSS_IMPLEMENTATIONS
 
 
 def test_eval_entries_are_checked():
@@ -125,6 +125,21 @@ def test_configs_saved_before_the_decay_convention_keep_optax_semantics():
     assert config_lib.from_json(json.dumps(saved)).optim.weight_decay_convention == "big_vision"
     del saved["optim"]["weight_decay_convention"]
     assert config_lib.from_json(json.dumps(saved)).optim.weight_decay_convention == "optax"
+
+
+@pytest.mark.parametrize("value, warned", [(False, False), (True, True)])
+def test_a_retired_key_in_a_saved_config_is_dropped_and_named_when_it_was_set(value, warned, caplog):
+    import json
+
+    saved = json.loads(config_lib.default_config().to_json())
+    saved["loss"]["bidirectional"] = value  # written before issue 27 removed the bidirectional ring
+    with caplog.at_level("WARNING"):
+        config = config_lib.from_json(json.dumps(saved))
+    assert "bidirectional" not in config.loss
+    assert ("loss.bidirectional=True" in caplog.text and "one way" in caplog.text) == warned
+    saved["loss"]["no_such_key"] = 1
+    with pytest.raises(ValueError, match="Unknown config key 'loss.no_such_key'"):
+        config_lib.from_json(json.dumps(saved))
 
 
 def test_flickr8k_recipe_pointed_at_a_missing_folder_names_the_path_and_the_flag(tmp_path):

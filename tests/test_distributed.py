@@ -3,7 +3,7 @@ SIGLIP_* variables, then a launcher's environment. Pure decisions on a given env
 multi-process start is tests/test_multihost.py."""
 import pytest
 
-from siglip_jax import distributed
+from siglip_jax.runtime import distributed
 
 SLURM_TWO_TASKS = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
                    "SLURM_STEP_NODELIST": "node[1-2]"}

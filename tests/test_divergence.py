@@ -10,12 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax import hooks, safeguards, sharding, trainer
-from siglip_jax.data import from_config
 from siglip_jax.config import eval_config, source_config
+from siglip_jax.data import from_config
 from siglip_jax.evaluation import runner
 from siglip_jax.models import two_towers
-from siglip_jax.train_step import build_training
+from siglip_jax.runtime import sharding
+from siglip_jax.training import hooks, safeguards, trainer
+from siglip_jax.training.train_step import build_training
 from tests.helpers import tiny_config
 
 

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from siglip_jax import checkpoint, loading, optim, sharding
-from siglip_jax.data import pipeline
+from siglip_jax.data import pipeline, preprocess
 from siglip_jax.data.from_config import build_source, build_tokenizer
-from siglip_jax.export import params as params_lib
-from siglip_jax.train_step import EmaTrainState, TrainState, build_training
+from siglip_jax.io import checkpoint, loading, params as params_lib
+from siglip_jax.runtime import sharding
+from siglip_jax.training import optim
+from siglip_jax.training.train_step import EmaTrainState, TrainState, build_training
 from tests.helpers import tiny_config
 from tests.params_helpers import random_params
 
@@ -83,7 +84,7 @@ def test_ema_is_sharded_like_the_parameters_and_absent_when_off():
 def _save(workdir, config, state):
     batches = pipeline.train_batches(
         build_source(config.data.train), tokenizer=build_tokenizer(config),
-        options=pipeline.ImageOptions(config.model.image.image_size), local_batch_size=config.data.batch_size, seed=0)
+        options=preprocess.ImageOptions(config.model.image.image_size), local_batch_size=config.data.batch_size, seed=0)
     with checkpoint.Checkpointer(workdir) as checkpointer:
         checkpointer.save(int(state.step), state, batches, config)
 

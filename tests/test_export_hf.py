@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch", reason="HF export tests need PyTorch (CPU):
 transformers = pytest.importorskip(
     "transformers", reason="HF export tests need transformers: pip install -r requirements-test.txt")
 
-from siglip_jax.export import hf, hf_state_dict, safetensors_file  # noqa: E402
+from siglip_jax.io import hf, hf_state_dict
+from siglip_jax.io import safetensors_file  # noqa: E402
 from siglip_jax.models import two_towers  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 from tests.params_helpers import random_params  # noqa: E402

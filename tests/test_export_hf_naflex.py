@@ -12,9 +12,10 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch", reason="HF export tests need PyTorch (CPU): pip install -r requirements-test.txt")
 transformers = pytest.importorskip("transformers", reason="HF export tests need transformers")
 
-from siglip_jax import loading  # noqa: E402
+from siglip_jax.io import loading  # noqa: E402
 from siglip_jax.data import naflex  # noqa: E402
-from siglip_jax.export import formats, hf, safetensors_file  # noqa: E402
+from siglip_jax.io import formats, hf
+from siglip_jax.io import safetensors_file  # noqa: E402
 from siglip_jax.models import two_towers  # noqa: E402
 
 TOLERANCE = 1e-4

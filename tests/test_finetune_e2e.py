@@ -11,9 +11,11 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch", reason="needs PyTorch (CPU): pip install -r requirements-test.txt")
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -r requirements-test.txt")
 
-from siglip_jax import loading, trainer  # noqa: E402
+from siglip_jax.io import loading
+from siglip_jax.training import trainer  # noqa: E402
 from siglip_jax.config import source_config  # noqa: E402
-from siglip_jax.export import big_vision, hf  # noqa: E402
+from siglip_jax.io import big_vision
+from siglip_jax.io import hf  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 from tests.test_export_hf import hf_embeddings, our_embeddings  # noqa: E402
 

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax import inference
 from siglip_jax.data import images as images_lib
 from siglip_jax.data.tokenizers import make_tokenizer
-from siglip_jax.export import big_vision, params as params_lib
+from siglip_jax.inference import predictor
+from siglip_jax.io import big_vision, params as params_lib
 from siglip_jax.models import two_towers
 from tests.helpers import tiny_config
 from tests.params_helpers import random_params
@@ -25,7 +25,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def embedder(tiny):
     config, params = tiny
-    return inference.Embedder(config, params, make_tokenizer("byte", max_len=12), batch_size=4)
+    return predictor.Predictor(config, params, make_tokenizer("byte", max_len=12), batch_size=4)
 
 
 def _reference(config, params, pixels=None, token_ids=None):
@@ -76,7 +76,7 @@ def test_embeddings_match_the_model(tmp_path, tiny, embedder):
 
 def test_each_bucket_compiles_once(tiny):
     config, params = tiny
-    embedder = inference.Embedder(config, params, make_tokenizer("byte", max_len=12), batch_size=4)
+    embedder = predictor.Predictor(config, params, make_tokenizer("byte", max_len=12), batch_size=4)
     for count in (3, 4, 1, 2, 3, 7, 9):
         assert embedder.embed_texts(["t"] * count).shape == (count, 32)
     # 7 = 4 + 3 -> buckets 4, 4; 9 = 4 + 4 + 1. Every request reused one of these four executables.
@@ -107,7 +107,7 @@ def test_load_every_source(tmp_path, tiny):
     params_lib.save_params_file(params_path, sp_config, sp_params)
     os.remove(spm_path)  # the params file carries the tokenizer itself
 
-    loaded = inference.load(params_path)
+    loaded = predictor.load(params_path)
     assert loaded.tokenizer.vocab_size == 28
     token_ids = loaded.tokenizer(["a dog"])
     np.testing.assert_allclose(loaded.embed_texts(["a dog"]), _reference(sp_config, sp_params, token_ids=token_ids),
@@ -115,14 +115,14 @@ def test_load_every_source(tmp_path, tiny):
 
     npz_path = str(tmp_path / "model.npz")
     big_vision.save_npz(npz_path, params)
-    from_npz = inference.load(npz_path)
+    from_npz = predictor.load(npz_path)
     ids = np.ones((1, 12), np.int32)
     np.testing.assert_allclose(from_npz.embed_token_ids(ids), _reference(config, params, token_ids=ids), atol=1e-6)
 
     with pytest.raises(Exception, match="checkpoint"):  # a directory with no checkpoint in it
-        inference.load(str(tmp_path))
+        predictor.load(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="Cannot load a model"):
-        inference.load(str(tmp_path / "missing"))
+        predictor.load(str(tmp_path / "missing"))
 
 
 def test_eval_pairs_of_a_softmax_model_are_its_softmax_with_its_own_tokenizer(tmp_path, tiny, caplog):
@@ -132,7 +132,7 @@ def test_eval_pairs_of_a_softmax_model_are_its_softmax_with_its_own_tokenizer(tm
     import json
     import logging
 
-    from siglip_jax import evaluation_cli
+    from siglip_jax.evaluation import command
 
     _, params = tiny
     config = tiny_config(**{"loss.name": "softmax"})
@@ -148,7 +148,7 @@ def test_eval_pairs_of_a_softmax_model_are_its_softmax_with_its_own_tokenizer(tm
             stream.write(json.dumps({"image": str(path), "text": text}) + "\n")
     recipe = tiny_config(**{"loss.name": "sigmoid", "data.lowercase": True})
     with caplog.at_level(logging.WARNING):
-        results = evaluation_cli.run(recipe, None, model_path, str(tmp_path / "pairs.jsonl"))
+        results = command.run(recipe, None, model_path, str(tmp_path / "pairs.jsonl"))
     assert "loss.name='sigmoid', but the loaded model was trained with loss.name='softmax'" in caplog.text
     assert "data.lowercase=True, but the loaded model was trained with data.lowercase=False" in caplog.text
     assert results["probability"].startswith("softmax over the texts") and "softmax over the texts" in results["table"]

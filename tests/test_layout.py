@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from siglip_jax.export import hf_state_dict
+from siglip_jax.io import hf_state_dict
 from siglip_jax.models import layout, two_towers
 from tests.helpers import tiny_config
 

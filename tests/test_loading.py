@@ -3,12 +3,12 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax import loading, sharding
 from siglip_jax.config import DEFAULT_AXIS_RULES
-from siglip_jax.embedder import Embedder, bucket_size
-from siglip_jax.evaluation import scores
-from siglip_jax.export import params as params_lib
+from siglip_jax.inference import scores
+from siglip_jax.inference.embedder import Embedder, bucket_size
+from siglip_jax.io import loading, params as params_lib
 from siglip_jax.models import two_towers
+from siglip_jax.runtime import sharding
 from tests.helpers import tiny_config
 from tests.params_helpers import random_params
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from siglip_jax import losses
+from siglip_jax.losses import contrastive
 
 PER_DEVICE_BATCH, WIDTH, CHUNK = 4, 16, 2
 LOG_TEMPERATURE = {"sigmoid": np.log(10.0), "softmax": np.log(1 / 0.07)}  # the papers' inits
@@ -55,7 +55,7 @@ def assert_close(actual, expected, rtol=1e-5):
 def test_numpy_reference_gradients_match_finite_differences():
     rng = np.random.default_rng(0)
     x, y = unit_rows(rng, 3).astype(np.float64), unit_rows(rng, 3).astype(np.float64)
-    for name in losses.LOSS_NAMES:
+    for name in contrastive.LOSS_NAMES:
         t, b = 0.7, -1.5
         _, grads = numpy_loss_and_grads(name, x, y, t, b)
         eps = 1e-6
@@ -75,8 +75,8 @@ def test_hand_computed_two_by_two():
     #   = log 2 = 0.6931472; (2 * 0.3132617 + 2 * 0.6931472) / 2 = 1.0064089.
     # softmax: each row and column: logsumexp(1, 0) - 1 = log(e + 1) - 1 = 0.3132617; mean of both.
     eye = jnp.eye(2)
-    assert np.isclose(losses.sigmoid_loss(eye, eye, 0.0, 0.0), 1.0064089, atol=1e-6)
-    assert np.isclose(losses.softmax_loss(eye, eye, 0.0), 0.3132617, atol=1e-6)
+    assert np.isclose(contrastive.sigmoid_loss(eye, eye, 0.0, 0.0), 1.0064089, atol=1e-6)
+    assert np.isclose(contrastive.softmax_loss(eye, eye, 0.0), 0.3132617, atol=1e-6)
 
 
 def test_temperature_clamp_hand_computed():
@@ -84,28 +84,28 @@ def test_temperature_clamp_hand_computed():
     # softmax: log(e^2 + 1) - 2 = log(1 + e^-2) = 0.1269280; sigmoid: (2 * 0.1269280 + 2 log 2) / 2 = 0.8200752.
     eye = jnp.eye(2)
     t = jnp.log(5.0)
-    softmax = losses.contrastive_loss(eye, eye, t, 0.0, name="softmax", max_temperature=2.0)
-    sigmoid = losses.contrastive_loss(eye, eye, t, 0.0, name="sigmoid", max_temperature=2.0)
+    softmax = contrastive.contrastive_loss(eye, eye, t, 0.0, name="softmax", max_temperature=2.0)
+    sigmoid = contrastive.contrastive_loss(eye, eye, t, 0.0, name="sigmoid", max_temperature=2.0)
     assert np.isclose(softmax, 0.1269280, atol=1e-6) and np.isclose(sigmoid, 0.8200752, atol=1e-6)
     # Below the clamp nothing changes: t = log 1.5 -> log(1 + e^-1.5) = 0.2014133.
-    unclamped = losses.contrastive_loss(eye, eye, jnp.log(1.5), 0.0, name="softmax", max_temperature=2.0)
+    unclamped = contrastive.contrastive_loss(eye, eye, jnp.log(1.5), 0.0, name="softmax", max_temperature=2.0)
     assert np.isclose(unclamped, 0.2014133, atol=1e-6)
     # While clamped, t gets no gradient (open_clip clamps the parameter itself).
-    grad_t = jax.grad(lambda t: losses.contrastive_loss(eye, eye, t, 0.0, name="softmax", max_temperature=2.0))(t)
+    grad_t = jax.grad(lambda t: contrastive.contrastive_loss(eye, eye, t, 0.0, name="softmax", max_temperature=2.0))(t)
     assert float(grad_t) == 0.0
     with pytest.raises(ValueError, match="max_temperature must be > 0"):
-        losses.clamp_log_temperature(t, -1.0)
+        contrastive.clamp_log_temperature(t, -1.0)
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", contrastive.LOSS_NAMES)
 def test_plain_references_match_numpy(name):
     rng = np.random.default_rng(1)
     x, y = unit_rows(rng, 8), unit_rows(rng, 8)
     t, b = LOG_TEMPERATURE[name], BIAS
     if name == "sigmoid":
-        fn = losses.sigmoid_loss
+        fn = contrastive.sigmoid_loss
     else:
-        fn = lambda x, y, t, b: losses.softmax_loss(x, y, t)  # noqa: E731
+        fn = lambda x, y, t, b: contrastive.softmax_loss(x, y, t)  # noqa: E731
     loss, grads = jax.value_and_grad(fn, argnums=(0, 1, 2, 3))(x, y, t, b)
     expected_loss, expected_grads = numpy_loss_and_grads(name, x, y, t, b)
     assert_close(loss, expected_loss)
@@ -121,9 +121,6 @@ VARIANTS = {
     "chunked_one_key_per_shard": dict(implementation="chunked", keys_per_shard=1),
     "ring": dict(implementation="ring"),
     "ring_chunked": dict(implementation="ring", chunk_size=CHUNK),
-    "ring_bidirectional": dict(implementation="ring", bidirectional=True),
-    "ring_bidirectional_chunked": dict(implementation="ring", bidirectional=True,
-                                       chunk_size=CHUNK),
 }
 MESHES = {  # label -> (axis sizes, axis names); the batch is sharded over data and fsdp
     "1": ((1, 1), ("data", "fsdp")),
@@ -159,12 +156,12 @@ def all_variants_on(mesh_label):
 
     def everything(x, y, log_temperatures, b):
         results = {}
-        for name in losses.LOSS_NAMES:
+        for name in contrastive.LOSS_NAMES:
             for variant, options in VARIANTS.items():
                 options = dict(options)
                 if "keys_per_shard" in options:
                     options["chunk_size"] = options.pop("keys_per_shard") * num_shards
-                loss_fn = functools.partial(losses.contrastive_loss, name=name, mesh=mesh,
+                loss_fn = functools.partial(contrastive.contrastive_loss, name=name, mesh=mesh,
                                             **options)
                 results[name, variant] = jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3))(
                     x, y, log_temperatures[name], b)
@@ -179,7 +176,7 @@ def all_variants_on(mesh_label):
 
 @pytest.mark.parametrize("mesh_label", MESHES)
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", contrastive.LOSS_NAMES)
 def test_sharded_equals_global_reference(name, variant, mesh_label):
     x, y, results = all_variants_on(mesh_label)
     loss, grads = results[name, variant]
@@ -191,7 +188,7 @@ def test_sharded_equals_global_reference(name, variant, mesh_label):
         assert_close(actual, expected), grad_name
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", contrastive.LOSS_NAMES)
 def test_no_mesh_honours_chunking_and_computes_in_float32(name):
     rng = np.random.default_rng(2)
     x, y = unit_rows(rng, 8), unit_rows(rng, 8)
@@ -199,13 +196,13 @@ def test_no_mesh_honours_chunking_and_computes_in_float32(name):
     expected_loss, _ = numpy_loss_and_grads(name, x, y, t, b)
     for implementation, chunk_size in (("all_gather", 0), ("chunked", 2), ("chunked", 8),
                                        ("ring", 4)):
-        loss_fn = jax.jit(functools.partial(losses.contrastive_loss, name=name,
+        loss_fn = jax.jit(functools.partial(contrastive.contrastive_loss, name=name,
                                             implementation=implementation,
                                             chunk_size=chunk_size))
         assert_close(loss_fn(x, y, t, b), expected_loss)
-    half = losses.contrastive_loss(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), t, b, name=name)
+    half = contrastive.contrastive_loss(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), t, b, name=name)
     assert half.dtype == jnp.float32
-    grads = jax.grad(lambda x: losses.contrastive_loss(x, y, t, b, name=name))(
+    grads = jax.grad(lambda x: contrastive.contrastive_loss(x, y, t, b, name=name))(
         x.astype(jnp.bfloat16))
     assert grads.dtype == jnp.bfloat16
 
@@ -215,7 +212,7 @@ def test_absent_batch_axes_are_ignored():
     rng = np.random.default_rng(3)
     x, y = unit_rows(rng, 16), unit_rows(rng, 16)
     expected_loss, _ = numpy_loss_and_grads("sigmoid", x, y, 2.0, -3.0)
-    loss = jax.jit(lambda x, y: losses.contrastive_loss(
+    loss = jax.jit(lambda x, y: contrastive.contrastive_loss(
         x, y, 2.0, -3.0, mesh=mesh, implementation="ring", batch_axes=("replica", "data")))(x, y)
     assert_close(loss, expected_loss)
 
@@ -228,7 +225,7 @@ def _temp_bytes(name, options, num_devices, per_device=256, width=128):
     embeddings = jax.ShapeDtypeStruct((num_devices * per_device, width), jnp.float32,
                                       sharding=NamedSharding(mesh, PartitionSpec("data")))
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
-    loss_fn = functools.partial(losses.contrastive_loss, name=name, mesh=mesh, **options)
+    loss_fn = functools.partial(contrastive.contrastive_loss, name=name, mesh=mesh, **options)
     compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3))).lower(
         embeddings, embeddings, scalar, scalar).compile()
     return compiled.memory_analysis().temp_size_in_bytes
@@ -248,7 +245,7 @@ def test_ring_and_chunked_memory_does_not_grow_with_devices(name, options):
     assert _temp_bytes(name, options, 8) <= 1.1 * _temp_bytes(name, options, 2)
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", contrastive.LOSS_NAMES)
 def test_all_gather_memory_grows_with_devices(name):
     """The measure above is live: the gathered keys and logits grow 4x from 2 to 8 devices."""
     assert _temp_bytes(name, {}, 8) >= 3 * _temp_bytes(name, {}, 2)
@@ -267,18 +264,16 @@ def test_all_gather_memory_grows_with_devices(name):
     (dict(implementation="chunked"), "chunk_size must be 2 x a divisor of the per-device batch "
                                      "4; got 0. Use e.g. [2, 4, 8]"),
     (dict(implementation="chunked", chunk_size=3), "got 3. Use e.g. [2, 4, 8]"),
-    (dict(implementation="chunked", chunk_size=4, bidirectional=True),
-     "bidirectional=True applies to implementation='ring' only"),
 ])
 def test_bad_arguments_name_the_valid_values(kwargs, message):
     x = jnp.zeros((8, WIDTH))
     pattern = ".*".join(re.escape(part) for part in message.split(".*"))  # ".*": any text
     with pytest.raises(ValueError, match=pattern):
-        losses.contrastive_loss(x, x, 0.0, 0.0, mesh=make_mesh("2"), **kwargs)
+        contrastive.contrastive_loss(x, x, 0.0, 0.0, mesh=make_mesh("2"), **kwargs)
 
 
 def test_batch_not_divisible_by_shards_says_by_how_much():
     x = jnp.zeros((10, WIDTH))
     with pytest.raises(ValueError, match="Global batch 10 is not divisible by the 4 shards.*"
                                          "2 over a multiple.*8 or 12"):
-        losses.contrastive_loss(x, x, 0.0, 0.0, mesh=make_mesh("4"))
+        contrastive.contrastive_loss(x, x, 0.0, 0.0, mesh=make_mesh("4"))

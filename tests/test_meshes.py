@@ -2,9 +2,10 @@
 tensor meshes is tests/test_train_step.py's, beside the sharded step it reuses.)"""
 import jax
 
-from siglip_jax import optim, sharding
 from siglip_jax.models import two_towers
-from siglip_jax.train_step import create_train_state
+from siglip_jax.runtime import sharding
+from siglip_jax.training import optim
+from siglip_jax.training.train_step import create_train_state
 from tests.helpers import tiny_config
 
 

@@ -196,3 +196,11 @@ def test_unknown_attention_implementation_lists_the_valid_ones():
     config.attention = "flash"
     with pytest.raises(ValueError, match="model.attention 'flash'.*auto, xla, cudnn"):
         two_towers.build_model(config)
+
+
+def test_l2_normalize_keeps_a_zero_row_finite_and_others_exact():
+    rows = np.array([[3.0, 4.0], [0.0, 0.0], [1e-30, 0.0]], np.float32)
+    normalized = np.asarray(two_towers.l2_normalize(rows))
+    np.testing.assert_array_equal(normalized[0], np.array([0.6, 0.8], np.float32))  # 3-4-5, exact in float32
+    np.testing.assert_array_equal(normalized[1], [0.0, 0.0])  # was NaN without the floor
+    assert np.all(np.isfinite(normalized)) and normalized[2, 0] < 1e-17

@@ -86,9 +86,10 @@ def _metrics_by_step(workdir: str) -> dict[int, dict]:
 def _reference_eval(workdir: str, step: int) -> dict[str, float]:
     """The evals of the recipe on `workdir`'s checkpoint `step`, here: one process of 8 devices, through
     eval.py's path (runner.evaluate_params)."""
-    from siglip_jax import loading, sharding
     from siglip_jax.data.from_config import build_source, build_tokenizer
     from siglip_jax.evaluation import runner
+    from siglip_jax.io import loading
+    from siglip_jax.runtime import sharding
     from tests import multihost_recipe
 
     config = multihost_recipe.get_config()

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siglip_jax import inference, loading, search, serving, trainer
 from siglip_jax.config import eval_config, source_config
 from siglip_jax.data import naflex
-from siglip_jax.export import stablehlo
+from siglip_jax.inference import predictor, search, serving
+from siglip_jax.io import loading, stablehlo
 from siglip_jax.models import two_towers
+from siglip_jax.training import trainer
 from tests.helpers import tiny_config
 
 BUDGET = 20  # a 16 px demo picture is a 4 x 4 grid of 4 px patches: 4 positions of padding
@@ -55,7 +56,7 @@ def test_loaded_naflex_model_embeds_any_aspect_ratio_in_every_consumer(trained, 
     params = jax.device_get(exported.params)
     reference = np.asarray(model.apply({"params": params}, packed, method=model.embed_images))
 
-    embedder = inference.Embedder.from_exported(exported, batch_size=4)  # one bucket of 4: one compile
+    embedder = predictor.Predictor.from_exported(exported, batch_size=4)  # one bucket of 4: one compile
     np.testing.assert_allclose(embedder.embed_images(pictures), reference, atol=1e-5)  # decoded arrays
     np.testing.assert_allclose(embedder.embed_images(packed), reference, atol=1e-5)  # already packed
 

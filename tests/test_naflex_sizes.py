@@ -9,8 +9,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from siglip_jax import config as config_lib  # noqa: E402
-from siglip_jax import sharding  # noqa: E402
-from siglip_jax.export import hf_state_dict  # noqa: E402
+from siglip_jax.runtime import sharding  # noqa: E402
+from siglip_jax.io import hf_state_dict  # noqa: E402
 from siglip_jax.models import two_towers  # noqa: E402
 
 GEMMA_VOCAB = 256_000

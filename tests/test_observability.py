@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from siglip_jax import metrics, sharding
 from siglip_jax.config import default_config
 from siglip_jax.models import flops
-from siglip_jax.train_step import build_training
+from siglip_jax.runtime import sharding
+from siglip_jax.training import metrics
+from siglip_jax.training.train_step import build_training
 from tests.helpers import tiny_config
 
 

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from siglip_jax import optim
 from siglip_jax.config import default_config
+from siglip_jax.training import optim
 
 
 def _optim_config(**overrides):

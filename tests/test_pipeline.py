@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from siglip_jax.data import pipeline
-from siglip_jax.data.demo import COLOURS, POSITIONS, SHAPES, DemoSource
+from siglip_jax.data import pipeline, preprocess
+from siglip_jax.data.demo import COLOURS, DemoSource, POSITIONS, SHAPES
 from siglip_jax.data.tokenizers import ByteTokenizer
 
-OPTIONS = pipeline.ImageOptions(image_size=16)
+OPTIONS = preprocess.ImageOptions(image_size=16)
 
 
 def test_demo_records_are_deterministic_and_splits_differ():
@@ -73,7 +73,7 @@ def test_processes_together_see_the_single_process_examples_with_the_same_augmen
     # A 2-process run must train on what a 1-process run trains on (tests/test_multihost.py compares
     # their losses), so captions and crops may depend on a record's global position only.
     source = DemoSource("train", 32, 16)
-    augmented = pipeline.ImageOptions(image_size=16, random_crop_scale=(0.3, 1.0), random_flip=True)
+    augmented = preprocess.ImageOptions(image_size=16, random_crop_scale=(0.3, 1.0), random_flip=True)
 
     def first_batch(batch_size, **kwargs):
         iterator = pipeline.train_batches(

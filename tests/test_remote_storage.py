@@ -13,9 +13,12 @@ import fsspec
 import numpy as np
 import pytest
 
-from siglip_jax import checkpoint, evaluation_cli, loading, metrics, search, storage
-from siglip_jax.export import formats
 from siglip_jax.data.sources import make_source
+from siglip_jax.evaluation import command
+from siglip_jax.inference import search
+from siglip_jax.io import checkpoint, formats, loading
+from siglip_jax.runtime import storage
+from siglip_jax.training import metrics
 from tests import test_resume
 from tests.helpers import child_environment
 from tests.remote_servers import storage_servers  # noqa: F401 -- a fixture
@@ -141,7 +144,7 @@ def test_s3_workdir_is_refused_at_start_up_with_the_fix():
         storage.check_checkpoint_location("s3://bucket/run")
     storage.check_checkpoint_location("gs://bucket/run")
     storage.check_checkpoint_location("relative/run")
-    from siglip_jax import trainer
+    from siglip_jax.training import trainer
     from tests.helpers import tiny_config
 
     with pytest.raises(ValueError, match="checkpoints cannot be written to s3://"):  # before anything is built
@@ -225,13 +228,13 @@ def test_train_kill_rerun_eval_export_in_a_bucket(storage_servers, tmp_path):  #
     pairs.write_text(json.dumps({"image": str(image), "text": "photo 5 of set 0"}) + "\n")
     # eval.py's and export.py's engines, in this process (the storage servers' environment is set here
     # too): the CLIs' own flag handling is tested in tests/test_workdir_tools.py and tests/test_cli.py.
-    evaluation_cli.write_output(evaluation_cli.run(None, workdir, None, str(pairs)), f"{workdir}/eval.json")
+    command.write_output(command.run(None, workdir, None, str(pairs)), f"{workdir}/eval.json")
     [scored] = json.loads((storage.path(workdir) / "eval.json").read_text())["pairs"]
     assert scored["text"] == "photo 5 of set 0" and 0 <= scored["probability"] <= 1
     formats.export_model(loading.load_model(workdir), "params", f"{workdir}/export/model.msgpack")
     assert (storage.path(workdir) / "export" / "model.msgpack").stat().length > 0
     # The export read back from the bucket is the same model: the same pair probability as the workdir's.
-    [from_export] = evaluation_cli.run(None, None, f"{workdir}/export/model.msgpack", str(pairs))["pairs"]
+    [from_export] = command.run(None, None, f"{workdir}/export/model.msgpack", str(pairs))["pairs"]
     assert from_export["probability"] == pytest.approx(scored["probability"], abs=1e-6)
     # Both runs' TensorBoard events reach the bucket (tensorboardX writes locally; storage.LocalMirror copies).
     events = [name.name for name in (storage.path(workdir) / "tensorboard").iterdir() if name.name.startswith("events.out.tfevents")]

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from siglip_jax import checkpoint
+from siglip_jax.io import checkpoint
 from tests.helpers import child_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,8 @@ text_embeddings = scores.T for any scores [num_images, num_captions] we want.
 import numpy as np
 import pytest
 
-from siglip_jax.evaluation import blockwise, retrieval
+from siglip_jax.evaluation import retrieval
+from siglip_jax.inference import blockwise
 
 
 def embeddings_for_scores(scores):

@@ -5,12 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax import sharding
 from siglip_jax.config import DEFAULT_AXIS_RULES
 from siglip_jax.data.sources import ImageFolderSource
 from siglip_jax.data.tokenizers import ByteTokenizer
-from siglip_jax.embedder import Embedder
 from siglip_jax.evaluation import runner
+from siglip_jax.inference.embedder import Embedder
+from siglip_jax.runtime import sharding
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

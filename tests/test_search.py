@@ -3,9 +3,9 @@ import os
 
 import numpy as np
 
-from siglip_jax import inference, search
 from siglip_jax.data import images as images_lib
-from siglip_jax.export import params as params_lib
+from siglip_jax.inference import predictor, search
+from siglip_jax.io import params as params_lib
 from tests.helpers import tiny_config
 from tests.params_helpers import random_params
 
@@ -39,7 +39,7 @@ def test_index_and_query(tmp_path, capsys):
     cosines = [float(row[2]) for row in rows]
     assert cosines == sorted(cosines, reverse=True)
 
-    embedder = inference.load(model_path)
+    embedder = predictor.load(model_path)
     index = search.load_index(index_path)
     brute_force = index.embeddings @ embedder.embed_texts(["a dog on a beach"])[0]
     expected = [index.paths[i] for i in np.argsort(-brute_force)[:3]]

@@ -2,7 +2,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from siglip_jax import config as config_lib
-from siglip_jax import sharding
+from siglip_jax.runtime import sharding
 
 RULES = sharding.rules_as_tuples(config_lib.DEFAULT_AXIS_RULES)
 

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax import serving
-from siglip_jax.export import stablehlo
+from siglip_jax.inference import serving
+from siglip_jax.io import stablehlo
 from siglip_jax.models import two_towers
 from tests.helpers import child_environment, tiny_config
 from tests.params_helpers import random_params

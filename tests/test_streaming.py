@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siglip_jax import checkpoint
-from siglip_jax.data import pipeline, streaming
+from siglip_jax.data import pipeline, preprocess, streaming
 from siglip_jax.data.sources import make_source, shard_stream
 from siglip_jax.data.tokenizers import ByteTokenizer
+from siglip_jax.io import checkpoint
 
 NUM_SHARDS, PER_SHARD = 6, 10
 
@@ -131,7 +131,7 @@ def test_position_restores_exactly_anywhere(shard_dir):
 
 
 def _batches(source, **kwargs):
-    return pipeline.train_batches(source, tokenizer=ByteTokenizer(max_len=12), options=pipeline.ImageOptions(16, (0.5, 1.0), True),
+    return pipeline.train_batches(source, tokenizer=ByteTokenizer(max_len=12), options=preprocess.ImageOptions(16, (0.5, 1.0), True),
                                   local_batch_size=4, seed=0, **kwargs)
 
 
@@ -202,10 +202,10 @@ def test_skips_are_counted_per_shard_and_batches_keep_their_size(tmp_path, caplo
             pass
     whole_samples_in_cut = len({name.split(".")[0] for name in names}) - 1  # the last one is cut midway
     source = make_source("webdataset_stream", shards=shards, shuffle_buffer=4, open_shards=3)
-    options = pipeline.ImageOptions(16, (0.5, 1.0), True)
+    options = preprocess.ImageOptions(16, (0.5, 1.0), True)
     tokenizer = ByteTokenizer(max_len=12)
     examples = streaming.StreamExamples(source.stream(seed=0, process_index=0, process_count=1, num_epochs=1),
-                                        lambda record, rng: pipeline.make_example(record, rng, tokenizer, options), seed=0)
+                                        lambda record, rng: preprocess.make_example(record, rng, tokenizer, options), seed=0)
     batches = list(examples.batch(4, drop_remainder=False))
     counts = collections.Counter()
     for batch in batches:
@@ -222,8 +222,8 @@ def test_skips_are_counted_per_shard_and_batches_keep_their_size(tmp_path, caplo
 def test_metrics_count_skips_per_shard(tmp_path):
     """The trainer's metrics.jsonl: data/skipped/<shard> for each shard with skipped records, adding
     up to data/num_skipped at every step."""
-    from siglip_jax import trainer
     from siglip_jax.config import source_config
+    from siglip_jax.training import trainer
     from tests.helpers import tiny_config
 
     good = list(_shard_members(0))
@@ -304,14 +304,14 @@ def test_mixture_restarts_or_ends_when_a_source_runs_out(shard_dir):
 def test_an_ended_mixture_ends_the_run_with_a_final_checkpoint(tmp_path, caplog):
     """on_exhausted="end": the 32 examples of one half-weighted source run out after about 64 examples,
     i.e. within 4 batches of 16, long before step 40; the run stops there, saving the last step."""
-    from siglip_jax import trainer
     from siglip_jax.config import source_config
+    from siglip_jax.training import trainer
     from tests.helpers import tiny_config
 
     config = tiny_config(total_steps=40, checkpoint_every_steps=100)
     config.data.train = source_config("mixture", on_exhausted="end", sources={
         name: dict(kind="demo", weight=0.5, args=dict(split="train", size=32, image_size=16)) for name in ("a", "b")})
-    with caplog.at_level("WARNING", logger="siglip_jax.trainer"):
+    with caplog.at_level("WARNING", logger="siglip_jax.training.trainer"):
         trainer.train(config, str(tmp_path))
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert 2 <= max(steps) <= 5 and steps == list(range(1, max(steps) + 1))

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from siglip_jax import checkpoint
+from siglip_jax.io import checkpoint
 from tests import test_resume
 from tests.test_streaming import _jpeg, _write_tar
 

@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax import sharding, trainer
-from siglip_jax.train_step import build_training
+from siglip_jax.runtime import sharding
+from siglip_jax.training import trainer
+from siglip_jax.training.train_step import build_training
 from tests.helpers import tiny_config
 
 

@@ -3,10 +3,12 @@ import json
 
 import pytest
 
-from siglip_jax import loading, sharding, trainer
+from siglip_jax.config import eval_config, source_config
 from siglip_jax.data.from_config import build_source, build_tokenizer
 from siglip_jax.evaluation import runner
-from siglip_jax.config import eval_config, source_config
+from siglip_jax.io import loading
+from siglip_jax.runtime import sharding
+from siglip_jax.training import trainer
 from tests.helpers import tiny_config
 
 

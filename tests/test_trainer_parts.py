@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from siglip_jax import hooks, loading, metrics
-from siglip_jax.export import params as params_lib
+from siglip_jax.io import loading, params as params_lib
+from siglip_jax.training import hooks, metrics
 from tests.helpers import tiny_config
 from tests.params_helpers import random_params
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from siglip_jax import workdir as workdir_lib
+from siglip_jax.training import workdir as workdir_lib
 from tests.helpers import child_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from siglip_jax import inference, trainer
 from siglip_jax.config import eval_config, source_config
+from siglip_jax.inference import predictor
+from siglip_jax.training import trainer
 from tests.helpers import child_environment, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +51,8 @@ def test_export_params_from_workdir_and_score_pairs(workdir, tmp_path):
     directory, _ = workdir
     exported = tmp_path / "model.msgpack"
     _run(["export.py", "--format=params", f"--workdir={directory}", f"--output={exported}"])
-    from_workdir = inference.load(str(directory))
-    from_file = inference.load(str(exported))
+    from_workdir = predictor.load(str(directory))
+    from_file = predictor.load(str(exported))
     texts = ["a small red circle at the top left", "a large blue square at the middle"]
     np.testing.assert_allclose(from_file.embed_texts(texts), from_workdir.embed_texts(texts), rtol=1e-6, atol=1e-6)
 
@@ -72,10 +73,10 @@ def test_export_params_from_workdir_and_score_pairs(workdir, tmp_path):
 
 @pytest.mark.slow
 def test_eval_checkpoint_latest_is_the_latest_step_and_garbage_is_explained(workdir):
-    from siglip_jax import evaluation_cli
+    from siglip_jax.evaluation import command
 
     directory, final = workdir
-    latest = evaluation_cli.run(None, str(directory), "latest")["metrics"]
+    latest = command.run(None, str(directory), "latest")["metrics"]
     assert latest["shapes/mean_recall"] == pytest.approx(final["shapes/mean_recall"], abs=1e-6)
     with pytest.raises(ValueError, match="must be a step number .* or 'latest'"):
-        evaluation_cli.run(None, str(directory), "newest")
+        command.run(None, str(directory), "newest")

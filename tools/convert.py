@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from siglip_jax import cli  # noqa: E402
+from siglip_jax.runtime import cli  # noqa: E402
 from siglip_jax.data import images  # noqa: E402
 from siglip_jax.data.sources import encode_record  # noqa: E402
 from tools.source_flags import add_source_flags, source_from_flags  # noqa: E402

@@ -13,7 +13,8 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from siglip_jax import cli, metrics  # noqa: E402
+from siglip_jax.runtime import cli
+from siglip_jax.training import metrics  # noqa: E402
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from siglip_jax import cli  # noqa: E402
+from siglip_jax.runtime import cli  # noqa: E402
 from siglip_jax.data import sources  # noqa: E402
 from tools.source_flags import add_source_flags, source_from_flags  # noqa: E402
 

@@ -13,7 +13,7 @@ when any source has been read through once.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import grain
 import numpy as np
@@ -27,9 +27,10 @@ STATE_KIND = "mixture"
 class MixtureSource:
     """Several sources with weights; `stream(...)` gives the mixed record stream of one process."""
 
-    def __init__(self, sources: Mapping[str, Mapping[str, Any]], on_exhausted: str = "restart"):
-        from siglip_jax.data.sources import make_source  # the table of kinds includes this one
-
+    def __init__(self, sources: Mapping[str, Mapping[str, Any]], on_exhausted: str = "restart", *,
+                 make_source: Callable[..., Any]):
+        """`make_source(kind, **args)` builds each entry (data.sources passes its own: the table of kinds
+        holds this one, so the mixture does not import it)."""
         if on_exhausted not in ON_EXHAUSTED:
             raise ValueError(f"on_exhausted is {on_exhausted!r}; valid: {', '.join(ON_EXHAUSTED)}.")
         if not sources:

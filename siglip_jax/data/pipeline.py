@@ -7,46 +7,15 @@ and counted in each batch's "num_skipped" (the running total of this process), n
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Callable, Iterable, Iterator
 
 import grain
 import numpy as np
 
-from siglip_jax.data import images, naflex
+from siglip_jax.data import images, preprocess, streaming
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageOptions:
-    image_size: int
-    random_crop_scale: tuple[float, float] = (1.0, 1.0)  # area fraction range; (1, 1) = whole image
-    random_flip: bool = False
-    # NaFlex towers: > 0 gives packed [max_patches, p * p * 3 + 4] patches (data/naflex.py) instead of squares
-    naflex_patch_size: int = 0
-    naflex_max_patches: int = 0
-
-
-def as_image_options(image_size: int | ImageOptions) -> ImageOptions:
-    """A square image size as ImageOptions; ImageOptions as they are."""
-    return image_size if isinstance(image_size, ImageOptions) else ImageOptions(image_size)
-
-
-def eval_image_shape(image_size: int | ImageOptions) -> tuple[int, ...]:
-    """The shape of one eval_view: [s, s, 3], or NaFlex's packed [max_patches, p * p * 3 + 4]."""
-    options = as_image_options(image_size)
-    if options.naflex_max_patches:
-        return (options.naflex_max_patches, naflex.packed_channels(options.naflex_patch_size))
-    return (options.image_size, options.image_size, 3)
-
-
-def eval_view(image: np.ndarray, options: ImageOptions) -> np.ndarray:
-    """The deterministic model input of a decoded image: the square eval view, or NaFlex's packed patches."""
-    if options.naflex_max_patches:
-        return naflex.naflex_transform(image, options.naflex_patch_size, options.naflex_max_patches)
-    return images.eval_transform(image, options.image_size)
 
 
 MAX_REPLACEMENTS = 32  # unusable records in a row before the pipeline gives up on the source
@@ -63,7 +32,8 @@ class TrainExamples:
     replaced records.
     """
 
-    def __init__(self, records: grain.MapDataset, num_records: int, tokenizer: Callable, options: ImageOptions, seed: int):
+    def __init__(self, records: grain.MapDataset, num_records: int, tokenizer: Callable,
+                 options: preprocess.ImageOptions, seed: int):
         self.records = records
         self.num_records = num_records
         self.tokenizer = tokenizer
@@ -85,44 +55,14 @@ class TrainExamples:
         )
 
     def _example(self, record: dict, rng: np.random.Generator) -> dict | str:
-        return make_example(record, rng, self.tokenizer, self.options)
-
-
-def make_example(record: dict, rng: np.random.Generator, tokenizer: Callable, options: ImageOptions) -> dict | str:
-    """The example {"images", "tokens"} of a record, or why the record cannot give one."""
-    record_id = record.get("id", "?")
-    captions = [caption for caption in record.get("captions", ()) if caption and caption.strip()]
-    if not captions:
-        return f"record {record_id}: no non-empty caption"
-    caption = captions[rng.integers(len(captions))]
-    try:
-        image = images.decode_image(record["image"])
-    except images.DecodeError as error:
-        return f"record {record_id}: {error}"
-    if options.naflex_max_patches:
-        # NaFlex keeps the whole image at its aspect ratio (SigLIP 2's recipe): no crop; flips only.
-        if options.random_flip and rng.random() < 0.5:
-            image = np.ascontiguousarray(image[:, ::-1])
-        try:
-            return {"images": eval_view(image, options), "tokens": tokenizer([caption])[0]}
-        except images.DecodeError as error:
-            return f"record {record_id}: {error}"
-    scale = tuple(options.random_crop_scale)
-    if scale == (1.0, 1.0) and image.shape[:2] == (options.image_size,) * 2 and not options.random_flip:
-        pixels = image  # already the model's size, nothing to crop (the demo data)
-    else:
-        ratio = (1.0, 1.0) if scale == (1.0, 1.0) else (3 / 4, 4 / 3)
-        pixels = images.train_transform(
-            image, options.image_size, rng, scale=scale, ratio=ratio, flip=options.random_flip
-        )
-    return {"images": pixels, "tokens": tokenizer([caption])[0]}
+        return preprocess.make_example(record, rng, self.tokenizer, self.options)
 
 
 def train_batches(
     source: Any,
     *,
     tokenizer: Callable,
-    options: ImageOptions,
+    options: preprocess.ImageOptions,
     local_batch_size: int,
     seed: int,
     process_index: int = 0,
@@ -141,8 +81,6 @@ def train_batches(
     computes what one process computes, bit for bit), together the processes see every record once per
     epoch, and after b batches each they have used exactly the first b x G positions.
     """
-    from siglip_jax.data import streaming  # streams build on make_example above
-
     if streaming.is_stream(source):  # shard streams and mixtures: sequential, positioned by shard
         return streaming.stream_batches(
             source, tokenizer=tokenizer, options=options, local_batch_size=local_batch_size, seed=seed,
@@ -173,16 +111,16 @@ def eval_share(num_records: int, process_index: int, process_count: int) -> rang
 
 
 def eval_records(
-    source: Any, image_size: int | ImageOptions, indices: Iterable[int] | None = None
+    source: Any, image_size: int | preprocess.ImageOptions, indices: Iterable[int] | None = None
 ) -> Iterator[tuple[int, np.ndarray, list[str], dict]]:
-    """(index, image uint8 [s, s, 3] or NaFlex-packed (see ImageOptions), non-empty captions, record) for
+    """(index, image uint8 [s, s, 3] or NaFlex-packed (see preprocess.ImageOptions), non-empty captions, record) for
     each usable record among `indices` (default all), in order, read one at a time; unreadable images are
     logged and left out."""
-    options = as_image_options(image_size)
+    options = preprocess.as_image_options(image_size)
     for index in range(len(source)) if indices is None else indices:
         record = source[index]
         try:
-            image = eval_view(images.decode_image(record["image"]), options)
+            image = preprocess.eval_view(images.decode_image(record["image"]), options)
         except images.DecodeError as error:
             logger.warning("Skipped eval record %s: %s", record.get("id", index), error)
             continue

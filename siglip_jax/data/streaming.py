@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
-from siglip_jax.data import pipeline
+from siglip_jax.data import preprocess
 from siglip_jax.data.sources import shard_stream
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def stream_batches(
     source: Any,
     *,
     tokenizer: Callable,
-    options: pipeline.ImageOptions,
+    options: preprocess.ImageOptions,
     local_batch_size: int,
     seed: int,
     process_index: int = 0,
@@ -141,7 +141,7 @@ def stream_batches(
     records = source.stream(seed=seed, process_index=process_index, process_count=process_count)
 
     def make(record: dict, rng: np.random.Generator) -> dict | str:
-        return pipeline.make_example(record, rng, tokenizer, options)
+        return preprocess.make_example(record, rng, tokenizer, options)
 
     batches = StreamExamples(records, make, seed).batch(local_batch_size, drop_remainder=True)
     if num_workers > 0:

@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from siglip_jax.evaluation import blockwise
+from siglip_jax.inference import blockwise
+from siglip_jax.models import two_towers
 
 # The 80 ImageNet prompt templates of CLIP's zero-shot notebook, in its order.
 IMAGENET_TEMPLATES: tuple[str, ...] = (
@@ -129,10 +130,6 @@ def load_templates(path: str | pathlib.Path) -> tuple[str, ...]:
     return _check_templates([template for _, template in numbered], str(path))
 
 
-def _normalize_rows(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
-
-
 def class_text_embeddings(encode_texts: Callable[[list[str]], np.ndarray],
                           class_names: Sequence[str],
                           templates: Sequence[str] = IMAGENET_TEMPLATES) -> np.ndarray:
@@ -158,7 +155,8 @@ def class_text_embeddings(encode_texts: Callable[[list[str]], np.ndarray],
             raise ValueError(
                 f"encode_texts returned shape {prompt_embeddings.shape} for {len(prompts)} prompts of "
                 f"class {class_name!r}; it must return [num_prompts, width], one row per prompt.")
-        class_embeddings.append(_normalize_rows(_normalize_rows(prompt_embeddings).mean(axis=0)))
+        prototype = np.asarray(two_towers.l2_normalize(prompt_embeddings)).mean(axis=0)
+        class_embeddings.append(np.asarray(two_towers.l2_normalize(prototype)))
     return np.stack(class_embeddings)
 
 

@@ -26,8 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from siglip_jax.evaluation.blockwise import (
-    check_embeddings, check_index_array, check_ks, check_same_width, positive_ranks)
+from siglip_jax.inference.blockwise import (check_embeddings, check_index_array, check_ks, check_same_width,
+                                            positive_ranks)
 
 DEFAULT_KS = (1, 5, 10)
 

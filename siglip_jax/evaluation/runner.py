@@ -1,5 +1,5 @@
 """Runs evaluations against model parameters: embeds a source's images and captions with the one
-Embedder (siglip_jax.embedder, sharded over the mesh), then computes the metrics. Used by the trainer's
+Embedder (siglip_jax.inference.embedder, sharded over the mesh), then computes the metrics. Used by the trainer's
 eval hook and by eval.py.
 
 With several processes, each process reads, decodes and embeds only its share of an eval set
@@ -17,12 +17,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from siglip_jax import losses, sharding
-from siglip_jax.data import from_config, pipeline
-from siglip_jax.embedder import Embedder
+from siglip_jax.data import from_config, pipeline, preprocess
 from siglip_jax.evaluation import classification, fewshot, retrieval
+from siglip_jax.inference.embedder import Embedder
+from siglip_jax.losses import contrastive
 from siglip_jax.models import two_towers
 from siglip_jax.models.two_towers import param_shardings
+from siglip_jax.runtime import sharding
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class RetrievalSet:
                 yield image, (index,)
 
         size = embedder.rows_per_process
-        empty_images = np.zeros((0, *pipeline.eval_image_shape(self.image_size)), np.uint8)
+        empty_images = np.zeros((0, *preprocess.eval_image_shape(self.image_size)), np.uint8)
         image_embeddings, image_keys = embedder.embed_shares("image", params, _chunks(images(), size), empty_images)
         if not len(image_keys):
             raise ValueError(f"The retrieval source {self.source!r} has no usable image with a caption.")
@@ -122,7 +123,7 @@ class ClassificationSet:
         )
         records = pipeline.eval_records(self.source, self.image_size, _this_share(self.num_records))
         labelled = ((image, (index, int(record["label"]))) for index, image, _, record in records)
-        empty_images = np.zeros((0, *pipeline.eval_image_shape(self.image_size)), np.uint8)
+        empty_images = np.zeros((0, *preprocess.eval_image_shape(self.image_size)), np.uint8)
         image_embeddings, keys = embedder.embed_shares(
             "image", params, _chunks(labelled, embedder.rows_per_process), empty_images, key_columns=2)
         if not len(keys):
@@ -170,7 +171,7 @@ class ContrastiveLossSet:
         text_embeddings = embedder.texts(params, self.tokens)
         log_temperature, bias = (np.asarray(params[key], np.float32) for key in ("t", "b"))
         batch_losses = [
-            float(losses.contrastive_loss(
+            float(contrastive.contrastive_loss(
                 image_embeddings[start:start + self.batch_size], text_embeddings[start:start + self.batch_size],
                 log_temperature, bias, name=self.loss_name, max_temperature=self.max_temperature,
             ))

@@ -5,6 +5,7 @@ Adding a tower is one builder function plus one entry in IMAGE_TOWERS or TEXT_TO
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -14,12 +15,12 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from siglip_jax.data import naflex as naflex_data
+from siglip_jax.data import preprocess
 from siglip_jax.models import layers, sizes
 from siglip_jax.models.naflex import NaFlexVisionTransformer
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import VisionTransformer
-from siglip_jax.sharding import logical_to_shardings
+from siglip_jax.runtime.sharding import logical_to_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -89,25 +90,26 @@ def build_naflex_vit(model_config: ml_collections.ConfigDict) -> nn.Module:
     )
 
 
+def _tower_image_options(model_config: ml_collections.ConfigDict) -> preprocess.ImageOptions:
+    """What the image tower eats (square pixels or NaFlex patches), without training's augmentation."""
+    if model_config.image.kind == "naflex":
+        return preprocess.ImageOptions(model_config.image.image_size,
+                                       naflex_patch_size=build_naflex_vit(model_config).patch_size,
+                                       naflex_max_patches=model_config.image.max_num_patches)
+    return preprocess.ImageOptions(model_config.image.image_size)
+
+
 def image_input_shape(model_config: ml_collections.ConfigDict) -> tuple[int, ...]:
     """One example's image array: [size, size, 3] pixels, or a NaFlex tower's packed
-    [max_num_patches, p * p * 3 + 4] (data/naflex.py)."""
-    if model_config.image.kind == "naflex":
-        patch = build_naflex_vit(model_config).patch_size
-        return (model_config.image.max_num_patches, naflex_data.packed_channels(patch))
-    size = model_config.image.image_size
-    return (size, size, 3)
+    [max_num_patches, p * p * 3 + 4] (preprocess.eval_image_shape)."""
+    return preprocess.eval_image_shape(_tower_image_options(model_config))
 
 
-def image_options(config: ml_collections.ConfigDict):
-    """The data pipeline's ImageOptions for this model's image tower (square pixels or NaFlex patches)."""
-    from siglip_jax.data import pipeline  # grain, only for the consumers of data
-
-    naflex_patch, naflex_budget = 0, 0
-    if config.model.image.kind == "naflex":
-        naflex_patch, naflex_budget = build_naflex_vit(config.model).patch_size, config.model.image.max_num_patches
-    return pipeline.ImageOptions(config.model.image.image_size, tuple(config.data.random_crop_scale),
-                                 config.data.random_flip, naflex_patch, naflex_budget)
+def image_options(config: ml_collections.ConfigDict) -> preprocess.ImageOptions:
+    """The data pipeline's ImageOptions for this model's image tower, with the config's crop and flip."""
+    return dataclasses.replace(_tower_image_options(config.model),
+                               random_crop_scale=tuple(config.data.random_crop_scale),
+                               random_flip=config.data.random_flip)
 
 
 def build_text_transformer(model_config: ml_collections.ConfigDict) -> nn.Module:
@@ -140,9 +142,15 @@ def to_model_range(images: jax.Array) -> jax.Array:
     return images
 
 
+NORM_FLOOR = 1e-12  # below this a row counts as zero
+
+
 def l2_normalize(x: jax.Array) -> jax.Array:
+    """Rows of unit length in float32, the one normalisation of the package (the towers' embeddings, eval
+    galleries, class prototypes). A row whose norm is under NORM_FLOOR is divided by the floor, so an all-zero
+    row stays zero instead of becoming NaN; every other row is exactly x / |x|, as in big_vision and HF."""
     x = x.astype(jnp.float32)
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORM_FLOOR)
 
 
 class TwoTowers(nn.Module):

@@ -7,9 +7,10 @@ is the whole registry: adding a source is one class plus one line there.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from siglip_jax.data.demo import DemoSource
+from siglip_jax.data.mixture import MixtureSource
 from siglip_jax.data.sources.arrayrecord import (ArrayRecordSource, TfdsSource, decode_record,
                                                  encode_record)
 from siglip_jax.data.sources.image_folder import ImageFolderSource
@@ -18,7 +19,12 @@ from siglip_jax.data.sources.captions import (CaptionFolderSource, CocoCaptionsS
 from siglip_jax.data.sources.shard_stream import WebDatasetStreamSource
 from siglip_jax.data.sources.webdataset import (WebDatasetSource, expand_shard_paths,
                                                 shard_paths_for)
-from siglip_jax.data.mixture import MixtureSource  # noqa: E402 -- needs shard_stream above
+
+
+def mixture(sources: Mapping[str, Mapping[str, Any]], on_exhausted: str = "restart") -> MixtureSource:
+    """A MixtureSource whose entries are built from this table (data/mixture.py)."""
+    return MixtureSource(sources, on_exhausted, make_source=make_source)
+
 
 SOURCES: dict[str, Callable] = {
     "demo": DemoSource,                     # split in train/eval, size, image_size, seed (generated)
@@ -29,7 +35,7 @@ SOURCES: dict[str, Callable] = {
     "karpathy_split": KarpathySplitSource,  # image_dir, karpathy_json (dataset_coco.json), split in train/val/test/all
     "webdataset": WebDatasetSource,         # shards (path, glob, {000..009} range or list)
     "webdataset_stream": WebDatasetStreamSource,  # shards ({00000..09999} ranges, lists), shuffle_buffer, open_shards, resampled
-    "mixture": MixtureSource,               # sources {name: dict(kind, weight, args)}, on_exhausted restart/end
+    "mixture": mixture,                     # sources {name: dict(kind, weight, args)}, on_exhausted restart/end
     "arrayrecord": ArrayRecordSource,       # paths (path, glob or list)
     "image_folder": ImageFolderSource,      # path (root/<class>/<image>), max_per_class; for classification
     "tfds": TfdsSource,                     # name, split, data_dir, image_key, caption_key, id_key

@@ -15,14 +15,14 @@ from typing import Mapping, Sequence
 import msgpack
 import numpy as np
 
+from siglip_jax.data.images import encode_image
+
 RECORD_FORMAT = 1
 _RECORD_KEYS = {"format", "id", "captions", "image"}
 
 
 def encode_record(record: Mapping) -> bytes:
     """A source record {"image", "captions", "id"} -> bytes in our ArrayRecord format."""
-    from siglip_jax.data.images import encode_image
-
     image = record["image"]
     if isinstance(image, np.ndarray):
         image = encode_image(image, "png")

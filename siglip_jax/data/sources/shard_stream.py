@@ -24,8 +24,8 @@ import grain
 import numpy as np
 from etils import epath
 
-from siglip_jax import storage
 from siglip_jax.data.sources.webdataset import IMAGE_EXTENSIONS, _expand_braces, _split_key
+from siglip_jax.runtime import storage
 
 STATE_KIND = "shards"
 

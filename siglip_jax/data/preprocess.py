@@ -1,0 +1,71 @@
+"""One record -> one model input: the image options of a model's tower, the deterministic eval view of a
+decoded image (square, or NaFlex's packed patches) and a training example (a sampled caption, a random crop
+and flip). Plain numpy and PIL, no grain: the model and the consumers of a trained model use it too."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from siglip_jax.data import images, naflex
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageOptions:
+    image_size: int
+    random_crop_scale: tuple[float, float] = (1.0, 1.0)  # area fraction range; (1, 1) = whole image
+    random_flip: bool = False
+    # NaFlex towers: > 0 gives packed [max_patches, p * p * 3 + 4] patches (data/naflex.py) instead of squares
+    naflex_patch_size: int = 0
+    naflex_max_patches: int = 0
+
+
+def as_image_options(image_size: int | ImageOptions) -> ImageOptions:
+    """A square image size as ImageOptions; ImageOptions as they are."""
+    return image_size if isinstance(image_size, ImageOptions) else ImageOptions(image_size)
+
+
+def eval_image_shape(image_size: int | ImageOptions) -> tuple[int, ...]:
+    """The shape of one eval_view: [s, s, 3], or NaFlex's packed [max_patches, p * p * 3 + 4]."""
+    options = as_image_options(image_size)
+    if options.naflex_max_patches:
+        return (options.naflex_max_patches, naflex.packed_channels(options.naflex_patch_size))
+    return (options.image_size, options.image_size, 3)
+
+
+def eval_view(image: np.ndarray, options: ImageOptions) -> np.ndarray:
+    """The deterministic model input of a decoded image: the square eval view, or NaFlex's packed patches."""
+    if options.naflex_max_patches:
+        return naflex.naflex_transform(image, options.naflex_patch_size, options.naflex_max_patches)
+    return images.eval_transform(image, options.image_size)
+
+
+def make_example(record: dict, rng: np.random.Generator, tokenizer: Callable, options: ImageOptions) -> dict | str:
+    """The example {"images", "tokens"} of a record, or why the record cannot give one."""
+    record_id = record.get("id", "?")
+    captions = [caption for caption in record.get("captions", ()) if caption and caption.strip()]
+    if not captions:
+        return f"record {record_id}: no non-empty caption"
+    caption = captions[rng.integers(len(captions))]
+    try:
+        image = images.decode_image(record["image"])
+    except images.DecodeError as error:
+        return f"record {record_id}: {error}"
+    if options.naflex_max_patches:
+        # NaFlex keeps the whole image at its aspect ratio (SigLIP 2's recipe): no crop; flips only.
+        if options.random_flip and rng.random() < 0.5:
+            image = np.ascontiguousarray(image[:, ::-1])
+        try:
+            return {"images": eval_view(image, options), "tokens": tokenizer([caption])[0]}
+        except images.DecodeError as error:
+            return f"record {record_id}: {error}"
+    scale = tuple(options.random_crop_scale)
+    if scale == (1.0, 1.0) and image.shape[:2] == (options.image_size,) * 2 and not options.random_flip:
+        pixels = image  # already the model's size, nothing to crop (the demo data)
+    else:
+        ratio = (1.0, 1.0) if scale == (1.0, 1.0) else (3 / 4, 4 / 3)
+        pixels = images.train_transform(
+            image, options.image_size, rng, scale=scale, ratio=ratio, flip=options.random_flip
+        )
+    return {"images": pixels, "tokens": tokenizer([caption])[0]}

@@ -1,0 +1,355 @@
+"""Checkpoints of training runs with Orbax: save (asynchronously), restore onto any mesh, and the
+data stream's position, so a rerun of the same command continues exactly where the last one stopped.
+
+A workdir holds `checkpoints/<step>/` with three items:
+  state/   the TrainState (step, params, opt_state), as sharded arrays
+  data/    each process's grain iterator state, `process_<i>-of-<n>.json` (written by grain's handler)
+  config/  the config the run used, as JSON
+Reading only the parameters (evaluation, export, init_from) is checkpoint_params.py.
+
+Orbax writes a step into a temporary directory and renames it when every item is complete, so a save
+killed midway leaves the previous checkpoint as the latest. A checkpoint that cannot be read anyway
+(a disk error, a deleted file) is skipped with a warning naming it and the one used instead, and moved
+aside to `checkpoints/broken/<step>.<time>` (kept for inspection, never deleted) so that the resumed
+run can save that step again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from typing import Any, Iterable
+
+import grain
+import grain.checkpoint
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from siglip_jax.data import streaming
+from siglip_jax.runtime import storage
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+BROKEN_SUBDIR = "broken"  # under checkpoints/: unreadable steps set aside (not a step number, so Orbax ignores it)
+STATE, DATA, CONFIG = "state", "data", "config"
+# A checkpoint made with a different value under these keys holds a different model: it is refused.
+MODEL_KEYS = ("model",)
+_DATA_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")  # grain's CheckpointHandler naming
+
+
+class CheckpointMismatchError(ValueError):
+    """The workdir's checkpoint was made with a different model than the config asks for."""
+
+
+class NoCheckpointError(FileNotFoundError):
+    """No complete, readable checkpoint where one was expected."""
+
+
+def config_as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON data (tuples become lists), as saved and as compared."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], under: Iterable[str] | None = None) -> list[str]:
+    """Keys whose values differ between two JSON configs (only those in the groups `under`, if given),
+    each as "key: <saved> in the checkpoint, <current> now"."""
+    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    missing = object()
+
+    def show(value: Any) -> str:
+        return "absent" if value is missing else repr(value)
+
+    lines = []
+    for key in sorted(set(saved_flat) | set(current_flat)):
+        if under is not None and not any(key == group or key.startswith(group + ".") for group in under):
+            continue
+        old, new = saved_flat.get(key, missing), current_flat.get(key, missing)
+        if old is missing or new is missing or old != new:
+            lines.append(f"{key}: {show(old)} in the checkpoint, {show(new)} now")
+    return lines
+
+
+def checkpoint_root(workdir: str) -> str:
+    return str(as_path(workdir) / CHECKPOINTS_SUBDIR)
+
+
+def as_path(path: str) -> epath.Path:
+    """A local path made absolute, or a cloud one (gs://...) as it is: Orbax and epath read both."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def _preservation_policy(keep_checkpoints: int, keep_every_steps: int) -> Any:
+    policies = ocp.checkpoint_managers
+    keep = [policies.LatestN(keep_checkpoints)]
+    if keep_every_steps > 0:
+        keep.append(policies.EveryNSteps(keep_every_steps))
+    return policies.AnyPreservationPolicy(keep)
+
+
+# Orbax writes an array replicated over several devices as one slice per replica, in parallel
+# ("replica-parallel"). For small arrays the per-slice device work costs more than the parallel writes
+# save: on 8 CPU devices, 4 saves of the test model's state (~190 arrays, none over 100 KB) took 3.2 s with
+# every array sliced and 1.1 s with this threshold (2026-12-06, docs/testing.md). Below this size per slice an
+# array is written whole by one replica; the large ones of real models (embeddings, MLP kernels) stay parallel.
+REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
+
+
+def _write_small_arrays_whole() -> None:
+    """Orbax's jax.Array handler with REPLICA_PARALLEL_MIN_SLICE_BYTES. Orbax takes array handlers from its
+    process-wide registry only (StandardCheckpointHandler has no per-manager one), so this replaces the
+    registered one; whether replica-parallel is used at all stays Orbax's platform default."""
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES),
+        override=True)
+
+
+def open_manager(root: str, *, keep_checkpoints: int | None = None, keep_every_steps: int = 0, read_only: bool = False):
+    if not read_only:
+        _write_small_arrays_whole()
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=None if keep_checkpoints is None else _preservation_policy(keep_checkpoints, keep_every_steps),
+        read_only=read_only,
+        create=not read_only,
+        # Leftovers of a save that was killed midway: never a checkpoint, so safe to delete.
+        cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(root, options=options, item_handlers=storage.checkpoint_item_handlers(root, arrays=STATE, grain_state=DATA, json_items=(CONFIG,)))
+
+
+def latest_step(workdir: str) -> int | None:
+    """The step of the latest complete checkpoint in `workdir`, or None when there is none."""
+    root = checkpoint_root(workdir)
+    if not storage.list_folder(epath.Path(root)):  # fresh: in a bucket another process may have saved since
+        return None
+    with open_manager(root, read_only=True) as manager:
+        return manager.latest_step()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the target shardings: what Orbax restores into (and reshards to)."""
+    return jax.tree.map(lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target), tree, shardings)
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints under `<workdir>/checkpoints`, keeping the latest
+    `keep_checkpoints` and, for good, every one at a multiple of `keep_every_steps` (0: none).
+
+    Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the files are
+    written in the background; `close()` waits for them. Use as a context manager or call `close()`.
+    """
+
+    def __init__(self, workdir: str, *, keep_checkpoints: int = 3, keep_every_steps: int = 0):
+        self.root = checkpoint_root(workdir)
+        self._manager = open_manager(self.root, keep_checkpoints=keep_checkpoints, keep_every_steps=keep_every_steps)
+        # Orbax deletes unfinished saves in a background future it starts here and awaits only before its first
+        # save; listing before it is done raced with it (a bucket step listed, then gone when moved aside).
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)  # private in orbax 0.12
+        if await_cleanup is not None:
+            await_cleanup()
+        # A step directory Orbax does not list (emptied, or its commit marker lost) would block saving that step.
+        listed = set(self._manager.all_steps())
+        # (In a bucket, the root exists only once a save wrote into it, and Orbax has just deleted any step
+        # without its commit marker: the save of a killed run.)
+        on_disk = [int(p.name) for p in storage.list_folder(epath.Path(self.root)) if p.name.isdigit()]
+        self._set_aside([step for step in on_disk if step not in listed], "it is not a complete checkpoint")
+        self.last_saved_step: int | None = self._manager.latest_step()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, config: ml_collections.ConfigDict) -> bool:
+        """Starts saving `state` (its arrays, on every process), this process's data position and the
+        config as step `step`; returns False (and saves nothing) when that step is already saved."""
+        if step == self.last_saved_step:
+            return False
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardSave(state),
+                    DATA: grain.checkpoint.CheckpointSave(data_iterator),
+                    CONFIG: ocp.args.JsonSave(config_as_json(config)),
+                }
+            ),
+            force=True,  # the trainer decides the cadence (every N steps, the end, preemption)
+        )
+        self.last_saved_step = step
+        return True
+
+    def wait_until_finished(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for a save in flight to complete, then releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def _set_aside(self, steps: list[int], reason: str) -> None:
+        """Renames each step's directory to broken/<step>.<time> (process 0 only; all then see the result)."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            for step in sorted(steps):
+                target = epath.Path(self.root) / BROKEN_SUBDIR / f"{step}.{stamp}"
+                storage.move_tree(epath.Path(self.root) / str(step), target)
+                logger.warning("Moved the checkpoint of step %d aside to %s (%s), so that step can be saved again.", step, target, reason)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("siglip_jax_set_aside_broken_checkpoints")
+        self._manager.reload()
+
+    def read_config(self, step: int) -> dict[str, Any]:
+        return self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+    def restore(
+        self,
+        abstract_state: Any,
+        data_iterator: grain.DatasetIterator,
+        config: ml_collections.ConfigDict,
+    ) -> tuple[Any, int]:
+        """Restores the latest readable checkpoint into `abstract_state`'s shardings (any mesh) and moves
+        `data_iterator` to its position; returns (state, step).
+
+        Refuses (CheckpointMismatchError, listing the keys) a checkpoint of a different model. An
+        unreadable checkpoint is skipped for the previous one, with a warning naming both; with none
+        readable, raises NoCheckpointError listing why each failed.
+        """
+        current = config_as_json(config)
+        failures, failed_steps = [], []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            failed_steps.append(step)  # until it restores
+            try:
+                saved = self.read_config(step)
+            except Exception as error:  # noqa: BLE001 -- any read failure means: try the previous one
+                failures.append(f"step {step}: config unreadable ({type(error).__name__}: {error})")
+                continue
+            _check_same_model(saved, current, f"{self.root}/{step}")
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))
+                data_state = _data_state_for_this_process(epath.Path(self.root) / str(step) / DATA)
+                data_iterator.set_state(data_state)
+            except Exception as error:  # noqa: BLE001
+                failures.append(f"step {step}: {type(error).__name__}: {error}")
+                continue
+            if failures:
+                logger.warning(
+                    "Could not read the newer checkpoint(s) (%s); resuming from the previous complete one, step %d.",
+                    "; ".join(failures), step,
+                )
+                self._set_aside(failed_steps[:-1], "unreadable")
+            other_changes = config_differences(saved, current)
+            if other_changes:
+                logger.info("Resuming step %d with changed config keys: %s", step, "; ".join(other_changes))
+            self.last_saved_step = step
+            return restored[STATE], step
+        raise NoCheckpointError(
+            f"No readable checkpoint in {self.root}: " + ("; ".join(failures) or "there are none") + ". If the "
+            "config changed the optimizer's structure (optim.name, grad_clip_norm, weight_decay or ema_decay to or from 0), "
+            "start a new workdir with init_from set to this one. Otherwise delete the broken step directories."
+        )
+
+
+def _check_same_model(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    differences = config_differences(saved, current, under=MODEL_KEYS)
+    if differences:
+        raise CheckpointMismatchError(
+            f"The checkpoint {where} was made with a different model config:\n  " + "\n  ".join(differences)
+            + "\nResume with the checkpoint's model settings, or to start from its weights with another config, "
+            "use a new workdir and set init_from to this workdir."
+        )
+
+
+# ---- The data stream's position ------------------------------------------------------------------
+
+
+def _read_data_states(data_dir: epath.Path) -> tuple[int, dict[int, Any]]:
+    """(the process count that saved them, {process index: iterator state}) from a checkpoint's data item."""
+    states: dict[int, Any] = {}
+    counts = set()
+    found = sorted(path.name for path in data_dir.iterdir()) if data_dir.is_dir() else []
+    for name in found:
+        match = _DATA_STATE_FILE.fullmatch(name)
+        if match:
+            index, count = int(match.group(1)), int(match.group(2))
+            counts.add(count)
+            states[index] = json.loads((data_dir / name).read_text())
+    if len(counts) != 1 or len(states) != next(iter(counts)):
+        raise NoCheckpointError(
+            f"The data iterator states in {data_dir} are missing or incomplete (found {found or 'no directory'}); "
+            "expected one process_<i>-of-<n>.json per process."
+        )
+    return counts.pop(), states
+
+
+def _data_state_for_this_process(data_dir: epath.Path) -> Any:
+    saved_count, states = _read_data_states(data_dir)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    if saved_count == process_count:
+        return states[process_index]
+    logger.warning(
+        "The checkpoint's data position was saved by %d processes and %d are running now: continuing after "
+        "the furthest position any process reached (a few records that a slower process skipped past may "
+        "be left out this epoch; none is seen twice).", saved_count, process_count,
+    )
+    return redistribute_data_states(states, process_count)[process_index]
+
+
+def redistribute_data_states(states: dict[int, Any], process_count: int) -> list[Any]:
+    """Iterator states for `process_count` processes that continue the global stream where the saved
+    processes ({index: state}) stopped.
+
+    In pipeline.train_batches every process reads one batch per step and, after b batches each, all
+    processes together have used exactly the first b x global_batch positions of the global order, for
+    any process count (the global batch stays the same). So each new process continues at the same
+    batch count, "next_index".
+    """
+    if any(streaming.is_stream_state(state) for state in states.values()):
+        return streaming.redistribute_stream_states(states, process_count)
+    saved_count = len(states)
+    for index, state in states.items():
+        if not (isinstance(state, dict) and set(state) == {"next_index"}):
+            raise ValueError(
+                f"Cannot move process {index}'s data iterator state {state!r} to {process_count} processes: "
+                "only the in-process pipeline's {'next_index': N} can be redistributed (data.num_workers=0). "
+                f"Resume with {saved_count} processes, or with data.num_workers=0 and then change the process count."
+            )
+    batches_read = {int(state["next_index"]) for state in states.values()}
+    if len(batches_read) != 1:
+        raise ValueError(f"The saved processes stopped at different batches {sorted(batches_read)}; the checkpoint is inconsistent.")
+    (next_index,) = batches_read
+    return [{"next_index": next_index} for _ in range(process_count)]
+
+
+__all__ = [
+    "Checkpointer",
+    "CheckpointMismatchError",
+    "NoCheckpointError",
+    "abstract_like",
+    "config_differences",
+    "latest_step",
+    "redistribute_data_states",
+]

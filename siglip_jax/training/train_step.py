@@ -1,0 +1,324 @@
+"""The train state, the pure train step, and `build_training`: everything a run needs (model, optimizer,
+sharded state, the one jitted step) from a config and a mesh. No I/O. The trainer, the benches and the
+tests all step through `build_training(...).step`, the only jit of the train step."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from siglip_jax.losses import contrastive
+from siglip_jax.models import two_towers
+from siglip_jax.runtime import sharding
+from siglip_jax.runtime.sharding import logical_to_shardings
+from siglip_jax.training import optim
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes. Immutable: `apply_gradients` returns a new state."""
+
+    step: jax.Array  # int32 scalar: the number of batches consumed (updates applied plus non-finite skips)
+    params: Any
+    opt_state: Any
+
+    def apply_gradients(self, grads: Any, optimizer: optax.GradientTransformation) -> "TrainState":
+        updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
+        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
+
+    def with_params(self, params: Any) -> "TrainState":
+        """The state starting from `params` (init_from)."""
+        return self.replace(params=params)
+
+
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+    """A TrainState that also keeps an exponential moving average of the parameters (optim.ema_decay > 0),
+    sharded like them. A subclass rather than an optional field, so a run without EMA saves and restores
+    exactly the state (and the checkpoints) it did before EMA existed."""
+
+    ema_params: Any = None
+
+    def with_params(self, params: Any) -> "EmaTrainState":
+        """The state starting from `params` (init_from), the EMA too, in buffers of its own (the step
+        donates the state, and a buffer cannot be donated twice)."""
+        return self.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+
+
+def embed(params: Any, batch: dict[str, jax.Array], model: nn.Module, frozen: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array]:
+    """(image embeddings [b, d], text embeddings [b, d]) of {"images": [b, h, w, 3], "tokens": [b, l]}.
+    Frozen towers (e.g. ("img",) for LiT) get no gradient, so their backward pass is never computed."""
+    params = {name: jax.lax.stop_gradient(value) if name in frozen else value for name, value in params.items()}
+    return model.apply({"params": params}, batch["images"], batch["tokens"])
+
+
+def embedding_loss(
+    image_embeddings: jax.Array,
+    text_embeddings: jax.Array,
+    log_temperature: jax.Array,
+    bias: jax.Array,
+    *,
+    loss_config: ml_collections.ConfigDict,
+    mesh: Mesh | None,
+    batch_axes: tuple[str, ...],
+) -> jax.Array:
+    """The configured contrastive loss of a global batch of embeddings."""
+    return contrastive.contrastive_loss(
+        image_embeddings,
+        text_embeddings,
+        log_temperature,
+        bias,
+        name=loss_config.name,
+        implementation=loss_config.implementation,
+        mesh=mesh,
+        batch_axes=batch_axes,
+        chunk_size=loss_config.chunk_size,
+        max_temperature=loss_config.max_temperature,
+    )
+
+
+def _split_microbatches(x: jax.Array, num_microbatches: int) -> jax.Array:
+    """[b, ...] -> [k, b/k, ...] where microbatch i holds rows i, i+k, i+2k, ...: every device's
+    contiguous block of rows holds its share of every microbatch, so the split moves no data."""
+    x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    return nn.with_logical_constraint(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+
+
+def _merge_microbatches(x: jax.Array) -> jax.Array:
+    """Inverse of _split_microbatches: [k, b/k, ...] -> [b, ...] in the original row order."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def loss_and_grads(
+    params: Any,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    loss_config: ml_collections.ConfigDict,
+    mesh: Mesh | None,
+    batch_axes: tuple[str, ...],
+    accum_steps: int = 1,
+    frozen: tuple[str, ...] = (),
+) -> tuple[jax.Array, Any]:
+    """Loss of the global batch and its gradient with respect to all parameters.
+
+    With accum_steps = k > 1 the contrastive loss stays exact (every image still meets every caption of
+    the global batch) while activations are kept for only b/k examples at a time (GradCache, Gao et al.
+    2021): embed all k microbatches without keeping activations, take the loss and its gradient with
+    respect to the embeddings once, then re-encode each microbatch and back-propagate its slice of
+    those embedding gradients, summing the parameter gradients.
+    """
+    loss_fn = functools.partial(embedding_loss, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes)
+    if accum_steps == 1:
+        def full_loss(params):
+            image_embeddings, text_embeddings = embed(params, batch, model, frozen)
+            return loss_fn(image_embeddings, text_embeddings, params["t"], params["b"])
+
+        return jax.value_and_grad(full_loss)(params)
+
+    microbatches = jax.tree.map(lambda x: _split_microbatches(x, accum_steps), batch)
+    # Pass 1: embeddings only. lax.map compiles one microbatch and keeps nothing for a backward pass.
+    image_embeddings, text_embeddings = jax.lax.map(lambda micro: embed(params, micro, model, frozen), microbatches)
+    loss, (image_grads, text_grads, t_grad, b_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3))(
+        _merge_microbatches(image_embeddings), _merge_microbatches(text_embeddings), params["t"], params["b"]
+    )
+    image_grads = _split_microbatches(image_grads, accum_steps)
+    text_grads = _split_microbatches(text_grads, accum_steps)
+
+    # Pass 2: re-encode each microbatch and pull its embedding gradients back to the parameters.
+    def accumulate(grads: Any, inputs: tuple) -> tuple[Any, None]:
+        micro, image_grad, text_grad = inputs
+        _, pull_back = jax.vjp(lambda params: embed(params, micro, model, frozen), params)
+        (micro_grads,) = pull_back((image_grad, text_grad))
+        return jax.tree.map(jnp.add, grads, micro_grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(accumulate, zeros, (microbatches, image_grads, text_grads))
+    # The towers do not read t and b; their gradients come from the loss alone.
+    grads = {**grads, "t": grads["t"] + t_grad, "b": grads["b"] + b_grad}
+    return loss, grads
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_config: ml_collections.ConfigDict,
+    axis_rules: Any,
+    mesh: Mesh | None,
+    batch_axes: tuple[str, ...],
+    accum_steps: int = 1,
+    frozen: tuple[str, ...] = (),
+    ema_decay: float = 0.0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on one global batch; returns the new state and scalar metrics.
+
+    A step whose loss, gradient or updated parameters are not finite leaves parameters, optimizer state and
+    EMA unchanged (the step counter still advances, as the batch was consumed) and reports "nonfinite" = 1.
+    With `ema_decay` > 0 the EMA moves towards the new parameters by optim.ema_decay_at(ema_decay, n), n the
+    updates applied before this one (optim.update_count, which skipped steps do not advance).
+    """
+    with nn.logical_axis_rules(axis_rules):
+        loss, grads = loss_and_grads(
+            state.params, batch, model=model, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes,
+            accum_steps=accum_steps, frozen=frozen,
+        )
+    grad_norm = optax.global_norm(grads)
+    updated = state.apply_gradients(grads, optimizer)
+    if ema_decay:
+        decay = optim.ema_decay_at(ema_decay, optim.update_count(state.opt_state))
+        updated = updated.replace(ema_params=optim.ema_update(state.ema_params, updated.params, decay))
+    # The new parameters too: a finite gradient times a huge learning rate (or a damaged parameter) can
+    # still overflow, and a NaN parameter would poison every later step.
+    params_finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda leaf: jnp.all(jnp.isfinite(leaf)), updated.params))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
+    skipped = state.replace(step=state.step + 1)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, skipped)
+    metrics = {
+        "loss": loss,
+        "learning_rate": schedule(optim.update_count(state.opt_state)),  # what this update applied
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(state.params),
+        "temperature": jnp.exp(new_state.params["t"]),
+        "bias": new_state.params["b"],
+        "nonfinite": 1 - finite.astype(jnp.int32),
+    }
+    if ema_decay:
+        metrics["ema/decay"] = jnp.where(finite, decay, 0.0)  # 0: this step left the EMA unchanged
+        metrics["ema/param_norm"] = optax.global_norm(new_state.ema_params)
+    return new_state, metrics
+
+
+def create_train_state(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    image_size: int,
+    text_length: int,
+    mesh: Mesh,
+    axis_rules: Any,
+    rng: jax.Array,
+    image_shape: tuple[int, ...] | None = None,
+    ema: bool = False,
+    initialise: bool = True,
+) -> tuple[TrainState, Any]:
+    """Initialises the state already sharded over the mesh: shapes from `jax.eval_shape`, shardings
+    from the parameters' logical names, then one jit whose outputs land in place (never whole on one
+    device). `image_shape` (one example's, e.g. a NaFlex tower's packed patches) replaces the square
+    [image_size, image_size, 3]. With `ema`, the state keeps an EMA of the parameters, starting equal to
+    them. Returns the state and its tree of NamedShardings; without `initialise`, the state's shapes
+    (jax.ShapeDtypeStruct leaves) instead of the state, and nothing is compiled."""
+    images = jnp.zeros((1, *(image_shape or (image_size, image_size, 3))), jnp.float32)
+    tokens = jnp.zeros((1, text_length), jnp.int32)
+
+    def init_boxed(rng: jax.Array) -> TrainState:
+        # The split keeps the initial parameters those of earlier versions, which also kept a state key.
+        params_rng, _ = jax.random.split(rng)
+        params = model.init(params_rng, images, tokens)["params"]
+        # The optimizer state inherits the parameters' logical boxes, so it is sharded like them.
+        fields = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        if not ema:
+            return TrainState(**fields)
+        # The EMA copy inherits the boxes too: sharded exactly like the parameters.
+        return EmaTrainState(**fields, ema_params=jax.tree.map(jnp.copy, params))
+
+    # No logical-rules context here: out_shardings alone places the state; activation constraints on a
+    # batch of one would only add work to the initialisation.
+    abstract = jax.eval_shape(init_boxed, rng)
+    shardings = logical_to_shardings(abstract, mesh, axis_rules)
+    if not initialise:
+        return nn.unbox(abstract), shardings
+    state = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings,
+                    compiler_options=_init_compiler_options(mesh))(rng)
+    return state, shardings
+
+
+def _init_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
+    """The initialiser runs once, so on CPU it is compiled without XLA's backend optimisations: their
+    compile time outweighs what they save. Measured on 2 CPU cores (docs/testing.md): the tests' one-block
+    towers 3.8 s to compile at the default level, 1.3 s at level 0; B/16 + B text (203M parameters)
+    21.9 s + 1.6 s to run against 15.4 s + 8.6 s. Accelerators keep their defaults."""
+    if all(device.platform == "cpu" for device in mesh.devices.flat):
+        return {"xla_backend_optimization_level": 0}
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """Everything a run needs, built once from a config and a mesh (see `build_training`)."""
+
+    model: nn.Module
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: Mesh
+    axis_rules: Any
+    batch_axes: tuple[str, ...]  # the mesh axes the global batch is split over
+    state_shardings: Any  # a TrainState of NamedShardings
+    abstract_state: Any  # a TrainState of ShapeDtypeStructs carrying those shardings: what a restore targets
+    batch_sharding: NamedSharding
+    # (state, batch) -> (new state, scalar metrics); donates the state. Call inside `jax.set_mesh(mesh)`.
+    step: Any
+    state: TrainState | None  # the freshly initialised, sharded state; None when built with initialise=False
+
+
+def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, initialise: bool = True) -> Training:
+    """Model, optimizer, schedule, the state's shardings and the one jitted train step for `config` on
+    `mesh`; with `initialise`, also the initial state (from `config.seed`), created already sharded.
+
+    A run that is about to restore a checkpoint passes initialise=False and restores into
+    `abstract_state`, so a fresh state never occupies the devices next to the restored one.
+    """
+    axis_rules = sharding.rules_as_tuples(config.mesh.axis_rules)
+    sharding.check_batch_size(config.data.batch_size, mesh, axis_rules)
+    sharding.check_accumulation(config.data.batch_size, config.accum_steps, mesh, axis_rules)
+    batch_sharding = sharding.batch_sharding(mesh, axis_rules)
+    batch_axes = sharding.batch_axes(mesh, axis_rules)
+    model = two_towers.build_model(config.model)
+    schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
+    optimizer = optim.build_optimizer(config.optim, config.total_steps)
+    create = functools.partial(
+        create_train_state, model, optimizer, image_size=config.model.image.image_size,
+        image_shape=two_towers.image_input_shape(config.model),
+        text_length=config.model.text.max_len, mesh=mesh, axis_rules=axis_rules, ema=config.optim.ema_decay > 0,
+    )
+    # The state, or without `initialise` only its shapes (traced, nothing compiled).
+    state_or_shapes, state_shardings = create(rng=jax.random.key(config.seed), initialise=initialise)
+    abstract_state = jax.tree.map(
+        lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
+        state_or_shapes, state_shardings,
+    )
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            loss_config=config.loss,
+            axis_rules=axis_rules,
+            mesh=mesh,
+            batch_axes=batch_axes,
+            accum_steps=config.accum_steps,
+            frozen=tuple(config.optim.frozen),
+            ema_decay=config.optim.ema_decay,
+        ),
+        in_shardings=(state_shardings, batch_sharding),  # (state, batch)
+        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),  # (state, scalar metrics)
+        donate_argnums=0,  # the old state's buffers are reused for the new one
+    )
+    return Training(
+        model=model, optimizer=optimizer, schedule=schedule, mesh=mesh, axis_rules=axis_rules,
+        batch_axes=batch_axes, state_shardings=state_shardings, abstract_state=abstract_state,
+        batch_sharding=batch_sharding, step=step, state=state_or_shapes if initialise else None,
+    )
