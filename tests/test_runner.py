@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_jax.config import DEFAULT_AXIS_RULES
+from siglip_jax.config import DEFAULT_AXIS_RULES, EVAL_KINDS
 from siglip_jax.data.sources import ImageFolderSource
 from siglip_jax.data.tokenizers import ByteTokenizer
 from siglip_jax.evaluation import runner
@@ -145,3 +145,7 @@ def test_retrieval_streams_batches_and_matches_the_model_applied_whole():
                                                             method=model.embed_texts), rtol=1e-5, atol=1e-6)
     expected = retrieval.retrieval_metrics(image_embeddings, text_embeddings, caption_image_ids)
     assert metrics == {**expected, "num_images": 10.0, "num_skipped": 1.0}
+
+
+def test_every_eval_kind_the_config_accepts_has_a_builder_and_no_other():
+    assert tuple(runner.EVALUATORS) == EVAL_KINDS

@@ -57,7 +57,7 @@ def test_serving_runs_without_the_model_code(exported):
     _, _, directory = exported
     script = (
         "import sys, numpy as np\n"
-        "from siglip_jax import serving\n"
+        "from siglip_jax.inference import serving\n"
         f"served = serving.load({directory!r})\n"
         "image = served.embed_images(np.zeros((2, 16, 16, 3), np.uint8))\n"
         "text = served.embed_texts(['a dog on a beach'])\n"

@@ -14,7 +14,7 @@ from tests.helpers import child_environment
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "tests", "resume_recipe.py")
 TIMEOUT_S = 240
-HOLD = "import sys, time; from siglip_jax import workdir; workdir.prepare(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
+HOLD = "import sys, time; from siglip_jax.training import workdir; workdir.prepare(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
 
 
 def _env():

@@ -10,7 +10,7 @@ same metrics from them. The records are read again at every eval.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jax
 import ml_collections
@@ -232,41 +232,59 @@ def _class_names(entry: ml_collections.ConfigDict, source: Any) -> list[str]:
     return list(source.class_names)
 
 
+class _Setup(NamedTuple):
+    """What every kind of evaluator may need besides its own entry and source."""
+    config: ml_collections.ConfigDict
+    tokenizer: Callable
+    image_options: Any  # data.preprocess.ImageOptions: square pixels or NaFlex patches
+    build_source: Callable
+
+
+def _retrieval(entry, source, setup: _Setup) -> RetrievalSet:
+    return RetrievalSet(source, setup.tokenizer, setup.image_options, entry.max_items)
+
+
+def _classification(entry, source, setup: _Setup) -> ClassificationSet:
+    templates = (classification.IMAGENET_TEMPLATES if entry.templates == "imagenet"
+                 else classification.load_templates(entry.templates))
+    return ClassificationSet(source, setup.tokenizer, setup.image_options, _class_names(entry, source), templates,
+                             entry.max_items)
+
+
+def _contrastive_loss(entry, source, setup: _Setup) -> ContrastiveLossSet:
+    return ContrastiveLossSet(source, setup.tokenizer, setup.image_options, setup.config.data.batch_size,
+                              setup.config.loss, entry.max_items)
+
+
+def _fewshot(entry, source, setup: _Setup) -> FewShotSet:
+    test_source = None if entry.test_source is None else setup.build_source(entry.test_source)
+    return FewShotSet(source, test_source, setup.image_options, entry.shots, entry.l2_reg, setup.config.seed,
+                      entry.max_items)
+
+
+# The whole table of eval kinds (config.EVAL_KINDS names the same keys): one function per kind.
+EVALUATORS: dict[str, Callable[[Any, Any, _Setup], Any]] = {
+    "retrieval": _retrieval,
+    "classification": _classification,
+    "contrastive_loss": _contrastive_loss,
+    "fewshot": _fewshot,
+}
+
+
 def build_evaluators(
     config: ml_collections.ConfigDict, tokenizer: Callable, build_source: Callable
 ) -> dict[str, Any]:
-    """name -> evaluator for each entry of `config.evals`."""
+    """name -> evaluator for each entry of `config.evals`, built by its kind's entry in EVALUATORS."""
+    setup = _Setup(config, tokenizer, two_towers.image_options(config), build_source)
     evaluators = {}
-    image_size = two_towers.image_options(config)  # square pixels or NaFlex patches
     for name, entry in config.evals.items():
+        if entry.kind not in EVALUATORS:
+            raise ValueError(f"Eval {name!r} has kind {entry.kind!r}; valid kinds: {', '.join(EVALUATORS)}.")
         try:
             source = build_source(entry.source)
         except FileNotFoundError as error:
             raise from_config.missing_data_error(error, f"evals.{name}.source", entry.source) from error
-        if entry.kind == "retrieval":
-            evaluators[name] = RetrievalSet(source, tokenizer, image_size, entry.max_items)
-        elif entry.kind == "classification":
-            templates = (
-                classification.IMAGENET_TEMPLATES if entry.templates == "imagenet"
-                else classification.load_templates(entry.templates)
-            )
-            evaluators[name] = ClassificationSet(
-                source, tokenizer, image_size, _class_names(entry, source), templates, entry.max_items
-            )
-        elif entry.kind == "contrastive_loss":
-            evaluators[name] = ContrastiveLossSet(
-                source, tokenizer, image_size, config.data.batch_size, config.loss, entry.max_items
-            )
-        elif entry.kind == "fewshot":
-            test_source = None if entry.test_source is None else build_source(entry.test_source)
-            evaluators[name] = FewShotSet(
-                source, test_source, image_size, entry.shots, entry.l2_reg, config.seed, entry.max_items
-            )
-        else:
-            raise ValueError(
-                f"Eval {name!r} has kind {entry.kind!r}; valid kinds: retrieval, classification, "
-                "contrastive_loss, fewshot."
-            )
+        evaluators[name] = EVALUATORS[entry.kind](entry, source, setup)
     return evaluators
 
 
