@@ -8,6 +8,9 @@ IMAGE_SIZE = 32
 
 
 def get_config(arg: str | None = None):
+    if arg:
+        raise ValueError(f"configs/demo.py takes no argument, got {arg!r}; use --config=configs/demo.py and "
+                         "--config.<key>=value overrides.")
     config = default_config()
     config.total_steps = 600
     config.log_every_steps = 25

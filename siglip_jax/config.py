@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from typing import Any
 
 import ml_collections
@@ -263,6 +264,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(config.optim.name, OPTIMIZERS, "optim.name")
     _check_choice(config.optim.schedule, SCHEDULES, "optim.schedule")
     _check_choice(config.optim.weight_decay_convention, WEIGHT_DECAY_CONVENTIONS, "optim.weight_decay_convention")
+    for key in ("learning_rate", "weight_decay", "grad_clip_norm"):
+        value = float(config.optim[key])
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"optim.{key} must be a finite number >= 0, got {config.optim[key]!r}"
+                             + ("; a negative learning rate climbs the loss instead of descending it."
+                                if key == "learning_rate" else "; 0 turns it off."))
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ValueError(f"optim.ema_decay must be in [0, 1) (0 turns the EMA off; e.g. 0.9999), got {config.optim.ema_decay}.")
     if not set(config.mesh.axis_names) <= set(MESH_AXES):

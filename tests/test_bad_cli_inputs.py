@@ -85,10 +85,17 @@ def test_search_refuses_an_empty_query(tmp_path, capsys):
         search.query_index(index, None, "a dog", k=0)
 
 
+def _truncated_index(path):
+    search.save_index(str(path), search.Index(paths=["a.jpg", "b.jpg"], embeddings=np.ones((2, 4), np.float32),
+                                              model="m"))
+    path.write_bytes(path.read_bytes()[:100])
+
+
 @pytest.mark.parametrize("write", [
     lambda path: path.write_text("just some text"),
     lambda path: np.save(open(path, "wb"), np.array([{"a": 1}], dtype=object), allow_pickle=True),
     lambda path: np.savez(open(path, "wb"), other=np.zeros(3)),
+    lambda path: _truncated_index(path),  # a copy cut short: zipfile.BadZipFile before issue 29
 ])
 def test_search_names_a_file_that_is_not_an_index(tmp_path, write):
     path = tmp_path / "index.npz"

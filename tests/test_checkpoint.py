@@ -120,6 +120,18 @@ def test_model_mismatch_is_refused_with_the_differing_keys(saved, tmp_path):
     assert "init_from" in message
 
 
+def test_resuming_with_another_batch_size_says_what_changes(saved, caplog):
+    workdir, config, *_ = saved
+    other = tiny_config(**{"data.batch_size": 8})
+    target, _ = _restore_target(other, (8, 1, 1), jax.devices())
+    with checkpoint.Checkpointer(workdir) as checkpointer, caplog.at_level(logging.WARNING):
+        _, step = checkpointer.restore(target, _batches(other), other)
+    assert step == 7
+    assert ("Resuming step 7 with data.batch_size=8, but the checkpoint trained with 16: the data position is "
+            "counted in batches, so the stream goes on at example 56 instead of 112 (examples are seen again)") in caplog.text
+    assert "Pass --config.data.batch_size=16 to continue the same run." in caplog.text
+
+
 def test_retention_keeps_latest_n_and_every_mth(saved, tmp_path):
     _, config, *_, state = saved
     batches = _batches(config)

@@ -44,6 +44,7 @@ def paths(tmp_path_factory):
     (root / "no_images").mkdir()
     (root / "not_an_index.npz").write_text("plain text, not an index\n")
     (root / "a_file").write_text("a file where the workdir should be\n")
+    (root / "broken_recipe.py").write_text("def get_config(:\n    pass\n")
     return root, model
 
 
@@ -58,6 +59,12 @@ def test_each_cli_says_what_is_wrong_in_one_line(paths):
                                 "Did you mean 'optim.learning_rate'"),
         "total_steps=0": ([*train, f"--workdir={root / 'w3'}", "--config.total_steps=0"], "'total_steps' must be positive"),
         "workdir is a file": ([*train, f"--workdir={root / 'a_file'}"], "is a file, not a directory"),
+        "recipe with a syntax error": (["train.py", f"--config={root / 'broken_recipe.py'}", f"--workdir={root / 'w4'}"],
+                                       "invalid syntax (broken_recipe.py, line 1)"),
+        "recipe argument it would ignore": (["train.py", "--config=configs/demo.py:bogus", f"--workdir={root / 'w5'}"],
+                                            "configs/demo.py takes no argument, got 'bogus'"),
+        "negative learning rate": ([*train, f"--workdir={root / 'w6'}", "--config.optim.learning_rate=-1"],
+                                   "optim.learning_rate must be a finite number >= 0, got -1"),
         "eval of a missing workdir": (["eval.py", f"--workdir={missing}"], f"Cannot load a model from {str(missing)!r}"),
         "export of a missing workdir": (["export.py", f"--workdir={missing}", "--format=params", f"--output={root / 'o'}"],
                                         missing),

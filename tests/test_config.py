@@ -1,5 +1,6 @@
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -160,3 +161,21 @@ def test_flickr8k_recipe_pointed_at_a_missing_folder_names_the_path_and_the_flag
         build_source(config.data.train)
     message = str(missing_data_error(raised.value, "data.train", config.data.train))
     assert f"{missing}/Images" in message and "--config.data.train.args.path=/path/to/data" in message
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("learning_rate", -1.0, "optim.learning_rate must be a finite number >= 0, got -1.0; a negative learning rate climbs"),
+    ("learning_rate", float("nan"), "optim.learning_rate must be a finite number >= 0, got nan"),
+    ("weight_decay", float("inf"), "optim.weight_decay must be a finite number >= 0, got inf; 0 turns it off"),
+    ("grad_clip_norm", -0.5, "optim.grad_clip_norm must be a finite number >= 0, got -0.5"),
+])
+def test_negative_or_non_finite_optimizer_numbers_are_refused(key, value, message):
+    config = config_lib.default_config()
+    config.optim[key] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_lib.validate(config)
+
+
+def test_the_demo_recipe_refuses_an_argument_it_would_ignore():
+    with pytest.raises(ValueError, match=r"configs/demo.py takes no argument, got 'bogus'"):
+        _load_recipe_with_arg(os.path.join(REPO, "configs", "demo.py"), "bogus")

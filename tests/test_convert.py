@@ -106,3 +106,16 @@ def test_img2dataset_layout_by_target_shard_size_streams_back(folder_source, tmp
     expected = sorted((record["id"], tuple(record["captions"]), record["image"]) for record in _records(folder_source)
                       if record["id"] != "img3.jpg")
     assert streamed == expected
+
+
+def test_converting_again_into_the_same_folder_needs_overwrite_and_leaves_no_stale_shard(folder_source, tmp_path):
+    output = tmp_path / "out"
+    convert.convert(folder_source, output, format="webdataset", name="train", num_shards=3, progress=False)
+    convert.convert(folder_source, output, format="webdataset", name="test", num_shards=1, progress=False)  # another name: fine
+    with pytest.raises(FileExistsError, match=r"already holds webdataset output named 'train' \(train-00000-of-00003.tar, "
+                                              r".*--overwrite"):
+        convert.convert(folder_source, output, format="webdataset", name="train", num_shards=2, progress=False)
+    convert.convert(folder_source, output, format="webdataset", name="train", num_shards=2, progress=False, overwrite=True)
+    assert sorted(entry.name for entry in output.iterdir()) == [
+        "test-00000-of-00001.tar", "test.manifest.json",
+        "train-00000-of-00002.tar", "train-00001-of-00002.tar", "train.manifest.json"]

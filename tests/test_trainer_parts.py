@@ -71,3 +71,28 @@ def test_init_from_copies_chosen_towers_and_refuses_mismatches(tmp_path):
     np.testing.assert_allclose(params["img"]["pos_embedding"].reshape(6, 6, 32), expected, rtol=1e-5, atol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, params["img"]["MAPHead_0"], fresh["img"]["MAPHead_0"])
     np.testing.assert_array_equal(params["img"]["embedding"]["kernel"], trained["img"]["embedding"]["kernel"])
+
+
+def test_ctrl_c_asks_for_a_save_as_sigterm_does_and_a_second_one_stops_at_once():
+    import os
+    import signal
+    import threading
+    import time
+
+    from siglip_jax.training import preemption
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set from the main thread")
+    before = signal.getsignal(signal.SIGINT)
+    watch = preemption.PreemptionWatch()
+    try:
+        assert not watch.should_stop(1)
+        os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler before the next line
+        time.sleep(0.01)
+        assert watch.should_stop(2)  # the loop finishes this step, saves and exits
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    finally:
+        watch.close()
+    assert signal.getsignal(signal.SIGINT) is before

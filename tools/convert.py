@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import tarfile
 from typing import Callable, Iterator
@@ -104,11 +105,25 @@ def records_for_shard_size(source, shard_size_mb: float, sample: int = 64) -> in
     return max(1, int(shard_size_mb * 1e6 / max(1.0, sum(sizes) / max(1, len(sizes)))))
 
 
+def earlier_output(output_dir: str, name: str, format: str) -> list[str]:
+    """Files in output_dir that a conversion of this name and format writes: shards of any count, their
+    manifest, half-written shards. Other names' shards (train beside test) are not included."""
+    if not os.path.isdir(output_dir):
+        return []
+    any_shard = os.path.basename(shard_path("", name, 0, 1, format))  # name-00000-of-00001.ext or 00000.tar
+    shard = re.compile(re.escape(any_shard).replace("00000", r"\d{5}").replace("00001", r"\d{5}") + r"(\.partial)?")
+    manifest = f"{name or 'shards'}.manifest.json"
+    return sorted(entry for entry in os.listdir(output_dir) if shard.fullmatch(entry) or entry == manifest)
+
+
 def convert(source, output_dir, *, format: str = "arrayrecord", name: str = "data",
             num_shards: int | None = None, records_per_shard: int = 10_000, shard_size_mb: float = 0.0,
-            validate: bool = True, progress: bool = True) -> dict:
+            validate: bool = True, progress: bool = True, overwrite: bool = False) -> dict:
     """Writes every readable record of `source` into shards; returns (and saves as
-    output_dir/NAME.manifest.json) the counts, the shard paths and the skipped records."""
+    output_dir/NAME.manifest.json) the counts, the shard paths and the skipped records.
+
+    Shards of the same name already in output_dir are refused (a glob would mix stale ones in); with
+    `overwrite` they are deleted first."""
     from tqdm import tqdm
 
     if format not in _WRITERS:
@@ -121,6 +136,14 @@ def convert(source, output_dir, *, format: str = "arrayrecord", name: str = "dat
     if not 1 <= num_shards:
         raise ValueError(f"num_shards must be at least 1, got {num_shards}.")
     output_dir = os.fspath(output_dir)
+    earlier = earlier_output(output_dir, name, format)
+    if earlier and not overwrite:
+        shown = ", ".join(earlier[:4]) + (f", ... ({len(earlier)} files)" if len(earlier) > 4 else "")
+        raise FileExistsError(f"{output_dir} already holds {format} output named {name!r} ({shown}); a glob over "
+                              "it would mix stale shards in. Pass --overwrite to replace them, or choose another "
+                              "--output_dir or --name.")
+    for entry in earlier:
+        os.remove(os.path.join(output_dir, entry))
     os.makedirs(output_dir, exist_ok=True)
     skipped: list[dict] = []
     bar = tqdm(total=num_records, desc=f"{name} -> {format}", unit="rec", disable=not progress)
@@ -170,11 +193,13 @@ def main(argv=None) -> dict:
                         help="target shard size; sets records per shard from the first images (img2dataset uses ~256)")
     parser.add_argument("--no_validate", action="store_true",
                         help="copy images without decoding them once (faster, keeps bad files)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace shards of the same --name already in --output_dir (refused otherwise)")
     args = parser.parse_args(argv)
     manifest = convert(source_from_flags(args), args.output_dir, format=args.format,
                        name=args.name, num_shards=args.num_shards,
                        records_per_shard=args.records_per_shard, shard_size_mb=args.shard_size_mb,
-                       validate=not args.no_validate)
+                       validate=not args.no_validate, overwrite=args.overwrite)
     print(f"Wrote {manifest['records_written']} records in {len(manifest['shards'])} shards to "
           f"{args.output_dir}; skipped {manifest['records_skipped']} (see "
           f"{args.name or 'shards'}.manifest.json)." + (f" Pattern: {manifest['pattern']}" if "pattern" in manifest else ""))

@@ -19,6 +19,7 @@ import io
 import os
 import sys
 import urllib.parse
+import zipfile
 from typing import Sequence
 
 import numpy as np
@@ -96,7 +97,7 @@ def load_index(path: str) -> Index:
         with np.load(io.BytesIO(storage.with_retries(location.read_bytes, f"Reading {path}")), allow_pickle=False) as data:
             index = Index(paths=[str(p) for p in data["paths"]], embeddings=data["embeddings"], model=str(data["model"]),
                           weights=str(data["weights"]) if "weights" in data else "raw")  # older indexes: raw
-    except (ValueError, KeyError, OSError, EOFError, AttributeError) as error:
+    except (ValueError, KeyError, OSError, EOFError, AttributeError, zipfile.BadZipFile) as error:
         # numpy's own message talks of pickles; the user only needs to know which file is not an index.
         raise ValueError(f"{path!r} is not a search index written by `search index` ({type(error).__name__}: "
                          f"{error}); build one with `python -m siglip_jax.inference.search index IMAGE_DIR --model MODEL "

@@ -261,6 +261,7 @@ class Checkpointer:
                     "; ".join(failures), step,
                 )
                 self._set_aside(failed_steps[:-1], "unreadable")
+            _warn_if_batch_size_changed(saved, current, step)
             other_changes = config_differences(saved, current)
             if other_changes:
                 logger.info("Resuming step %d with changed config keys: %s", step, "; ".join(other_changes))
@@ -271,6 +272,19 @@ class Checkpointer:
             "config changed the optimizer's structure (optim.name, grad_clip_norm, weight_decay or ema_decay to or from 0), "
             "start a new workdir with init_from set to this one. Otherwise delete the broken step directories."
         )
+
+
+def _warn_if_batch_size_changed(saved: dict[str, Any], current: dict[str, Any], step: int) -> None:
+    """A resume with another global batch is allowed (e.g. after losing devices), but it is not the same run."""
+    before, now = saved.get("data", {}).get("batch_size"), current["data"]["batch_size"]
+    if before is not None and before != now:
+        logger.warning(
+            "Resuming step %d with data.batch_size=%d, but the checkpoint trained with %d: the data position is "
+            "counted in batches, so the stream goes on at example %d instead of %d (examples are %s), and each "
+            "remaining step of the schedule (total_steps, warm-up, decay) now sees %d examples instead of %d. "
+            "Pass --config.data.batch_size=%d to continue the same run.",
+            step, now, before, step * now, step * before, "skipped" if now > before else "seen again", now, before,
+            before)
 
 
 def _check_same_model(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:

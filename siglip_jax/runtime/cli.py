@@ -42,14 +42,15 @@ def _one_line(error: BaseException) -> str:
     return f"error: {message} (-v or {TRACEBACK_ENV}=1 shows the traceback)"
 
 
-def guarded(fn: Callable[..., Any], show_traceback: bool) -> Callable[..., Any]:
-    """`fn` with USER_ERRORS turned into one line on stderr and exit status 1 (unless `show_traceback`)."""
+def guarded(fn: Callable[..., Any], show_traceback: bool,
+            errors: tuple[type[BaseException], ...] = USER_ERRORS) -> Callable[..., Any]:
+    """`fn` with `errors` turned into one line on stderr and exit status 1 (unless `show_traceback`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as error:
+        except errors as error:
             if show_traceback:
                 raise
             print(_one_line(error), file=sys.stderr, flush=True)
@@ -81,4 +82,23 @@ def run_absl(main: Callable[[list[str]], Any]) -> None:
 
     show = _wants_traceback(sys.argv)
     guarded(config_lib.check_override_keys, show)(_config_override_names(sys.argv))
-    app.run(guarded(main, show))
+    # absl reads the --config file while parsing flags, before main: a syntax error there is the user's
+    # ("invalid syntax (my_config.py, line 3)"), and so is a recipe's own ValueError, which absl would print
+    # inside its usage text, traceback and all.
+    guarded(app.run, show, USER_ERRORS + (SyntaxError,))(guarded(main, show), flags_parser=functools.partial(
+        _parse_flags, show_traceback=show))
+
+
+def _parse_flags(argv: list[str], show_traceback: bool) -> list[str]:
+    from absl import app, flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        original = error
+        while original.__cause__ or original.__context__:  # config_flags re-raises, absl wraps: the first one
+            original = original.__cause__ or original.__context__
+        if isinstance(original, USER_ERRORS) and not show_traceback:
+            print(_one_line(original), file=sys.stderr, flush=True)
+            sys.exit(1)
+    return app.parse_flags_with_usage(argv)  # absl's own message for its own errors (an unknown flag)

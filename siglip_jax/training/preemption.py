@@ -1,5 +1,7 @@
 """Preemption notices: SIGTERM (what TPU VMs, GCE and SLURM send before killing a job) asks the loop to
-finish its step, save and exit cleanly, and on several hosts every process stops at the same step."""
+finish its step, save and exit cleanly, and on several hosts every process stops at the same step. In one
+process Ctrl-C (SIGINT) does the same, so the steps since the last save are kept; a second Ctrl-C stops at
+once."""
 from __future__ import annotations
 
 import logging
@@ -24,16 +26,21 @@ class PreemptionWatch:
 
     def __init__(self) -> None:
         self._requested = threading.Event()
-        self._previous_handler: Any = None
+        self._previous_handlers: dict[int, Any] = {}
         self._use_sync_service = jax.process_count() > 1
         # Python signal handlers can only be set from the main thread (a loop run from a worker thread
         # just does not react to SIGTERM).
         if not self._use_sync_service and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        del signum, frame
-        logger.warning("SIGTERM received: finishing this step, saving a checkpoint and exiting.")
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        del frame
+        if signum == signal.SIGINT and self._requested.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
+        logger.warning("%s received: finishing this step, saving a checkpoint and exiting%s.",
+                       signal.Signals(signum).name,
+                       " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else "")
         self._requested.set()
 
     def should_stop(self, step: int) -> bool:
@@ -43,7 +50,7 @@ class PreemptionWatch:
         return self._requested.is_set()
 
     def close(self) -> None:
-        """Puts back the SIGTERM handler that was there before."""
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        """Puts back the SIGTERM and SIGINT handlers that were there before."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
