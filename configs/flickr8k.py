@@ -1,12 +1,13 @@
 """SigLIP on Flickr8k (6,000 training images, 5 captions each), evaluated on its 1,000-image test split
 (image<->text retrieval, 5 captions per image) and zero-shot CIFAR-10.
 
-    # once: the recipe's 2,000-piece SentencePiece vocabulary from the training captions (~30 s), cached
-    python -m tools.train_tokenizer --source flickr8k --path ../shared/data/flickr8k --arg split=train \
-        --vocab_size 2000 --lowercase --output ~/.cache/siglip_jax/flickr8k_sp2000_lower.model
     python train.py --config configs/flickr8k.py --workdir /tmp/flickr8k          # small, 2 CPU cores
     python train.py --config configs/flickr8k.py:B/16 --workdir /tmp/flickr8k_b16 # B/16 at 224 px, accelerators
 
+The first run trains the recipe's 2,000-piece SentencePiece vocabulary on the training captions, lowercased
+(~30 s), and caches it at ~/.cache/siglip_jax/flickr8k_sp2000_lower.model (data.tokenizer_vocab_size); the same
+file by hand: python -m tools.train_tokenizer --source flickr8k --path ../shared/data/flickr8k --arg split=train
+--vocab_size 2000 --lowercase --output ~/.cache/siglip_jax/flickr8k_sp2000_lower.model.
 Another vocabulary file: --config.data.tokenizer_path=FILE (trained with --lowercase, 2,000 pieces or
 fewer). What each choice of the small recipe did is measured in docs/flickr8k.md.
 
@@ -34,7 +35,7 @@ TOKENIZER_VOCAB = 2000
 
 
 def default_tokenizer_path() -> str:
-    """Where the recipe's SentencePiece vocabulary is cached (made once by the command in the docstring)."""
+    """Where the recipe's SentencePiece vocabulary is cached (trained by the first run, see the docstring)."""
     return os.path.join(os.path.expanduser("~"), ".cache", "siglip_jax", f"flickr8k_sp{TOKENIZER_VOCAB}_lower.model")
 
 
@@ -53,6 +54,7 @@ def get_config(arg: str | None = None):
     # A SentencePiece vocabulary trained on the 30,000 training captions, lowercased (see the docstring).
     config.data.tokenizer = "sentencepiece"
     config.data.tokenizer_path = default_tokenizer_path()
+    config.data.tokenizer_vocab_size = TOKENIZER_VOCAB  # trained on first use when the file is not there
     config.model.text.vocab_size = TOKENIZER_VOCAB
     config.model.text.max_len = 32  # 99% of captions fit in 29 pieces
 

@@ -174,6 +174,9 @@ def default_config() -> ml_collections.ConfigDict:
                 eval_batch_size=256,
                 tokenizer="byte",  # "byte", "sentencepiece" or "hf"
                 tokenizer_path="",  # the .model or tokenizer.json file for the latter two
+                # sentencepiece: > 0 trains a vocabulary of this many pieces on data.train's captions (lowercased
+                # with data.lowercase) when tokenizer_path does not exist yet, and caches it there; 0: must exist
+                tokenizer_vocab_size=0,
                 lowercase=False,
                 num_workers=0,  # grain worker processes; 0 reads in the main process
                 prefetch_batches=2,

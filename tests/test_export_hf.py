@@ -17,7 +17,7 @@ from siglip_jax.io import safetensors_file  # noqa: E402
 from siglip_jax.models import two_towers  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 from tests.params_helpers import random_params  # noqa: E402
-from tools.train_tokenizer import train_sentencepiece  # noqa: E402
+from siglip_jax.data.tokenizers import train_sentencepiece  # noqa: E402
 
 TOLERANCE = 1e-4
 

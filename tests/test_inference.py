@@ -13,7 +13,7 @@ from siglip_jax.io import big_vision, params as params_lib
 from siglip_jax.models import two_towers
 from tests.helpers import tiny_config
 from tests.params_helpers import random_params
-from tools.train_tokenizer import train_sentencepiece
+from siglip_jax.data.tokenizers import train_sentencepiece
 
 
 @pytest.fixture(scope="module")

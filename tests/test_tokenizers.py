@@ -1,11 +1,12 @@
 """Tokenizers: SigLIP conventions (sticky EOS, pad with EOS) for every kind, and the trainer tool."""
 import json
+import os
 
 import numpy as np
 import pytest
 
 from siglip_jax.data import tokenizers
-from tools.train_tokenizer import train_sentencepiece
+from siglip_jax.data.tokenizers import train_sentencepiece
 
 CAPTIONS = [
     "A dog runs on the beach .", "Two children are playing in the snow .",
@@ -82,18 +83,46 @@ def test_sentencepiece_reads_ids_from_the_model(tmp_path):
 def test_train_tokenizer_cli_on_a_caption_file(tmp_path):
     from tools import train_tokenizer
 
+    image_dir, captions_file = _caption_folder(tmp_path, CAPTIONS[:40])
+    output = tmp_path / "new_folder" / "cli.model"  # made by the tool (a fresh ~/.cache has none)
+    train_tokenizer.main(["--source", "caption_folder", "--arg", f"image_dir={image_dir}",
+                          "--arg", f"captions_file={captions_file}",
+                          "--vocab_size", "45", "--output", str(output)])
+    assert tokenizers.SentencePieceTokenizer(output).vocab_size == 45
+    assert os.listdir(tmp_path / "new_folder") == ["cli.model"]  # no partial file left beside it
+
+
+def _caption_folder(tmp_path, captions):
     image_dir = tmp_path / "images"
     image_dir.mkdir()
     lines = []
-    for index, caption in enumerate(CAPTIONS[:40]):
+    for index, caption in enumerate(captions):
         (image_dir / f"{index}.jpg").write_bytes(b"unused")
         lines.append(json.dumps({"image": f"{index}.jpg", "caption": caption}))
     (tmp_path / "captions.jsonl").write_text("\n".join(lines))
-    output = tmp_path / "cli.model"
-    train_tokenizer.main(["--source", "caption_folder", "--arg", f"image_dir={image_dir}",
-                          "--arg", f"captions_file={tmp_path / 'captions.jsonl'}",
-                          "--vocab_size", "45", "--output", str(output)])
-    assert tokenizers.SentencePieceTokenizer(output).vocab_size == 45
+    return image_dir, tmp_path / "captions.jsonl"
+
+
+def test_a_missing_vocabulary_is_trained_on_first_use_into_new_folders_and_then_reused(tmp_path):
+    from siglip_jax.config import default_config, source_config
+    from siglip_jax.data.from_config import build_tokenizer
+
+    image_dir, captions_file = _caption_folder(tmp_path, CAPTIONS[:40])
+    config = default_config()
+    config.data.train = source_config("caption_folder", image_dir=str(image_dir), captions_file=str(captions_file))
+    config.data.tokenizer, config.data.lowercase, config.data.tokenizer_vocab_size = "sentencepiece", True, 45
+    config.data.tokenizer_path = str(tmp_path / "cache" / "not" / "yet" / "made.model")  # the folders too
+    tokenizer = build_tokenizer(config)
+    assert tokenizer.vocab_size == 45 and sorted(os.listdir(tmp_path / "cache/not/yet")) == ["made.model"]
+    ids = tokenizer(["A Dog runs on the beach ."])[0]
+    pieces = _pieces_to_text(tokenizer.processor, [i for i in ids if i != tokenizer.eos_id])
+    assert pieces == "a dog runs on the beach ."  # lowercased as data.lowercase says
+    made = os.stat(config.data.tokenizer_path).st_mtime_ns
+    build_tokenizer(config)  # the second run reads the cached file
+    assert os.stat(config.data.tokenizer_path).st_mtime_ns == made
+    config.data.tokenizer_vocab_size, config.data.tokenizer_path = 0, str(tmp_path / "absent.model")
+    with pytest.raises(FileNotFoundError, match="absent.model"):  # 0: a missing file is the user's to fix
+        build_tokenizer(config)
 
 
 def test_train_tokenizer_explains_too_large_vocab(tmp_path):

@@ -2,6 +2,8 @@
 evaluation and export."""
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Callable
 
 import ml_collections
@@ -25,7 +27,10 @@ def missing_data_error(error: FileNotFoundError, key: str, source: ml_collection
 
 
 def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
-    """The tokenizer of `config.data`, checked against the model's vocabulary."""
+    """The tokenizer of `config.data`, checked against the model's vocabulary. A SentencePiece file that does
+    not exist yet is first trained on the training captions where `data.tokenizer_vocab_size` asks for it."""
+    if _vocabulary_to_train(config.data):
+        train_vocabulary(config)
     tokenizer = tokenizers.make_tokenizer(
         config.data.tokenizer,
         max_len=config.model.text.max_len,
@@ -33,6 +38,30 @@ def build_tokenizer(config: ml_collections.ConfigDict) -> Callable:
         path=config.data.tokenizer_path or None,
     )
     return check_vocabulary(tokenizer, config)
+
+
+def _vocabulary_to_train(data: ml_collections.ConfigDict) -> bool:
+    return (data.tokenizer == "sentencepiece" and data.tokenizer_vocab_size > 0 and bool(data.tokenizer_path)
+            and not os.path.exists(os.path.expanduser(data.tokenizer_path)))
+
+
+def train_vocabulary(config: ml_collections.ConfigDict) -> str:
+    """Trains the config's SentencePiece vocabulary on the captions of `data.train` and writes it to
+    `data.tokenizer_path` (folders created, the file written whole); returns the path. The same captions give
+    the same file, so runs starting at once may each train it."""
+    data = config.data
+    path = os.path.expanduser(data.tokenizer_path)
+    source = build_source(data.train)
+    if not hasattr(source, "__len__") and not hasattr(source, "all_captions"):
+        raise ValueError(f"data.tokenizer_path {path!r} does not exist and data.train ({data.train.kind}) streams "
+                         "its records, so there is no caption list to train a vocabulary on here. Train one with "
+                         "tools/train_tokenizer.py from the same data and set data.tokenizer_path to it.")
+    logging.getLogger(__name__).warning(
+        "Training a %d-piece SentencePiece vocabulary on the captions of data.train (%s), once: it is cached at %s.",
+        data.tokenizer_vocab_size, data.train.kind, path)
+    tokenizers.train_sentencepiece(sources.iter_captions(source), path, data.tokenizer_vocab_size,
+                                   lowercase=data.lowercase)
+    return path
 
 
 def check_vocabulary(tokenizer: Callable, config: ml_collections.ConfigDict) -> Callable:

@@ -2,8 +2,9 @@
 caption is truncated) and padding with the pad id (SigLIP pads with EOS, id 1)."""
 from __future__ import annotations
 
+import io
 import os
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -200,6 +201,56 @@ class HFTokenizer:
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self.tokenizer.decode([i for i in ids if i != self.pad_id])
+
+
+def train_sentencepiece(captions: Iterable[str], output_path, vocab_size: int, *,
+                        lowercase: bool = False, model_type: str = "unigram",
+                        character_coverage: float = 0.9995, max_sentences: int = 2_000_000,
+                        hard_vocab_limit: bool = True, seed: int = 0) -> int:
+    """Trains on `captions`, writes the model to `output_path`; returns how many captions it saw.
+
+    The folders are created and the file appears whole or not at all (written beside it, then renamed), so
+    runs that start at once and each train the same vocabulary never read half a file.
+
+    lowercase must match the tokenizer's `lowercase` at training time of the model that uses it.
+    Up to `max_sentences` captions, sampled at random, enter training (SentencePiece holds them in
+    memory). hard_vocab_limit=False lets a small corpus yield fewer than vocab_size pieces
+    instead of failing.
+    """
+    import sentencepiece
+
+    counted = {"captions": 0}
+
+    def lines() -> Iterator[str]:
+        for caption in captions:
+            caption = " ".join(caption.split())  # SentencePiece reads one sentence per line.
+            if caption:
+                counted["captions"] += 1
+                yield caption.lower() if lowercase else caption
+
+    sentencepiece.set_random_generator_seed(seed)  # the sentence sample, hence the model
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=character_coverage,
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            hard_vocab_limit=hard_vocab_limit, num_threads=min(4, os.cpu_count() or 1),
+            minloglevel=2)
+    except RuntimeError as error:
+        raise RuntimeError(f"SentencePiece training failed: {str(error).rstrip('.')}. If the "
+                           f"vocabulary is too large for this corpus, lower vocab_size (was "
+                           f"{vocab_size}) or pass hard_vocab_limit=False (--soft_vocab_limit).") from error
+    if counted["captions"] == 0:
+        raise ValueError("The source has no non-empty captions to train on.")
+    output_path = os.path.abspath(os.path.expanduser(os.fspath(output_path)))
+    os.makedirs(os.path.dirname(output_path), exist_ok=True)
+    partial = f"{output_path}.{os.getpid()}.partial"
+    with open(partial, "wb") as file:
+        file.write(model.getvalue())
+    os.replace(partial, output_path)
+    return counted["captions"]
 
 
 TOKENIZER_KINDS = ("byte", "sentencepiece", "hf")
