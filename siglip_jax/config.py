@@ -267,6 +267,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(config.optim.name, OPTIMIZERS, "optim.name")
     _check_choice(config.optim.schedule, SCHEDULES, "optim.schedule")
     _check_choice(config.optim.weight_decay_convention, WEIGHT_DECAY_CONVENTIONS, "optim.weight_decay_convention")
+    if config.data.tokenizer_vocab_size and config.data.tokenizer_vocab_size != config.model.text.vocab_size:
+        raise ValueError(f"data.tokenizer_vocab_size={config.data.tokenizer_vocab_size} (the vocabulary trained on first "
+                         f"use) differs from model.text.vocab_size={config.model.text.vocab_size}; set both to the "
+                         "same number.")
     for key in ("learning_rate", "weight_decay", "grad_clip_norm"):
         value = float(config.optim[key])
         if not (math.isfinite(value) and value >= 0):

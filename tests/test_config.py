@@ -179,3 +179,11 @@ def test_negative_or_non_finite_optimizer_numbers_are_refused(key, value, messag
 def test_the_demo_recipe_refuses_an_argument_it_would_ignore():
     with pytest.raises(ValueError, match=r"configs/demo.py takes no argument, got 'bogus'"):
         _load_recipe_with_arg(os.path.join(REPO, "configs", "demo.py"), "bogus")
+
+
+def test_a_vocabulary_trained_on_first_use_must_match_the_model():
+    config = config_lib.default_config()
+    config.data.tokenizer_vocab_size = 2000  # model.text.vocab_size is 32,000 by default
+    with pytest.raises(ValueError, match=r"data.tokenizer_vocab_size=2000 \(the vocabulary trained on first use\) "
+                                         r"differs from model.text.vocab_size=32000"):
+        config_lib.validate(config)

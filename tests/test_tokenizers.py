@@ -120,6 +120,11 @@ def test_a_missing_vocabulary_is_trained_on_first_use_into_new_folders_and_then_
     made = os.stat(config.data.tokenizer_path).st_mtime_ns
     build_tokenizer(config)  # the second run reads the cached file
     assert os.stat(config.data.tokenizer_path).st_mtime_ns == made
+    if os.path.isdir("/sys/kernel"):  # sysfs refuses new files even to root: an unwritable cache folder
+        config.data.tokenizer_path = "/sys/kernel/siglip_jax_cache/made.model"
+        with pytest.raises(OSError, match=r"Cannot write the vocabulary to '/sys/kernel/siglip_jax_cache/made.model' "
+                                          r".*--config.data.tokenizer_path"):
+            build_tokenizer(config)
     config.data.tokenizer_vocab_size, config.data.tokenizer_path = 0, str(tmp_path / "absent.model")
     with pytest.raises(FileNotFoundError, match="absent.model"):  # 0: a missing file is the user's to fix
         build_tokenizer(config)

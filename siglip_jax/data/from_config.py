@@ -59,8 +59,12 @@ def train_vocabulary(config: ml_collections.ConfigDict) -> str:
     logging.getLogger(__name__).warning(
         "Training a %d-piece SentencePiece vocabulary on the captions of data.train (%s), once: it is cached at %s.",
         data.tokenizer_vocab_size, data.train.kind, path)
-    tokenizers.train_sentencepiece(sources.iter_captions(source), path, data.tokenizer_vocab_size,
-                                   lowercase=data.lowercase)
+    try:
+        tokenizers.train_sentencepiece(sources.iter_captions(source), path, data.tokenizer_vocab_size,
+                                       lowercase=data.lowercase)
+    except OSError as error:  # a read-only or full disk, a folder we may not write
+        raise OSError(f"Cannot write the vocabulary to {path!r} ({error.strerror or error}); point "
+                      "--config.data.tokenizer_path at a writable file.") from error
     return path
 
 
