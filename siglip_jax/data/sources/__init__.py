@@ -37,7 +37,7 @@ SOURCES: dict[str, Callable] = {
     "webdataset_stream": WebDatasetStreamSource,  # shards ({00000..09999} ranges, lists), shuffle_buffer, open_shards, resampled
     "mixture": mixture,                     # sources {name: dict(kind, weight, args)}, on_exhausted restart/end
     "arrayrecord": ArrayRecordSource,       # paths (path, glob or list)
-    "image_folder": ImageFolderSource,      # path (root/<class>/<image>), max_per_class; for classification
+    "image_folder": ImageFolderSource,      # path (root/<class>/<image>), max_per_class, synsets; for classification
     "tfds": TfdsSource,                     # name, split, data_dir, image_key, caption_key, id_key
 }
 SOURCE_KINDS = tuple(SOURCES)
