@@ -65,6 +65,8 @@ def test_each_cli_says_what_is_wrong_in_one_line(paths):
                                             "configs/demo.py takes no argument, got 'bogus'"),
         "negative learning rate": ([*train, f"--workdir={root / 'w6'}", "--config.optim.learning_rate=-1"],
                                    "optim.learning_rate must be a finite number >= 0, got -1"),
+        "a run that diverges": ([*train, f"--workdir={root / 'w7'}", "--config.optim.learning_rate=1e30",
+                                 "--config.max_nonfinite_steps=2"], "2 steps in a row had a NaN or Inf"),
         "eval of a missing workdir": (["eval.py", f"--workdir={missing}"], f"Cannot load a model from {str(missing)!r}"),
         "export of a missing workdir": (["export.py", f"--workdir={missing}", "--format=params", f"--output={root / 'o'}"],
                                         missing),

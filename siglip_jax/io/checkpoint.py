@@ -111,10 +111,20 @@ REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
 def _write_small_arrays_whole() -> None:
     """Orbax's jax.Array handler with REPLICA_PARALLEL_MIN_SLICE_BYTES. Orbax takes array handlers from its
     process-wide registry only (StandardCheckpointHandler has no per-manager one), so this replaces the
-    registered one; whether replica-parallel is used at all stays Orbax's platform default."""
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES),
-        override=True)
+    registered one; whether replica-parallel is used at all stays Orbax's platform default. Orbax logs a
+    warning for every override; it says nothing a user can act on, so it is held back."""
+    registered = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(registered, "_min_slice_bytes_for_replica_parallel", None) == REPLICA_PARALLEL_MIN_SLICE_BYTES:
+        return
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES),
+            override=True)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def open_manager(root: str, *, keep_checkpoints: int | None = None, keep_every_steps: int = 0, read_only: bool = False):

@@ -3,7 +3,8 @@ with an error: the project's own errors become one readable line on stderr and e
 
 The rule: an exception of a type in USER_ERRORS carries a message written for the person at the keyboard
 (our code raises ValueError/TypeError for bad values and configs, FileNotFoundError, FileExistsError,
-PermissionError and other OSErrors for paths; the OS's own OSErrors name the file), so its traceback is
+PermissionError and other OSErrors for paths, FloatingPointError for a run that diverged; the OS's own
+OSErrors name the file), so its traceback is
 noise. Any other exception is a bug and keeps its traceback. `-v` (or --verbose) on the command line, or
 SIGLIP_TRACEBACK=1 in the environment, shows the traceback of every error.
 
@@ -20,7 +21,8 @@ from typing import Any, Callable
 
 from siglip_jax import config as config_lib
 
-USER_ERRORS = (ValueError, TypeError, OSError)
+# FloatingPointError: a diverged run or a damaged checkpoint (training.hooks, training.safeguards), said in words.
+USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
 TRACEBACK_FLAGS = ("-v", "--verbose")
 TRACEBACK_ENV = "SIGLIP_TRACEBACK"
 

@@ -110,8 +110,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     def save_if_finite(step: int, state) -> bool:
         """Saves `step` unless it was non-finite (and skipped): every checkpoint is then a good one."""
         if not nonfinite.held_step_finite():
-            logger.warning("Not saving step %d: it was non-finite and skipped; the latest checkpoint stays step %s.",
-                           step, checkpointer.latest_step())
+            latest = checkpointer.latest_step()
+            logger.warning("Not saving step %d: it was non-finite and skipped; %s.", step,
+                           "no checkpoint has been saved yet" if latest is None else f"the latest checkpoint stays step {latest}")
             return False
         checkpointer.save(step, state, batches, config)  # asynchronous: returns once off the devices
         return True
