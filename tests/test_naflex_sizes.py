@@ -10,7 +10,6 @@ import pytest  # noqa: E402
 
 from siglip_jax import config as config_lib  # noqa: E402
 from siglip_jax.runtime import sharding  # noqa: E402
-from siglip_jax.io import hf_state_dict  # noqa: E402
 from siglip_jax.models import two_towers  # noqa: E402
 
 GEMMA_VOCAB = 256_000
@@ -49,9 +48,9 @@ def test_b16_naflex_parameter_count_equals_transformers():
     with torch.device("meta"):  # shapes only, nothing allocated
         theirs = sum(parameter.numel() for parameter in transformers.Siglip2Model(hf_config).parameters())
     ours_by_size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(
-        hf_state_dict.abstract_params(siglip2_b16_naflex().model)))
+        two_towers.abstract_params(siglip2_b16_naflex().model)))
     recipe = _recipe_model(os.path.join(os.path.dirname(__file__), "..", "configs", "siglip2_naflex.py"))
-    ours = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(hf_state_dict.abstract_params(recipe)))
+    ours = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(two_towers.abstract_params(recipe)))
     assert ours == ours_by_size  # configs/siglip2_naflex.py is this size
     print(f"SigLIP 2 B/16 NaFlex parameters: ours {ours:,}, transformers {theirs:,}")
     assert ours == theirs

@@ -150,8 +150,11 @@ def latest_step(workdir: str) -> int | None:
         return manager.latest_step()
 
 
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings: what Orbax restores into (and reshards to)."""
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+    """`tree` as ShapeDtypeStructs, carrying the target `shardings` where given: what Orbax restores into (and
+    reshards to), what jax.export traces with."""
+    if shardings is None:
+        return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), tree)
     return jax.tree.map(lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target), tree, shardings)
 
 

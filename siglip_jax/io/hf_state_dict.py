@@ -14,9 +14,7 @@ Layout differences handled below:
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
@@ -148,20 +146,11 @@ def to_hf_state_dict(params, model_config: ml_collections.ConfigDict) -> dict[st
     return state_dict
 
 
-def abstract_params(model_config: ml_collections.ConfigDict) -> dict:
-    """Shapes and dtypes of the model's parameters (nothing allocated): a nested dict of ShapeDtypeStructs."""
-    model = two_towers.build_model(model_config)
-    images = jax.ShapeDtypeStruct((1, *two_towers.image_input_shape(model_config)), jnp.float32)
-    tokens = jax.ShapeDtypeStruct((1, model_config.text.max_len), jnp.int32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
-    return nn.meta.unbox(variables["params"])  # drop the logical-partitioning boxes
-
-
 def from_hf_state_dict(state_dict: dict[str, np.ndarray], model_config: ml_collections.ConfigDict) -> dict:
     """{HF key: array} -> our params tree (numpy, dtypes kept), shaped as `model_config`'s model."""
     unrolled_config = ml_collections.ConfigDict(model_config.to_dict())
     unrolled_config.scan_layers = False  # the table is per layer; stacked at the end for a scan_layers model
-    expected = traverse_util.flatten_dict(abstract_params(unrolled_config), sep="/")
+    expected = traverse_util.flatten_dict(two_towers.abstract_params(unrolled_config), sep="/")
     table = key_table(model_config)
     missing = sorted({hf for _, hf, *_ in table} - set(state_dict))
     if missing:

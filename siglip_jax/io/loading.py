@@ -30,7 +30,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from siglip_jax import config as config_lib
-from siglip_jax.io import big_vision, checkpoint_params, hf, params as params_lib
+from siglip_jax.io import big_vision, checkpoint, checkpoint_params, hf, params as params_lib
 from siglip_jax.models import init_mapping, layout
 from siglip_jax.models.two_towers import param_shardings
 from siglip_jax.runtime import sharding, storage
@@ -45,10 +45,6 @@ def is_workdir(path: str) -> bool:
     """True for what checkpoint_params.restore_params reads (a directory that is not an HF export)."""
     location = storage.path(path)  # gs:// workdirs too
     return location.is_dir() and not (location / "config.json").exists()
-
-
-def _shapes(tree: Any) -> Any:
-    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), tree)
 
 
 def _target_shardings(config: ml_collections.ConfigDict, mesh: Mesh | None, shardings: Any) -> Any:
@@ -108,7 +104,7 @@ def load_model(
                          "--weights ema (an export made with --weights ema already holds the EMA as its weights).")
     exported = _read_file(source)
     if check is not None:
-        check(exported.config, _shapes(exported.params))
+        check(exported.config, checkpoint.abstract_like(exported.params))
     targets = _target_shardings(exported.config, mesh, shardings)
     if targets is None:
         return exported

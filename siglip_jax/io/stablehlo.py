@@ -20,17 +20,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from siglip_jax.io import params as params_lib
+from siglip_jax.io import checkpoint, params as params_lib
 from siglip_jax.models import two_towers
 
 IMAGE_FUNCTION_FILE = "embed_images.jax_exported"
 TEXT_FUNCTION_FILE = "embed_texts.jax_exported"
 PARAMS_FILE = "params.msgpack"
 SIGNATURE_FILE = "signature.json"
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), tree)
 
 
 def export_embedders(config: ml_collections.ConfigDict, params,
@@ -45,7 +41,7 @@ def export_embedders(config: ml_collections.ConfigDict, params,
     max_len = config.model.text.max_len
     images = jax.ShapeDtypeStruct((batch, *two_towers.image_input_shape(config.model)), jnp.uint8)
     token_ids = jax.ShapeDtypeStruct((batch, max_len), jnp.int32)
-    abstract_params = _abstract(params)
+    abstract_params = checkpoint.abstract_like(params)
 
     def embed_images(params, images):
         return model.apply({"params": params}, images, method=model.embed_images)

@@ -200,10 +200,17 @@ def build_model(model_config: ml_collections.ConfigDict) -> TwoTowers:
     )
 
 
+def abstract_params(model_config: ml_collections.ConfigDict, *, boxed: bool = False) -> Any:
+    """The model's parameters as ShapeDtypeStructs (traced, nothing allocated); `boxed` keeps flax's
+    logical-axis boxes, which param_shardings reads."""
+    model = build_model(model_config)
+    images = jax.ShapeDtypeStruct((1, *image_input_shape(model_config)), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((1, model_config.text.max_len), jnp.int32)
+    params = jax.eval_shape(lambda rng, images, tokens: model.init(rng, images, tokens)["params"],
+                            jax.random.key(0), images, tokens)
+    return params if boxed else nn.meta.unbox(params)
+
+
 def param_shardings(model_config: ml_collections.ConfigDict, mesh: Mesh, axis_rules: Any) -> Any:
     """The parameters' layout on `mesh` (as in training), from their logical axis names; traced only."""
-    model = build_model(model_config)
-    images = jnp.zeros((1, *image_input_shape(model_config)), jnp.float32)
-    tokens = jnp.zeros((1, model_config.text.max_len), jnp.int32)
-    boxed = jax.eval_shape(lambda rng: model.init(rng, images, tokens)["params"], jax.random.key(0))
-    return logical_to_shardings(boxed, mesh, axis_rules)
+    return logical_to_shardings(abstract_params(model_config, boxed=True), mesh, axis_rules)

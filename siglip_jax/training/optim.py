@@ -165,7 +165,13 @@ def _validated(init: Any, optim_config: ml_collections.ConfigDict) -> Any:
 
 
 def build_optimizer(optim_config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(optim_config, total_steps)
+    """The optax chain of `optim_config` with its learning-rate schedule over `total_steps`."""
+    return optimizer_with_schedule(optim_config, learning_rate_schedule(optim_config, total_steps))
+
+
+def optimizer_with_schedule(optim_config: ml_collections.ConfigDict,
+                            schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The optax chain of `optim_config` driven by `schedule` (build_training passes the one it also logs)."""
     lr_mults = tuple((pattern, float(mult)) for pattern, mult in optim_config.lr_mults)
     wd_mults = tuple((pattern, float(mult)) for pattern, mult in optim_config.wd_mults)
     if any(mult <= 0 for _, mult in lr_mults):

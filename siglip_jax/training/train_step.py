@@ -15,6 +15,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from siglip_jax.io import checkpoint
 from siglip_jax.losses import contrastive
 from siglip_jax.models import two_towers
 from siglip_jax.runtime import sharding
@@ -287,7 +288,7 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, initialise:
     batch_axes = sharding.batch_axes(mesh, axis_rules)
     model = two_towers.build_model(config.model)
     schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
-    optimizer = optim.build_optimizer(config.optim, config.total_steps)
+    optimizer = optim.optimizer_with_schedule(config.optim, schedule)  # the schedule built once, logged as used
     create = functools.partial(
         create_train_state, model, optimizer, image_size=config.model.image.image_size,
         image_shape=two_towers.image_input_shape(config.model),
@@ -295,10 +296,7 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, initialise:
     )
     # The state, or without `initialise` only its shapes (traced, nothing compiled).
     state_or_shapes, state_shardings = create(rng=jax.random.key(config.seed), initialise=initialise)
-    abstract_state = jax.tree.map(
-        lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
-        state_or_shapes, state_shardings,
-    )
+    abstract_state = checkpoint.abstract_like(state_or_shapes, state_shardings)
     step = jax.jit(
         functools.partial(
             train_step,
