@@ -126,3 +126,18 @@ def test_truncated_coco_json_names_line_and_column(image_dir, tmp_path):
     path.write_text('{"images": [{"id": 7, "file_name": "img0.png"}],\n "annotations": [{"image_id": 7, ')
     with pytest.raises(ValueError, match=r"line 2 column \d+ is not valid JSON.*truncated"):
         sources.CocoCaptionsSource(image_dir, path)
+
+
+def test_an_empty_captions_file_says_it_is_empty(image_dir, tmp_path):
+    table = tmp_path / "captions.csv"
+    table.write_text("")  # was read as 0 records, then "use a smaller batch size"
+    with pytest.raises(ValueError, match=r"captions\.csv'? has no \(image, caption\) rows \(it is empty\)"):
+        sources.CaptionFolderSource(image_dir, table)
+
+
+def test_a_header_with_unknown_column_names_is_named_not_read_as_data(image_dir, tmp_path):
+    table = tmp_path / "captions.csv"
+    table.write_text("photo,description\nimg0.png,a cat\n")  # was read as an image called "photo"
+    with pytest.raises(ValueError, match=r"line 1: \['photo', 'description'\] is neither a header naming an image "
+                                         r"column \(one of image, .*\) and a caption column .*'image,caption'"):
+        sources.CaptionFolderSource(image_dir, table)

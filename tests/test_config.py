@@ -187,3 +187,16 @@ def test_a_vocabulary_trained_on_first_use_must_match_the_model():
     with pytest.raises(ValueError, match=r"data.tokenizer_vocab_size=2000 \(the vocabulary trained on first use\) "
                                          r"differs from model.text.vocab_size=32000"):
         config_lib.validate(config)
+
+
+def test_a_missing_image_folder_is_blamed_on_image_dir_not_on_the_captions_file(tmp_path):
+    from siglip_jax.config import source_config
+    from siglip_jax.data.from_config import build_source, missing_data_error
+
+    (tmp_path / "captions.txt").write_text("image,caption\na.jpg,a dog\n")
+    source = source_config("caption_folder", captions_file=str(tmp_path / "captions.txt"),
+                           image_dir=str(tmp_path / "no_images"))
+    with pytest.raises(FileNotFoundError) as raised:
+        build_source(source)
+    message = str(missing_data_error(raised.value, "data.train", source))
+    assert "no_images" in message and "--config.data.train.args.image_dir=" in message

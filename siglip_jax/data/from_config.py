@@ -19,7 +19,9 @@ def build_source(source: ml_collections.ConfigDict) -> Any:
 def missing_data_error(error: FileNotFoundError, key: str, source: ml_collections.ConfigDict) -> FileNotFoundError:
     """`error` (a source's missing file or folder) with the config key that named it and how to set it."""
     location_args = [arg for arg in source.args.keys() if any(word in arg for word in ("path", "dir", "file", "shards"))]
-    arg = location_args[0] if location_args else "path"
+    # The argument whose value the error names (a missing image_dir is not the captions_file's fault).
+    named = [arg for arg in location_args if str(source.args[arg]) and str(source.args[arg]) in str(error)]
+    arg = (named or location_args or ["path"])[0]
     return FileNotFoundError(
         f"{str(error).rstrip('.')}: the data of config key {key!r} (source kind {source.kind!r}) is not there. "
         f"Point it at the data with --config.{key}.args.{arg}=/path/to/data or edit the recipe."

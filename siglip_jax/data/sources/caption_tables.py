@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "image_name", "filename", "file_name", "file", "path")
 CAPTION_COLUMNS = ("caption", "captions", "comment", "text")
+# What the first field of a headerless table's rows looks like: an image file name (Flickr8k.token.txt's
+# "1000268201_693b08cb0e.jpg#0").
+IMAGE_FILE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_NAMED = 5  # skipped rows named in the log line; all of them are kept on the source
 
 
@@ -101,6 +104,11 @@ def read_delimited(path: str, text: str, skipped: list[str]) -> list[tuple[str, 
     headerless = not any(name in header for name in IMAGE_COLUMNS + CAPTION_COLUMNS)
     if headerless:
         image_column, caption_column = 0, len(header) - 1
+        if not first[2][0].strip().split("#")[0].lower().endswith(IMAGE_FILE_EXTENSIONS):
+            raise ValueError(
+                f"{path} line {first[0]}: {first[2]!r} is neither a header naming an image column (one of "
+                f"{', '.join(IMAGE_COLUMNS)}) and a caption column (one of {', '.join(CAPTION_COLUMNS)}) nor a row "
+                "that starts with an image file name. Put a header such as 'image,caption' on the first line.")
         body = [first, *records]
     else:
         image_column = _pick_column(header, IMAGE_COLUMNS, path, "image")
@@ -179,4 +187,8 @@ def read_caption_rows(path, encoding: str = "utf-8") -> tuple[list[tuple[str, st
     skipped: list[str] = []
     pairs = readers[extension](path, read_text(path, encoding), skipped)
     report_skipped(path, skipped, len(pairs))
+    if not pairs:
+        raise ValueError(f"Captions file {path!r} has no (image, caption) rows"
+                         + (f": all {len(skipped)} were skipped, e.g. {skipped[0]}" if skipped else " (it is empty)")
+                         + ".")
     return pairs, skipped
