@@ -98,3 +98,31 @@ def test_rerun_continues_past_a_broken_latest_checkpoint(reference, breakage, tm
     for step in range(resumed_from + 1, TOTAL_STEPS + 1):
         assert losses[step] == reference_losses[step], f"step {step} differs from the uninterrupted run"
     assert checkpoint.latest_step(workdir) == TOTAL_STEPS
+
+
+def test_eval_and_export_load_the_newest_readable_step_and_say_so(reference, tmp_path, caplog):
+    """loading.load_model (eval.py, export.py, init_from) falls back as training does; with every step
+    unreadable it is one error naming each step and the fix, not a page of TensorStore specs."""
+    import jax
+    import numpy as np
+
+    from siglip_jax.io import loading
+
+    reference_dir, _ = reference
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_dir, workdir)
+    root = os.path.join(workdir, "checkpoints")
+    _truncate_array_file(os.path.join(root, "8"))
+    with caplog.at_level(logging.WARNING):
+        loaded = loading.load_model(workdir)
+    expected = loading.load_model(reference_dir, step=6)
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, expected.params)
+    assert "Could not read the newer checkpoint(s)" in caplog.text and "step 8: " in caplog.text
+    assert "using step 6, the newest that reads" in caplog.text
+    for step in (2, 4, 6):
+        _truncate_array_file(os.path.join(root, str(step)))
+    with pytest.raises(checkpoint.NoCheckpointError) as error:
+        loading.load_model(workdir)
+    message = str(error.value)
+    assert all(f"step {step}: " in message for step in (2, 4, 6, 8)), message
+    assert message.endswith("Delete those step directories, or start a new workdir.") and len(message) < 2000

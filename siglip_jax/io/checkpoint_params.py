@@ -32,8 +32,7 @@ def _resolve(path: str, step: int | None) -> tuple[epath.Path, int]:
     root = path / checkpoint.CHECKPOINTS_SUBDIR if (path / checkpoint.CHECKPOINTS_SUBDIR).is_dir() else path
     if not root.is_dir():
         raise checkpoint.NoCheckpointError(f"No checkpoint at {path}: give a workdir, its {checkpoint.CHECKPOINTS_SUBDIR}/ or a step directory.")
-    with checkpoint.open_manager(root, read_only=True) as manager:
-        steps = sorted(manager.all_steps())
+    steps = complete_steps(root)
     if not steps:
         raise checkpoint.NoCheckpointError(f"No complete checkpoint under {root}.")
     if step is None:
@@ -41,6 +40,22 @@ def _resolve(path: str, step: int | None) -> tuple[epath.Path, int]:
     if step not in steps:
         raise checkpoint.NoCheckpointError(f"No checkpoint of step {step} under {root}; the complete ones: {steps}.")
     return root, step
+
+
+def complete_steps(root: epath.Path) -> list[int]:
+    """The steps of the complete checkpoints under a checkpoints directory, oldest first."""
+    with checkpoint.open_manager(root, read_only=True) as manager:
+        return sorted(manager.all_steps())
+
+
+def workdir_steps(path: str) -> list[int] | None:
+    """The complete steps of a workdir or its checkpoints/ directory, oldest first; None for one step's
+    directory (a choice already made)."""
+    path = checkpoint.as_path(path)
+    if (path / checkpoint.STATE).is_dir():
+        return None
+    root = path / checkpoint.CHECKPOINTS_SUBDIR if (path / checkpoint.CHECKPOINTS_SUBDIR).is_dir() else path
+    return complete_steps(root) if root.is_dir() else None
 
 
 def read_saved_config(step_dir: epath.Path) -> ml_collections.ConfigDict:

@@ -47,6 +47,47 @@ def is_workdir(path: str) -> bool:
     return location.is_dir() and not (location / "config.json").exists()
 
 
+def _load_workdir(source: str, step: int | None, mesh: Mesh | None, shardings: Any, check: ShapeCheck | None,
+                  weights: str) -> params_lib.ExportedParams:
+    """A workdir's checkpoint: `step`, or the newest one that reads, as training resumes (the ones that do not
+    are named in a warning); all unreadable is one error naming each step and what to do."""
+    steps = checkpoint_params.workdir_steps(source) if step is None else None
+    candidates = list(reversed(steps)) if steps else [step]
+    failures = []
+    for candidate in candidates:
+        try:
+            config, saved_shapes = checkpoint_params.saved_params_shapes(source, step=candidate, weights=weights)
+        except Exception as error:  # noqa: BLE001 -- any read failure means: try the previous step
+            if step is not None or not steps:
+                raise
+            failures.append(_read_failure(candidate, error))
+            continue
+        if check is not None:
+            check(config, saved_shapes)  # a model that does not fit is the user's to fix, in every step alike
+        try:
+            params, config = checkpoint_params.restore_params(
+                source, step=candidate, mesh=mesh, shardings=_target_shardings(config, mesh, shardings), weights=weights)
+        except Exception as error:  # noqa: BLE001
+            if step is not None or not steps:
+                raise
+            failures.append(_read_failure(candidate, error))
+            continue
+        if failures:
+            logger.warning("Could not read the newer checkpoint(s) of %s (%s); using step %d, the newest that reads, "
+                           "as a resumed run would.", source, "; ".join(failures), candidate)
+        name, data = params_lib.tokenizer_asset(config)
+        return params_lib.ExportedParams(config=config, params=params, tokenizer_file_name=name, tokenizer_file=data)
+    raise checkpoint.NoCheckpointError(
+        f"No checkpoint of {source} can be read: {'; '.join(failures)}. Delete those step directories, or "
+        "start a new workdir.")
+
+
+def _read_failure(step: int, error: BaseException) -> str:
+    """`step N: Type: the first line of the message` (Orbax and TensorStore errors run to many lines)."""
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"step {step}: {type(error).__name__}: {first_line}"
+
+
 def _target_shardings(config: ml_collections.ConfigDict, mesh: Mesh | None, shardings: Any) -> Any:
     if shardings is not None or mesh is None:
         return shardings
@@ -88,14 +129,7 @@ def load_model(
     if weights not in config_lib.WEIGHTS:
         raise ValueError(f"Unknown weights {weights!r}; valid: {', '.join(config_lib.WEIGHTS)}.")
     if is_workdir(source):
-        config, saved_shapes = checkpoint_params.saved_params_shapes(source, step=step, weights=weights)
-        if check is not None:
-            check(config, saved_shapes)
-        params, config = checkpoint_params.restore_params(
-            source, step=step, mesh=mesh, shardings=_target_shardings(config, mesh, shardings), weights=weights
-        )
-        name, data = params_lib.tokenizer_asset(config)
-        return params_lib.ExportedParams(config=config, params=params, tokenizer_file_name=name, tokenizer_file=data)
+        return _load_workdir(source, step, mesh, shardings, check, weights)
     if step is not None:
         raise ValueError(f"A step ({step}) was given with {source!r}, which is not a training workdir; "
                          "a step selects a checkpoint of a workdir only.")
