@@ -58,7 +58,7 @@ def _load_workdir(source: str, step: int | None, mesh: Mesh | None, shardings: A
         try:
             config, saved_shapes = checkpoint_params.saved_params_shapes(source, step=candidate, weights=weights)
         except Exception as error:  # noqa: BLE001 -- any read failure means: try the previous step
-            if step is not None or not steps:
+            if step is not None or not steps or isinstance(error, _ANSWERS):
                 raise
             failures.append(_read_failure(candidate, error))
             continue
@@ -68,7 +68,7 @@ def _load_workdir(source: str, step: int | None, mesh: Mesh | None, shardings: A
             params, config = checkpoint_params.restore_params(
                 source, step=candidate, mesh=mesh, shardings=_target_shardings(config, mesh, shardings), weights=weights)
         except Exception as error:  # noqa: BLE001
-            if step is not None or not steps:
+            if step is not None or not steps or isinstance(error, _ANSWERS):
                 raise
             failures.append(_read_failure(candidate, error))
             continue
@@ -80,6 +80,11 @@ def _load_workdir(source: str, step: int | None, mesh: Mesh | None, shardings: A
     raise checkpoint.NoCheckpointError(
         f"No checkpoint of {source} can be read: {'; '.join(failures)}. Delete those step directories, or "
         "start a new workdir.")
+
+
+# Errors that answer the request rather than report a damaged file (a run without EMA asked for its EMA):
+# every older step would answer the same.
+_ANSWERS = (checkpoint.NoCheckpointError, checkpoint.CheckpointMismatchError)
 
 
 def _read_failure(step: int, error: BaseException) -> str:
