@@ -1,7 +1,39 @@
 """Small configs shared by tests: tiny towers so every compile takes seconds on two CPU cores."""
 import os
 
+import numpy as np
+
 from siglip_jax.config import default_config, source_config
+from siglip_jax.data.tokenizers import ByteTokenizer
+
+
+class OracleEmbedder:
+    """A zero-shot oracle for evaluation.runner.ClassificationSet: an image embeds to the one-hot of the label
+    params["record_labels"] gives its record (the key each chunk row carries), a prompt `template` to the
+    one-hot of the class it names exactly (byte tokens of `max_len`). Records the size of each image chunk."""
+
+    def __init__(self, class_names, template: str = "a photo of a {}.", max_len: int = 64):
+        self.class_names, self.rows_per_process, self.chunk_sizes = list(class_names), 4, []
+        self.prefix, self.suffix = template.split("{}")
+        self.tokenizer = ByteTokenizer(max_len)
+
+    def embed_shares(self, tower, params, local_chunks, empty_inputs, key_columns=1):
+        assert tower == "image"
+        embeddings, keys = [], []
+        for inputs, chunk_keys in local_chunks:
+            self.chunk_sizes.append(len(inputs))
+            out = np.zeros((len(inputs), len(self.class_names)), np.float32)
+            out[np.arange(len(inputs)), params["record_labels"][chunk_keys[:, 0]]] = 1.0
+            embeddings.append(out)
+            keys.append(chunk_keys)
+        return np.concatenate(embeddings), np.concatenate(keys)
+
+    def texts(self, params, tokens):
+        out = np.zeros((len(tokens), len(self.class_names)), np.float32)
+        for row, ids in enumerate(tokens):
+            name = self.tokenizer.decode(ids).removeprefix(self.prefix).removesuffix(self.suffix)
+            out[row, self.class_names.index(name)] = 1.0
+        return out
 
 
 def child_environment(device_count: int | None = 8, **extra: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ from siglip_jax.data import imagenet
 from siglip_jax.data.sources import ImageFolderSource
 from siglip_jax.data.tokenizers import ByteTokenizer
 from siglip_jax.evaluation import runner
+from tests.helpers import OracleEmbedder
 
 # Imagenette's 10 classes: WordNet id, ImageNet label index, CLIP's name (fast.ai's Imagenette README lists
 # the same classes as tench, English springer, cassette player, chain saw, church, French horn, garbage
@@ -43,33 +44,9 @@ def _synset_folder(root, wnids, per_class=2):
     return root
 
 
-class _OracleEmbedder:
-    """Images embed to the one-hot of a class chosen from their record index (params["record_classes"]);
-    a prompt to the one-hot of the class whose name it holds, by exact match."""
-
-    def __init__(self, class_names):
-        self.class_names, self.rows_per_process = list(class_names), 4
-
-    def embed_shares(self, tower, params, local_chunks, empty_inputs, key_columns=1):
-        embeddings, keys = [], []
-        for inputs, chunk_keys in local_chunks:
-            out = np.zeros((len(inputs), len(self.class_names)), np.float32)
-            out[np.arange(len(inputs)), params["record_classes"][chunk_keys[:, 0]]] = 1.0
-            embeddings.append(out)
-            keys.append(chunk_keys)
-        return np.concatenate(embeddings), np.concatenate(keys)
-
-    def texts(self, params, tokens):
-        out = np.zeros((len(tokens), len(self.class_names)), np.float32)
-        for row, ids in enumerate(tokens):
-            name = ByteTokenizer(64).decode(ids)[len("a photo of a "):-1]
-            out[row, self.class_names.index(name)] = 1.0
-        return out
-
-
-def _classify(source, record_classes):
+def _classify(source, record_labels):
     evaluator = runner.ClassificationSet(source, ByteTokenizer(64), 16, source.class_names, (TEMPLATE,))
-    return evaluator.evaluate(_OracleEmbedder(source.class_names), {"record_classes": np.asarray(record_classes)})
+    return evaluator.evaluate(OracleEmbedder(source.class_names, TEMPLATE), {"record_labels": np.asarray(record_labels)})
 
 
 def test_imagenette_folder_scored_against_its_own_classes(tmp_path):

@@ -11,36 +11,9 @@ from siglip_jax.data.tokenizers import ByteTokenizer
 from siglip_jax.evaluation import runner
 from siglip_jax.inference.embedder import Embedder
 from siglip_jax.runtime import sharding
+from tests.helpers import OracleEmbedder
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-
-
-class _ByLabelEmbedder:
-    """An oracle: images embed to the one-hot of the label in params for their record (the key each chunk
-    row carries), prompts to the one-hot of the class word. One process, one chunk at a time."""
-
-    def __init__(self, class_names):
-        self.class_names = class_names
-        self.rows_per_process = 4
-        self.chunk_sizes = []
-
-    def embed_shares(self, tower, params, local_chunks, empty_inputs, key_columns=1):
-        assert tower == "image"
-        embeddings, keys = [], []
-        for inputs, chunk_keys in local_chunks:
-            self.chunk_sizes.append(len(inputs))
-            out = np.zeros((len(inputs), len(self.class_names)), np.float32)
-            out[np.arange(len(inputs)), params["record_labels"][chunk_keys[:, 0]]] = 1.0
-            embeddings.append(out)
-            keys.append(chunk_keys)
-        return np.concatenate(embeddings), np.concatenate(keys)
-
-    def texts(self, params, tokens):
-        decoded = [ByteTokenizer(32).decode(row) for row in tokens]
-        out = np.zeros((len(tokens), len(self.class_names)), np.float32)
-        for row, text in enumerate(decoded):
-            out[row, [i for i, name in enumerate(self.class_names) if f" {name}" in text][0]] = 1.0
-        return out
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "cifar10", "test")),
@@ -49,7 +22,7 @@ def test_zero_shot_classification_on_cifar10_folder():
     source = ImageFolderSource(os.path.join(SHARED_DATA, "cifar10", "test"), max_per_class=3)
     assert source.class_names[:3] == ["airplane", "automobile", "bird"] and len(source) == 30
     evaluator = runner.ClassificationSet(source, ByteTokenizer(32), 16, source.class_names, ("a photo of a {}.",))
-    embedder = _ByLabelEmbedder(source.class_names)
+    embedder = OracleEmbedder(source.class_names, max_len=32)
     labels = np.array([source[index]["label"] for index in range(len(source))])
     # An embedder that sees the true labels scores 1.0; one that sees shifted labels scores 0.
     perfect = evaluator.evaluate(embedder, {"record_labels": labels})
