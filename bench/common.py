@@ -38,6 +38,7 @@ def compiled_train_step(config, mesh_shape=(1, 1, 1), batch_size=None):
         "images": rng.integers(0, 256, (config.data.batch_size, size, size, 3)).astype(np.uint8),
         "tokens": rng.integers(3, config.model.text.vocab_size, (config.data.batch_size, length)).astype(np.int32),
     }, training.batch_sharding)
+    state = training.init_state(jax.random.key(config.seed))
     with jax.set_mesh(mesh):
-        compiled = training.step.lower(training.state, batch).compile()
-    return compiled, training.state, batch, mesh
+        compiled = training.step.lower(state, batch).compile()
+    return compiled, state, batch, mesh

@@ -13,7 +13,7 @@ from tests.helpers import tiny_config
 
 def compile_seconds(config) -> float:
     mesh = sharding.create_mesh((1, 1, 1), ("data", "fsdp", "tensor"), jax.devices()[:1])
-    training = build_training(config, mesh, initialise=False)
+    training = build_training(config, mesh)
     shape = two_towers.image_input_shape(config.model)
     batch = {"images": jax.ShapeDtypeStruct((config.data.batch_size, *shape), np.uint8),
              "tokens": jax.ShapeDtypeStruct((config.data.batch_size, config.model.text.max_len), np.int32),

@@ -3,6 +3,7 @@ that name the bad key and the valid ones. Recipes in configs/ start from `defaul
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 from typing import Any
@@ -336,13 +337,11 @@ def _merge(target: ml_collections.ConfigDict, values: dict, path: str) -> None:
             target[key] = value
 
 
-def from_json(text: str) -> ml_collections.ConfigDict:
-    """A full, validated config from JSON written by `config.to_json()` (checkpoints, exported params):
-    the defaults overridden by its keys; unknown keys are refused."""
-    import json
-
+def from_json(saved: str | dict[str, Any]) -> ml_collections.ConfigDict:
+    """A full, validated config from JSON written by `config.to_json()` (checkpoints, exported params),
+    as text or as the data it holds: the defaults overridden by its keys; unknown keys are refused."""
     config = default_config()
-    values = json.loads(text)
+    values = json.loads(saved) if isinstance(saved, str) else saved
     with config.unlocked():
         if "weight_decay_convention" not in values.get("optim", {"weight_decay_convention": None}):
             # Written before the key existed, when decay was always multiplied by the learning rate.

@@ -28,12 +28,12 @@ def setup():
         "tokens": rng.integers(3, 259, (16, 12)).astype(np.int32),
     }
     batch = jax.device_put(batch, training.batch_sharding)
-    return config, mesh, training, batch
+    return config, mesh, training, batch, training.init_state(jax.random.key(config.seed))
 
 
 def _grads(setup, accum_steps):
-    config, mesh, training, batch = setup
-    rules, model, state = training.axis_rules, training.model, training.state
+    config, mesh, training, batch, state = setup
+    rules, model = training.axis_rules, training.model
 
     @jax.jit
     def run(params, batch):
@@ -64,15 +64,14 @@ def test_accumulated_gradient_equals_full_batch_gradient(setup, full_batch_gradi
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
 
 
-def _step(training, batch, state=None):
+def _step(training, batch, state):
     """One step of the trainer's own jitted step, on a copy (the step donates its input state)."""
     with jax.set_mesh(training.mesh):
-        return training.step(jax.tree.map(jnp.copy, state or training.state), batch)
+        return training.step(jax.tree.map(jnp.copy, state), batch)
 
 
 def test_nonfinite_step_is_skipped_and_reported(setup):
-    config, _, training, batch = setup
-    state = training.state
+    _, _, training, batch, state = setup
     # A NaN temperature makes the loss and every gradient NaN. (Poisoning the batch instead would need
     # float32 images: another input type, so another compile of the whole step for this one test.)
     t_sharding = training.state_shardings.params["t"]
@@ -92,9 +91,9 @@ def test_nonfinite_step_is_skipped_and_reported(setup):
 
 
 def test_frozen_tower_does_not_move(setup):
-    _, _, training, batch = setup
-    before = jax.device_get(training.state.params)
-    new_state, _ = _step(training, batch)
+    _, _, training, batch, state = setup
+    before = jax.device_get(state.params)
+    new_state, _ = _step(training, batch, state)
     after = jax.device_get(new_state.params)
     jax.tree.map(np.testing.assert_array_equal, after["img"], before["img"])
     assert not np.allclose(after["txt"]["head"]["kernel"], before["txt"]["head"]["kernel"])
@@ -108,7 +107,7 @@ def test_unknown_frozen_group_is_refused():
 
 
 def test_accumulation_that_does_not_divide_the_device_batch_is_refused(setup):
-    _, mesh, training, _ = setup
+    _, mesh, training, _, _ = setup
     rules = training.axis_rules
     with pytest.raises(ValueError, match="accum_steps=3 does not divide the per-device batch of 4"):
         sharding.check_accumulation(16, 3, mesh, rules)

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ from siglip_jax.io import checkpoint, checkpoint_params
 from siglip_jax.models import two_towers
 from siglip_jax.runtime import sharding
 from siglip_jax.training import optim
-from siglip_jax.training.train_step import create_train_state
+from siglip_jax.training.train_step import state_initialiser
 from tests.helpers import tiny_config
 
 AXES = ("data", "fsdp", "tensor")
@@ -25,11 +26,11 @@ def _fresh_state(config, mesh_shape, devices):
     mesh = sharding.create_mesh(mesh_shape, AXES, devices)
     model = two_towers.build_model(config.model)
     optimizer = optim.build_optimizer(config.optim, config.total_steps)
-    state, _ = create_train_state(
-        model, optimizer, image_size=config.model.image.image_size, text_length=config.model.text.max_len,
-        mesh=mesh, axis_rules=sharding.rules_as_tuples(config.mesh.axis_rules), rng=jax.random.key(1),
+    init_state, _, _ = state_initialiser(
+        model, optimizer, image_shape=two_towers.image_input_shape(config.model), text_length=config.model.text.max_len,
+        mesh=mesh, axis_rules=sharding.rules_as_tuples(config.mesh.axis_rules),
     )
-    return state, optimizer
+    return init_state(jax.random.key(1)), optimizer
 
 
 def _restore_target(config, mesh_shape, devices):
@@ -38,10 +39,9 @@ def _restore_target(config, mesh_shape, devices):
     mesh = sharding.create_mesh(mesh_shape, AXES, devices)
     model = two_towers.build_model(config.model)
     optimizer = optim.build_optimizer(config.optim, config.total_steps)
-    abstract, shardings = create_train_state(
-        model, optimizer, image_size=config.model.image.image_size, text_length=config.model.text.max_len,
-        mesh=mesh, axis_rules=sharding.rules_as_tuples(config.mesh.axis_rules), rng=jax.random.key(1),
-        initialise=False,
+    _, abstract, shardings = state_initialiser(
+        model, optimizer, image_shape=two_towers.image_input_shape(config.model), text_length=config.model.text.max_len,
+        mesh=mesh, axis_rules=sharding.rules_as_tuples(config.mesh.axis_rules),
     )
     return checkpoint.abstract_like(abstract, shardings), shardings
 
@@ -64,7 +64,8 @@ def saved(tmp_path_factory):
     config = tiny_config()
     state, optimizer = _fresh_state(config, (8, 1, 1), jax.devices())
     # One program for the update (applied op by op it compiled ~250 small ones); keeps the state's shardings.
-    update = lambda state: state.apply_gradients(jax.tree.map(lambda p: 0.1 * p + 0.01, state.params), optimizer)  # noqa: E731
+    update = lambda state: state.apply_gradients(jax.tree.map(lambda p: 0.1 * p + 0.01, state.params), optimizer,  # noqa: E731
+                                                 loss=jnp.float32(1.0))[0]
     state = jax.jit(update, out_shardings=jax.tree.map(lambda leaf: leaf.sharding, state))(state)
     state = state.replace(step=state.step + 6)
     batches = _batches(config)
@@ -214,7 +215,7 @@ def test_redistributed_data_states_continue_the_stream_without_repeats(saved_cou
     states = {i: {"next_index": batches_read} for i in range(saved_count)}
     consumed = set().union(*(_global_positions(batches_read, i, saved_count) for i in range(saved_count)))
     assert consumed == set(range(batches_read * GLOBAL_BATCH))
-    new_states = checkpoint.redistribute_data_states(states, new_count)
+    new_states = pipeline.redistribute_positions(states, new_count)
     upcoming = set()
     for index, state in enumerate(new_states):
         start = state["next_index"]
@@ -225,7 +226,7 @@ def test_redistributed_data_states_continue_the_stream_without_repeats(saved_cou
 
 def test_redistributing_an_unknown_iterator_state_explains_the_limit():
     with pytest.raises(ValueError, match="Resume with 2 processes"):
-        checkpoint.redistribute_data_states({0: {"workers": []}, 1: {"workers": []}}, 4)
+        pipeline.redistribute_positions({0: {"workers": []}, 1: {"workers": []}}, 4)
 
 
 def test_config_differences_lists_changed_added_and_removed_keys():

@@ -28,13 +28,14 @@ def test_step_whose_update_overflows_is_skipped_though_loss_and_gradient_are_fin
                             "data.batch_size": 16, "total_steps": 4})
     mesh = sharding.create_mesh((1, 1, 1), ("data", "fsdp", "tensor"), jax.devices()[:1])
     training = build_training(config, mesh)
-    before = jax.device_get(training.state.params)
+    state = training.init_state(jax.random.key(config.seed))
+    before = jax.device_get(state.params)
     rng = np.random.default_rng(0)
     size, length = config.model.image.image_size, config.model.text.max_len
     batch = jax.device_put({"images": rng.integers(0, 256, (16, size, size, 3)).astype(np.uint8),
                             "tokens": rng.integers(3, 259, (16, length)).astype(np.int32)}, training.batch_sharding)
     with jax.set_mesh(mesh):
-        new_state, metrics = training.step(training.state, batch)
+        new_state, metrics = training.step(state, batch)
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
     assert int(metrics["nonfinite"]) == 1 and int(new_state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.params), before)

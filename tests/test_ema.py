@@ -32,12 +32,12 @@ def test_step_averages_as_numpy_does_and_a_skipped_step_leaves_the_average():
     config = tiny_config(**{"optim.ema_decay": 0.2, "total_steps": 8})
     mesh = sharding.create_mesh((1, 1, 1), AXES, jax.devices()[:1])
     training = build_training(config, mesh)
-    assert isinstance(training.state, EmaTrainState)
+    state = training.init_state(jax.random.key(config.seed))
+    assert isinstance(state, EmaTrainState) and state.ema_decay == 0.2
     rng = np.random.default_rng(0)
     size, length = config.model.image.image_size, config.model.text.max_len
     batch = jax.device_put({"images": rng.integers(0, 256, (16, size, size, 3)).astype(np.uint8),
                             "tokens": rng.integers(3, 259, (16, length)).astype(np.int32)}, training.batch_sharding)
-    state = training.state
     reference = jax.device_get(state.params)  # the average starts at the initial parameters
     np.testing.assert_array_equal(jax.device_get(state.ema_params)["t"], reference["t"])
     # Hand-computed decays min(0.2, (1 + n) / (10 + n)), n the updates applied before: 1/10, 2/11, (step 3
@@ -74,10 +74,10 @@ def optax_norm(tree):
 
 def test_ema_is_sharded_like_the_parameters_and_absent_when_off():
     mesh = sharding.create_mesh((2, 4, 1), AXES)
-    training = build_training(tiny_config(**{"optim.ema_decay": 0.9999}), mesh, initialise=False)  # traced only
+    training = build_training(tiny_config(**{"optim.ema_decay": 0.9999}), mesh)  # traced only
     assert training.state_shardings.ema_params == training.state_shardings.params
     assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(training.state_shardings.ema_params))
-    plain = build_training(tiny_config(), mesh, initialise=False)
+    plain = build_training(tiny_config(), mesh)
     assert type(plain.abstract_state) is TrainState  # checkpoints without EMA keep their old structure
 
 

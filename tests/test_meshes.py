@@ -5,7 +5,7 @@ import jax
 from siglip_jax.models import two_towers
 from siglip_jax.runtime import sharding
 from siglip_jax.training import optim
-from siglip_jax.training.train_step import create_train_state
+from siglip_jax.training.train_step import state_initialiser
 from tests.helpers import tiny_config
 
 
@@ -18,8 +18,9 @@ def test_fsdp_divides_parameter_and_optimizer_memory():
 
     def bytes_per_device(mesh_shape):
         mesh = sharding.create_mesh(mesh_shape, ("data", "fsdp", "tensor"))
-        state, _ = create_train_state(model, optimizer, image_size=16, text_length=12, mesh=mesh,
-                                      axis_rules=rules, rng=jax.random.key(0))
+        init_state, _, _ = state_initialiser(model, optimizer, image_shape=(16, 16, 3), text_length=12, mesh=mesh,
+                                             axis_rules=rules)
+        state = init_state(jax.random.key(0))
         leaves = jax.tree.leaves((state.params, state.opt_state))
         total = sum(leaf.nbytes for leaf in leaves)
         device = jax.devices()[0]

@@ -22,7 +22,7 @@ def test_analytic_flops_match_xla_cost_analysis_within_ten_percent():
         "data.batch_size": batch_size, "total_steps": 10,
     })
     mesh = sharding.create_mesh((1, 1, 1), ("data", "fsdp", "tensor"), jax.devices()[:1])
-    training = build_training(config, mesh, initialise=False)
+    training = build_training(config, mesh)
     batch = {"images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
              "tokens": jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
     with jax.set_mesh(mesh):

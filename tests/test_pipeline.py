@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from siglip_jax.data import pipeline, preprocess
+from siglip_jax.data import pipeline, preprocess, streaming
 from siglip_jax.data.demo import COLOURS, DemoSource, POSITIONS, SHAPES
 from siglip_jax.data.tokenizers import ByteTokenizer
 
@@ -122,3 +122,38 @@ def test_corrupt_images_and_empty_captions_are_replaced_and_counted():
 def test_too_small_source_is_refused():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         _batches(DemoSource("train", 3, 16))
+
+
+class _Unusable(_WithBadRecords):
+    def __getitem__(self, index):
+        return {**self.inner[index], "image": b"not an image"}
+
+
+@pytest.mark.parametrize("as_stream", [False, True])
+def test_both_pipelines_give_up_after_the_same_number_of_unusable_records(as_stream, caplog, monkeypatch):
+    monkeypatch.setattr(preprocess, "MAX_UNUSABLE_IN_A_ROW", 50)  # the one limit both read (fewer log lines)
+    source = _Unusable()
+    if as_stream:  # the stream path (mixtures, shards) reads a random-access source through MapRecordStream
+        source.stream = lambda **kwargs: streaming.MapRecordStream(_Unusable(), **kwargs)
+    with pytest.raises(ValueError, match=f"^{preprocess.MAX_UNUSABLE_IN_A_ROW} training records in a row were unusable, "
+                                         "the last: record .*tools/convert.py"):
+        next(_batches(source))
+    skipped = [record for record in caplog.records if record.getMessage().startswith("Skipped a training record")]
+    assert len(skipped) >= preprocess.MAX_UNUSABLE_IN_A_ROW  # each named (reading threads may start more)
+
+
+def test_a_stream_counts_skipped_records_like_the_index_pipeline():
+    class Streamed(_WithBadRecords):
+        def stream(self, **kwargs):
+            return streaming.MapRecordStream(_WithBadRecords(), **kwargs)
+
+    # 7 batches of 4 = 28 usable records of epoch 0, read in the stream's order of that epoch (seed 3).
+    iterator = _batches(Streamed())
+    batches = [next(iterator) for _ in range(7)]
+    assert all(int(epoch) == 0 for batch in batches for epoch in batch["epoch"])
+    order = np.random.default_rng([3, 0]).permutation(40)
+    usable = np.array([index % 5 != 0 and index != 3 for index in order])
+    passed_over = int(np.sum(~usable[: np.flatnonzero(usable)[27] + 1]))  # unusable ones before the 28th usable one
+    assert int(sum(batch["num_skipped"].sum() for batch in batches)) == passed_over > 0
+    shards = [name for batch in batches for names in batch["skipped_shards"] for name in str(names).split("\n") if name]
+    assert shards == [streaming.UNNAMED_SOURCE] * passed_over

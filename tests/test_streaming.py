@@ -248,7 +248,7 @@ def test_changed_process_count_starts_the_next_epoch_everywhere(shard_dir):
         iterator = iter(_stream(shard_dir, process_index, 2))
         _take(iterator, 12)
         states[process_index] = json.loads(json.dumps(iterator.get_state()))
-    moved = checkpoint.redistribute_data_states(states, 3)
+    moved = pipeline.redistribute_positions(states, 3)
     assert len(moved) == 3
     seen = []
     for process_index, state in enumerate(moved):

@@ -21,10 +21,11 @@ def _run_one_step(config, mesh_shape, batch):
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = sharding.create_mesh(mesh_shape, ("data", "fsdp", "tensor"), devices)
     training = build_training(config, mesh)
-    initial_params = jax.device_get(training.state.params)
+    state = training.init_state(jax.random.key(config.seed))
+    initial_params = jax.device_get(state.params)
     global_batch = jax.device_put(batch, training.batch_sharding)
     with jax.set_mesh(mesh):
-        new_state, metrics = training.step(training.state, global_batch)
+        new_state, metrics = training.step(state, global_batch)
     return jax.device_get(new_state.params), float(metrics["loss"]), new_state, (training.model, initial_params)
 
 

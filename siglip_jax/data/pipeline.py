@@ -3,10 +3,12 @@
 choice, crops), so a position in the stream is a small iterator state that checkpoints save and restore.
 
 A record that cannot be used (an unreadable image, no non-empty caption) is skipped, named in the log
-and counted in each batch's "num_skipped" (the running total of this process), never a crash.
+and counted in the "num_skipped" of the example that stands in for it (preprocess.first_usable_example),
+never a crash.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Callable, Iterable, Iterator
 
@@ -18,9 +20,6 @@ from siglip_jax.data import images, preprocess, streaming
 logger = logging.getLogger(__name__)
 
 
-MAX_REPLACEMENTS = 32  # unusable records in a row before the pipeline gives up on the source
-
-
 class TrainExamples:
     """Global stream position -> {"images": uint8 [s, s, 3], "tokens": int32 [l], "num_skipped": int32}.
 
@@ -29,7 +28,7 @@ class TrainExamples:
     (the position is global, counted before the stream is split). An unusable record (an unreadable image,
     no non-empty caption) is named in the log and replaced by the record one epoch further at the same
     position, a different and equally random one, so batches keep their size; "num_skipped" counts the
-    replaced records.
+    records it replaced (preprocess.first_usable_example).
     """
 
     def __init__(self, records: grain.MapDataset, num_records: int, tokenizer: Callable,
@@ -42,20 +41,11 @@ class TrainExamples:
 
     def __call__(self, position: int, record: dict) -> dict:
         rng = np.random.default_rng([self.seed, position])
-        for replacement in range(MAX_REPLACEMENTS + 1):
-            example = self._example(record, rng)
-            if not isinstance(example, str):
-                example["num_skipped"] = np.int32(replacement)
-                return example
-            logger.warning("Skipped a training record (replaced by another): %s", example)
-            record = self.records[position + (replacement + 1) * self.num_records]
-        raise ValueError(
-            f"{MAX_REPLACEMENTS + 1} training records in a row were unusable, the last: {example}. Check the "
-            "source (paths, caption column) or convert it with tools/convert.py, which reports bad records."
-        )
-
-    def _example(self, record: dict, rng: np.random.Generator) -> dict | str:
-        return preprocess.make_example(record, rng, self.tokenizer, self.options)
+        # The record at this position, then the ones one, two, ... epochs further at the same position.
+        later = (self.records[position + epochs * self.num_records] for epochs in itertools.count(1))
+        example, _ = preprocess.first_usable_example(
+            itertools.chain([record], later), lambda record: preprocess.make_example(record, rng, self.tokenizer, self.options))
+        return example
 
 
 def train_batches(
@@ -70,8 +60,8 @@ def train_batches(
     num_workers: int = 0,
     prefetch_batches: int = 2,
 ) -> grain.DatasetIterator:
-    """An endless iterator of this process's batches {"images", "tokens", "num_skipped"} (the last the
-    number of records replaced in that batch); `get_state()` / `set_state()` save and restore its
+    """An endless iterator of this process's batches {"images", "tokens", "num_skipped"} (the last, per
+    example, the unusable records it replaced); `get_state()` / `set_state()` save and restore its
     position: {"next_index": batches read} with no workers.
 
     Global batch b is positions [b x G, (b + 1) x G) of one global, per-epoch reshuffled order (G =
@@ -102,6 +92,40 @@ def train_batches(
     if num_workers > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(iterable)
+
+
+def redistribute_positions(states: dict[int, Any], process_count: int) -> list[Any]:
+    """Data positions for `process_count` processes that go on with the training stream where the saved
+    processes ({index: iterator state}) stopped: the one place a changed process count is handled.
+
+    Index-based batches (train_batches): after b batches each, the processes together have used exactly
+    the first b x global_batch positions of the global order for any process count (the global batch stays
+    the same), so every new process continues at batch b, {"next_index": b}, and nothing is lost or
+    repeated. Streams (streaming.redistribute_stream_states) restart at the next epoch.
+    """
+    saved_count = len(states)
+    if any(streaming.is_stream_state(state) for state in states.values()):
+        moved = streaming.redistribute_stream_states(states, process_count)
+        logger.warning(
+            "The data position was saved by %d processes and %d are running now: the stream goes on at the start "
+            "of epoch %d (shards are dealt out by process count, so the rest of the interrupted epoch is left "
+            "out; nothing is read twice).", saved_count, process_count, streaming.stream_state_epoch(moved[0]))
+        return moved
+    for index, state in states.items():
+        if not (isinstance(state, dict) and set(state) == {"next_index"}):
+            raise ValueError(
+                f"Cannot move process {index}'s data iterator state {state!r} to {process_count} processes: "
+                "only the in-process pipeline's {'next_index': N} can be redistributed (data.num_workers=0). "
+                f"Resume with {saved_count} processes, or with data.num_workers=0 and then change the process count."
+            )
+    batches_read = {int(state["next_index"]) for state in states.values()}
+    if len(batches_read) != 1:
+        raise ValueError(f"The saved processes stopped at different batches {sorted(batches_read)}; the checkpoint is inconsistent.")
+    (next_index,) = batches_read
+    logger.warning(
+        "The data position was saved by %d processes and %d are running now: every process goes on at batch %d "
+        "of the same global order (nothing is left out or read twice).", saved_count, process_count, next_index)
+    return [{"next_index": next_index} for _ in range(process_count)]
 
 
 def eval_share(num_records: int, process_index: int, process_count: int) -> range:

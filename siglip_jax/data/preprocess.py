@@ -4,11 +4,17 @@ and flip). Plain numpy and PIL, no grain: the model and the consumers of a train
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import itertools
+import logging
+from typing import Callable, Iterable
 
 import numpy as np
 
 from siglip_jax.data import images, naflex
+
+logger = logging.getLogger(__name__)
+
+MAX_UNUSABLE_IN_A_ROW = 1_000  # unusable training records in a row before the source is declared broken
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,3 +75,27 @@ def make_example(record: dict, rng: np.random.Generator, tokenizer: Callable, op
             image, options.image_size, rng, scale=scale, ratio=ratio, flip=options.random_flip
         )
     return {"images": pixels, "tokens": tokenizer([caption])[0]}
+
+
+def first_usable_example(records: Iterable[dict], make: Callable[[dict], dict | str]) -> tuple[dict, list[dict]]:
+    """(the example `make` gives for the first usable record of `records`, the unusable records passed over
+    before it). Each unusable record is named in the log; the example's "num_skipped" is how many were
+    passed over, so summed over batches it counts the unusable records a run met (both training pipelines
+    skip this way). Raises ValueError after MAX_UNUSABLE_IN_A_ROW unusable records in a row, StopIteration
+    when the records end first."""
+    passed_over: list[dict] = []
+    why = ""
+    for record in itertools.islice(records, MAX_UNUSABLE_IN_A_ROW):
+        example = make(record)
+        if not isinstance(example, str):
+            example["num_skipped"] = np.int32(len(passed_over))
+            return example, passed_over
+        why = example
+        logger.warning("Skipped a training record%s: %s", f" of {record['shard']}" if "shard" in record else "", why)
+        passed_over.append(record)
+    if len(passed_over) < MAX_UNUSABLE_IN_A_ROW:
+        raise StopIteration  # a finite stream has ended
+    raise ValueError(
+        f"{len(passed_over)} training records in a row were unusable, the last: {why}. Check the source (paths, "
+        "caption column) or convert it with tools/convert.py, which reports bad records."
+    )

@@ -21,7 +21,6 @@ from siglip_jax.data.sources import shard_stream
 
 logger = logging.getLogger(__name__)
 
-MAX_SKIPPED_IN_A_ROW = 10_000  # unusable records in a row before the stream is declared broken
 MAP_STATE_KIND = "map_epochs"
 
 
@@ -104,18 +103,15 @@ class _ExamplesIterator(grain.DatasetIterator):
         self._dataset = dataset
 
     def __next__(self) -> dict:
-        skipped_shards: list[str] = []
-        for skipped in range(MAX_SKIPPED_IN_A_ROW + 1):
-            record = next(self._parent)
+        def make(record: dict) -> dict | str:
             example = record.get("error") or self._dataset.make(record, np.random.default_rng([self._dataset.seed, *record["seed"]]))
             if not isinstance(example, str):
-                example["num_skipped"] = np.int32(skipped)
-                example["skipped_shards"] = np.str_("\n".join(skipped_shards))
                 example["epoch"] = np.int32(record["epoch"])
-                return example
-            skipped_shards.append(record.get("shard", UNNAMED_SOURCE))
-            logger.warning("Skipped a training record%s: %s", f" of {record['shard']}" if "shard" in record else "", example)
-        raise ValueError(f"{MAX_SKIPPED_IN_A_ROW} training records in a row were unusable, the last: {example}.")
+            return example
+
+        example, passed_over = preprocess.first_usable_example(self._parent, make)
+        example["skipped_shards"] = np.str_("\n".join(record.get("shard", UNNAMED_SOURCE) for record in passed_over))
+        return example
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()  # skipping is deterministic: the records' position is the whole state
@@ -163,12 +159,12 @@ def is_stream_state(state: Any) -> bool:
     return isinstance(state, dict) and state.get("kind") in (shard_stream.STATE_KIND, MAP_STATE_KIND, "mixture")
 
 
-def _latest_epoch(state: dict[str, Any]) -> int:
+def stream_state_epoch(state: dict[str, Any]) -> int:
     if state["kind"] == shard_stream.STATE_KIND:
         return shard_stream.state_epoch(state)
     if state["kind"] == MAP_STATE_KIND:
         return int(state["epoch"])
-    return max(_latest_epoch(child) for child in state["sources"].values())
+    return max(stream_state_epoch(child) for child in state["sources"].values())
 
 
 def _at_epoch(state: dict[str, Any], epoch: int) -> dict[str, Any]:
@@ -190,9 +186,8 @@ def redistribute_stream_states(states: dict[int, Any], process_count: int) -> li
                 f"Cannot move process {index}'s data position {state!r} to {process_count} processes; with "
                 "data.num_workers > 0 resume with the saved process count, or set data.num_workers=0 first."
             )
-    next_epoch = max(_latest_epoch(state) for state in states.values()) + 1
+    next_epoch = max(stream_state_epoch(state) for state in states.values()) + 1
     template = states[min(states)]
-    logger.warning("The data position moves to %d processes: all start epoch %d of the stream.", process_count, next_epoch)
     return [_at_epoch(template, next_epoch) for _ in range(process_count)]
 
 

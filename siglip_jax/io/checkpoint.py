@@ -29,7 +29,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from siglip_jax.data import streaming
+from siglip_jax.data import pipeline
 from siglip_jax.runtime import storage
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,12 @@ def latest_step(workdir: str) -> int | None:
         return manager.latest_step()
 
 
+def read_config_json(step_dir: epath.Path) -> dict[str, Any]:
+    """The config saved with the checkpoint in `step_dir`, as JSON data: the one reader of a saved config
+    (resuming compares it, checkpoint_params.read_saved_config turns it into a ConfigDict)."""
+    return ocp.JsonCheckpointHandler().restore(step_dir / CONFIG)
+
+
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
     """`tree` as ShapeDtypeStructs, carrying the target `shardings` where given: what Orbax restores into (and
     reshards to), what jax.export traces with."""
@@ -236,7 +242,7 @@ class Checkpointer:
         self._manager.reload()
 
     def read_config(self, step: int) -> dict[str, Any]:
-        return self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+        return read_config_json(epath.Path(self.root) / str(step))
 
     def restore(
         self,
@@ -334,41 +340,9 @@ def _read_data_states(data_dir: epath.Path) -> tuple[int, dict[int, Any]]:
 
 def _data_state_for_this_process(data_dir: epath.Path) -> Any:
     saved_count, states = _read_data_states(data_dir)
-    process_index, process_count = jax.process_index(), jax.process_count()
-    if saved_count == process_count:
-        return states[process_index]
-    logger.warning(
-        "The checkpoint's data position was saved by %d processes and %d are running now: continuing after "
-        "the furthest position any process reached (a few records that a slower process skipped past may "
-        "be left out this epoch; none is seen twice).", saved_count, process_count,
-    )
-    return redistribute_data_states(states, process_count)[process_index]
-
-
-def redistribute_data_states(states: dict[int, Any], process_count: int) -> list[Any]:
-    """Iterator states for `process_count` processes that continue the global stream where the saved
-    processes ({index: state}) stopped.
-
-    In pipeline.train_batches every process reads one batch per step and, after b batches each, all
-    processes together have used exactly the first b x global_batch positions of the global order, for
-    any process count (the global batch stays the same). So each new process continues at the same
-    batch count, "next_index".
-    """
-    if any(streaming.is_stream_state(state) for state in states.values()):
-        return streaming.redistribute_stream_states(states, process_count)
-    saved_count = len(states)
-    for index, state in states.items():
-        if not (isinstance(state, dict) and set(state) == {"next_index"}):
-            raise ValueError(
-                f"Cannot move process {index}'s data iterator state {state!r} to {process_count} processes: "
-                "only the in-process pipeline's {'next_index': N} can be redistributed (data.num_workers=0). "
-                f"Resume with {saved_count} processes, or with data.num_workers=0 and then change the process count."
-            )
-    batches_read = {int(state["next_index"]) for state in states.values()}
-    if len(batches_read) != 1:
-        raise ValueError(f"The saved processes stopped at different batches {sorted(batches_read)}; the checkpoint is inconsistent.")
-    (next_index,) = batches_read
-    return [{"next_index": next_index} for _ in range(process_count)]
+    if saved_count == jax.process_count():
+        return states[jax.process_index()]
+    return pipeline.redistribute_positions(states, jax.process_count())[jax.process_index()]
 
 
 __all__ = [
@@ -378,5 +352,5 @@ __all__ = [
     "abstract_like",
     "config_differences",
     "latest_step",
-    "redistribute_data_states",
+    "read_config_json",
 ]

@@ -66,7 +66,7 @@ def _checkpoints_root(path: epath.Path) -> epath.Path:
 def read_saved_config(step_dir: epath.Path) -> ml_collections.ConfigDict:
     """The config saved with a checkpoint step, merged over the defaults and validated: the one way a
     saved config is read (see config.from_json)."""
-    return config_lib.from_json((step_dir / checkpoint.CONFIG / "metadata").read_text())  # JsonSave's file
+    return config_lib.from_json(checkpoint.read_config_json(step_dir))
 
 
 def _weights_field(saved_state: dict, weights: str, step_dir: epath.Path) -> str:

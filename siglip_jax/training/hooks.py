@@ -30,7 +30,7 @@ class StepInfo:
     metrics: Any  # the step's scalar metrics
     local_batch: dict[str, Any]  # this process's rows of the batch, as numpy
     is_last: bool
-    num_skipped: int = 0  # records this process's input replaced (unreadable) so far in this run
+    num_skipped: int = 0  # unusable records this process skipped so far in this run (preprocess.first_usable_example)
     epochs: Any = None  # streamed sources: the epoch each example of the local batch is from
     skipped_by_shard: dict[str, int] = dataclasses.field(default_factory=dict)  # streamed: shard -> records skipped so far
     logged: dict[str, float] = dataclasses.field(default_factory=dict)  # what the due hooks returned so far
@@ -93,7 +93,7 @@ class Log(Hook):
         if self.loss_watch is not None:
             logged.update(self.loss_watch.check(info.step, logged))
         logged.update(self.throughput.measure(info.step))
-        logged["data/num_skipped"] = float(info.num_skipped)  # records this process replaced in this run
+        logged["data/num_skipped"] = float(info.num_skipped)  # unusable records this process skipped in this run
         for shard, count in sorted(info.skipped_by_shard.items()):  # their shards, for streamed sources
             logged[f"data/skipped/{shard}"] = float(count)
         logged["nonfinite_skipped_total"] = float(self.nonfinite.total)

@@ -23,6 +23,10 @@ from siglip_jax.runtime.sharding import logical_to_shardings
 from siglip_jax.training import optim
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    return jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda leaf: jnp.all(jnp.isfinite(leaf)), tree))
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything a step reads and writes. Immutable: `apply_gradients` returns a new state."""
@@ -31,9 +35,20 @@ class TrainState:
     params: Any
     opt_state: Any
 
-    def apply_gradients(self, grads: Any, optimizer: optax.GradientTransformation) -> "TrainState":
+    def apply_gradients(self, grads: Any, optimizer: optax.GradientTransformation, *, loss: jax.Array) -> tuple["TrainState", jax.Array]:
+        """(the state after one update with `grads`, whether the update was applied). An update whose loss,
+        gradient or new parameters are not finite is not applied: parameters, optimizer state (and EMA)
+        stay as they were and only the step counter advances, as the batch was consumed. The new parameters
+        are checked too: a finite gradient times a huge learning rate (or a damaged parameter) can still
+        overflow, and a NaN parameter would poison every later step."""
         updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
-        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
+        updated = self._updated(optax.apply_updates(self.params, updates), opt_state)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)) & _all_finite(updated.params)
+        skipped = self.replace(step=self.step + 1)
+        return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, skipped), finite
+
+    def _updated(self, params: Any, opt_state: Any) -> "TrainState":
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
     def with_params(self, params: Any) -> "TrainState":
         """The state starting from `params` (init_from)."""
@@ -43,10 +58,21 @@ class TrainState:
 @flax.struct.dataclass
 class EmaTrainState(TrainState):
     """A TrainState that also keeps an exponential moving average of the parameters (optim.ema_decay > 0),
-    sharded like them. A subclass rather than an optional field, so a run without EMA saves and restores
-    exactly the state (and the checkpoints) it did before EMA existed."""
+    sharded like them, moved by every applied update. A subclass rather than an optional field, so a run
+    without EMA saves and restores exactly the state (and the checkpoints) it did before EMA existed; the
+    decay is configuration, not saved (a static field)."""
 
     ema_params: Any = None
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    def current_ema_decay(self) -> jax.Array:
+        """The decay the next applied update moves the EMA by: optim.ema_decay_at of the updates applied so far
+        (optim.update_count, which skipped steps do not advance)."""
+        return optim.ema_decay_at(self.ema_decay, optim.update_count(self.opt_state))
+
+    def _updated(self, params: Any, opt_state: Any) -> "EmaTrainState":
+        ema_params = optim.ema_update(self.ema_params, params, self.current_ema_decay())
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
 
     def with_params(self, params: Any) -> "EmaTrainState":
         """The state starting from `params` (init_from), the EMA too, in buffers of its own (the step
@@ -162,66 +188,47 @@ def train_step(
     batch_axes: tuple[str, ...],
     accum_steps: int = 1,
     frozen: tuple[str, ...] = (),
-    ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on one global batch; returns the new state and scalar metrics.
-
-    A step whose loss, gradient or updated parameters are not finite leaves parameters, optimizer state and
-    EMA unchanged (the step counter still advances, as the batch was consumed) and reports "nonfinite" = 1.
-    With `ema_decay` > 0 the EMA moves towards the new parameters by optim.ema_decay_at(ema_decay, n), n the
-    updates applied before this one (optim.update_count, which skipped steps do not advance).
-    """
+    """One optimizer update on one global batch; returns the new state and scalar metrics. The state's
+    `apply_gradients` skips a non-finite update (reported as "nonfinite" = 1) and moves the EMA, if any."""
     with nn.logical_axis_rules(axis_rules):
         loss, grads = loss_and_grads(
             state.params, batch, model=model, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes,
             accum_steps=accum_steps, frozen=frozen,
         )
-    grad_norm = optax.global_norm(grads)
-    updated = state.apply_gradients(grads, optimizer)
-    if ema_decay:
-        decay = optim.ema_decay_at(ema_decay, optim.update_count(state.opt_state))
-        updated = updated.replace(ema_params=optim.ema_update(state.ema_params, updated.params, decay))
-    # The new parameters too: a finite gradient times a huge learning rate (or a damaged parameter) can
-    # still overflow, and a NaN parameter would poison every later step.
-    params_finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda leaf: jnp.all(jnp.isfinite(leaf)), updated.params))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
-    skipped = state.replace(step=state.step + 1)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, skipped)
+    new_state, finite = state.apply_gradients(grads, optimizer, loss=loss)
     metrics = {
         "loss": loss,
         "learning_rate": schedule(optim.update_count(state.opt_state)),  # what this update applied
-        "grad_norm": grad_norm,
+        "grad_norm": optax.global_norm(grads),
         "param_norm": optax.global_norm(state.params),
         "temperature": jnp.exp(new_state.params["t"]),
         "bias": new_state.params["b"],
         "nonfinite": 1 - finite.astype(jnp.int32),
     }
-    if ema_decay:
-        metrics["ema/decay"] = jnp.where(finite, decay, 0.0)  # 0: this step left the EMA unchanged
+    if isinstance(state, EmaTrainState):
+        metrics["ema/decay"] = jnp.where(finite, state.current_ema_decay(), 0.0)  # 0: this step left the EMA unchanged
         metrics["ema/param_norm"] = optax.global_norm(new_state.ema_params)
     return new_state, metrics
 
 
-def create_train_state(
+def state_initialiser(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
     *,
-    image_size: int,
+    image_shape: tuple[int, ...],
     text_length: int,
     mesh: Mesh,
     axis_rules: Any,
-    rng: jax.Array,
-    image_shape: tuple[int, ...] | None = None,
-    ema: bool = False,
-    initialise: bool = True,
-) -> tuple[TrainState, Any]:
-    """Initialises the state already sharded over the mesh: shapes from `jax.eval_shape`, shardings
-    from the parameters' logical names, then one jit whose outputs land in place (never whole on one
-    device). `image_shape` (one example's, e.g. a NaFlex tower's packed patches) replaces the square
-    [image_size, image_size, 3]. With `ema`, the state keeps an EMA of the parameters, starting equal to
-    them. Returns the state and its tree of NamedShardings; without `initialise`, the state's shapes
-    (jax.ShapeDtypeStruct leaves) instead of the state, and nothing is compiled."""
-    images = jnp.zeros((1, *(image_shape or (image_size, image_size, 3))), jnp.float32)
+    ema_decay: float = 0.0,
+) -> tuple[Any, TrainState, Any]:
+    """(init_state, the state's shapes, its shardings). `init_state(rng)` creates the initial TrainState
+    already sharded over the mesh: shapes from `jax.eval_shape`, shardings from the parameters' logical
+    names, then one jit whose outputs land in place (never whole on one device); it compiles on its first
+    call, so a run that restores a checkpoint instead never builds a fresh state. `image_shape` is one
+    example's ([size, size, 3], or a NaFlex tower's packed patches). With `ema_decay` > 0 the state is an
+    EmaTrainState whose average starts equal to the parameters."""
+    images = jnp.zeros((1, *image_shape), jnp.float32)
     tokens = jnp.zeros((1, text_length), jnp.int32)
 
     def init_boxed(rng: jax.Array) -> TrainState:
@@ -230,20 +237,18 @@ def create_train_state(
         params = model.init(params_rng, images, tokens)["params"]
         # The optimizer state inherits the parameters' logical boxes, so it is sharded like them.
         fields = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-        if not ema:
+        if not ema_decay:
             return TrainState(**fields)
         # The EMA copy inherits the boxes too: sharded exactly like the parameters.
-        return EmaTrainState(**fields, ema_params=jax.tree.map(jnp.copy, params))
+        return EmaTrainState(**fields, ema_params=jax.tree.map(jnp.copy, params), ema_decay=ema_decay)
 
     # No logical-rules context here: out_shardings alone places the state; activation constraints on a
     # batch of one would only add work to the initialisation.
-    abstract = jax.eval_shape(init_boxed, rng)
+    abstract = jax.eval_shape(init_boxed, jax.random.key(0))
     shardings = logical_to_shardings(abstract, mesh, axis_rules)
-    if not initialise:
-        return nn.unbox(abstract), shardings
-    state = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings,
-                    compiler_options=_init_compiler_options(mesh))(rng)
-    return state, shardings
+    init_state = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings,
+                         compiler_options=_init_compiler_options(mesh))
+    return init_state, nn.unbox(abstract), shardings
 
 
 def _init_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
@@ -258,7 +263,8 @@ def _init_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
 
 @dataclasses.dataclass(frozen=True)
 class Training:
-    """Everything a run needs, built once from a config and a mesh (see `build_training`)."""
+    """Everything a run needs, built once from a config and a mesh (see `build_training`): plain values and
+    two compiled-on-first-call functions, no state."""
 
     model: nn.Module
     optimizer: optax.GradientTransformation
@@ -269,18 +275,16 @@ class Training:
     state_shardings: Any  # a TrainState of NamedShardings
     abstract_state: Any  # a TrainState of ShapeDtypeStructs carrying those shardings: what a restore targets
     batch_sharding: NamedSharding
+    # rng -> the initial TrainState, created sharded (jax.random.key(config.seed) for the run's own).
+    init_state: Any
     # (state, batch) -> (new state, scalar metrics); donates the state. Call inside `jax.set_mesh(mesh)`.
     step: Any
-    state: TrainState | None  # the freshly initialised, sharded state; None when built with initialise=False
 
 
-def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, initialise: bool = True) -> Training:
-    """Model, optimizer, schedule, the state's shardings and the one jitted train step for `config` on
-    `mesh`; with `initialise`, also the initial state (from `config.seed`), created already sharded.
-
-    A run that is about to restore a checkpoint passes initialise=False and restores into
-    `abstract_state`, so a fresh state never occupies the devices next to the restored one.
-    """
+def build_training(config: ml_collections.ConfigDict, mesh: Mesh) -> Training:
+    """Model, optimizer, schedule, the state's shardings, its initialiser and the one jitted train step for
+    `config` on `mesh`. Nothing is compiled or allocated here: a run that restores a checkpoint restores into
+    `abstract_state`, one that starts fresh calls `init_state(jax.random.key(config.seed))`."""
     axis_rules = sharding.rules_as_tuples(config.mesh.axis_rules)
     sharding.check_batch_size(config.data.batch_size, mesh, axis_rules)
     sharding.check_accumulation(config.data.batch_size, config.accum_steps, mesh, axis_rules)
@@ -289,14 +293,10 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, initialise:
     model = two_towers.build_model(config.model)
     schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
     optimizer = optim.optimizer_with_schedule(config.optim, schedule)  # the schedule built once, logged as used
-    create = functools.partial(
-        create_train_state, model, optimizer, image_size=config.model.image.image_size,
-        image_shape=two_towers.image_input_shape(config.model),
-        text_length=config.model.text.max_len, mesh=mesh, axis_rules=axis_rules, ema=config.optim.ema_decay > 0,
+    init_state, state_shapes, state_shardings = state_initialiser(
+        model, optimizer, image_shape=two_towers.image_input_shape(config.model),
+        text_length=config.model.text.max_len, mesh=mesh, axis_rules=axis_rules, ema_decay=config.optim.ema_decay,
     )
-    # The state, or without `initialise` only its shapes (traced, nothing compiled).
-    state_or_shapes, state_shardings = create(rng=jax.random.key(config.seed), initialise=initialise)
-    abstract_state = checkpoint.abstract_like(state_or_shapes, state_shardings)
     step = jax.jit(
         functools.partial(
             train_step,
@@ -309,7 +309,6 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, initialise:
             batch_axes=batch_axes,
             accum_steps=config.accum_steps,
             frozen=tuple(config.optim.frozen),
-            ema_decay=config.optim.ema_decay,
         ),
         in_shardings=(state_shardings, batch_sharding),  # (state, batch)
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),  # (state, scalar metrics)
@@ -317,6 +316,7 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, initialise:
     )
     return Training(
         model=model, optimizer=optimizer, schedule=schedule, mesh=mesh, axis_rules=axis_rules,
-        batch_axes=batch_axes, state_shardings=state_shardings, abstract_state=abstract_state,
-        batch_sharding=batch_sharding, step=step, state=state_or_shapes if initialise else None,
+        batch_axes=batch_axes, state_shardings=state_shardings,
+        abstract_state=checkpoint.abstract_like(state_shapes, state_shardings),
+        batch_sharding=batch_sharding, init_state=init_state, step=step,
     )

@@ -40,7 +40,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         workdir, keep_checkpoints=config.keep_checkpoints, keep_every_steps=config.keep_every_steps
     )
     resuming = checkpointer.latest_step() is not None
-    training = build_training(config, mesh, initialise=not resuming)
+    training = build_training(config, mesh)
 
     # ---- Input -----------------------------------------------------------------------------------
     tokenizer = build_tokenizer(config)
@@ -66,13 +66,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         safeguards.check_restored_params(state.params, restored_step, checkpointer.root)
         safeguards.check_total_steps(restored_step, config.total_steps, checkpointer.root)
         logger.warning("Resumed from step %d of %s.", restored_step, checkpointer.root)
-    elif config.init_from:
-        # The EMA (optim.ema_decay) starts from the loaded parameters too.
-        state = training.state.with_params(
-            loading.initial_params(config, training.state.params, training.state_shardings.params)
-        )
     else:
-        state = training.state
+        state = training.init_state(jax.random.key(config.seed))
+        if config.init_from:  # the EMA (optim.ema_decay) starts from the loaded parameters too
+            state = state.with_params(loading.initial_params(config, state.params, training.state_shardings.params))
 
     # ---- Hooks, in the order they run after each step ----------------------------------------------
     first_step = int(state.step)
