@@ -117,12 +117,42 @@ def test_eval_and_export_load_the_newest_readable_step_and_say_so(reference, tmp
         loaded = loading.load_model(workdir)
     expected = loading.load_model(reference_dir, step=6)
     jax.tree.map(np.testing.assert_array_equal, loaded.params, expected.params)
-    assert "Could not read the newer checkpoint(s)" in caplog.text and "step 8: " in caplog.text
+    assert "Could not read the newer checkpoint(s)" in caplog.text and f"step 8 ({root}/8/state" in caplog.text
     assert "using step 6, the newest that reads" in caplog.text
     for step in (2, 4, 6):
         _truncate_array_file(os.path.join(root, str(step)))
     with pytest.raises(checkpoint.NoCheckpointError) as error:
         loading.load_model(workdir)
     message = str(error.value)
-    assert all(f"step {step}: " in message for step in (2, 4, 6, 8)), message
+    assert all(f"step {step} ({root}/{step}/state" in message for step in (2, 4, 6, 8)), message
     assert message.endswith("Delete those step directories, or start a new workdir.") and len(message) < 2000
+
+
+def test_a_run_whose_every_checkpoint_is_unreadable_says_which_steps_and_files_and_the_fix(reference, tmp_path):
+    reference_dir, _ = reference
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_dir, workdir)
+    root = os.path.join(workdir, "checkpoints")
+    for step in (2, 4, 6, 8):
+        _truncate_array_file(os.path.join(root, str(step)))
+    with pytest.raises(checkpoint.NoCheckpointError) as error:
+        trainer.train(_config(), workdir)
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 2500, message
+    for step in (2, 4, 6, 8):
+        assert f"step {step} ({root}/{step}/state" in message, message  # the step and the file that failed
+    assert message.endswith(f"Delete those step directories under {root} (or move them elsewhere) to start this "
+                            "workdir again, or start a new workdir.")
+    assert "optimizer" not in message  # the optimizer is not what changed
+
+
+def test_a_changed_optimizer_structure_is_named_instead_of_damage(reference, tmp_path):
+    reference_dir, _ = reference
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_dir, workdir)
+    config = _config()
+    config.optim.grad_clip_norm = 0.0  # no clipping: the optimizer state loses the clip's entry
+    with pytest.raises(checkpoint.NoCheckpointError, match=r"changed the optimizer's structure \(optim.grad_clip_norm: "
+                                                           r"1.0 -> 0.0\).*--config.init_from="):
+        trainer.train(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6", "8"]  # nothing set aside

@@ -200,3 +200,15 @@ def test_a_missing_image_folder_is_blamed_on_image_dir_not_on_the_captions_file(
         build_source(source)
     message = str(missing_data_error(raised.value, "data.train", source))
     assert "no_images" in message and "--config.data.train.args.image_dir=" in message
+
+
+def test_missing_shards_are_blamed_on_shards_not_on_a_count_named_like_them(tmp_path):
+    from siglip_jax.config import source_config
+    from siglip_jax.data.from_config import build_source, missing_data_error
+
+    # open_shards=2: "2" is in the error text (the path holds it) but a count is no location.
+    source = source_config("webdataset_stream", open_shards=2, shards=str(tmp_path / "{00000..00002}.tar"))
+    with pytest.raises(FileNotFoundError) as raised:
+        build_source(source)
+    message = str(missing_data_error(raised.value, "data.train", source))
+    assert "--config.data.train.args.shards=/path/to/data" in message, message

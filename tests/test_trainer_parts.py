@@ -96,3 +96,32 @@ def test_ctrl_c_asks_for_a_save_as_sigterm_does_and_a_second_one_stops_at_once()
     finally:
         watch.close()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigterm_during_start_up_stops_before_the_first_step_and_says_so(tmp_path, monkeypatch, caplog):
+    import logging
+    import os
+    import signal
+    import threading
+
+    from siglip_jax.training import trainer
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set from the main thread")
+    real_build_source = trainer.build_source
+
+    def build_source_then_sigterm(*args, **kwargs):  # start-up work, then the notice arrives
+        source = real_build_source(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return source
+
+    monkeypatch.setattr(trainer, "build_source", build_source_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    workdir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        assert trainer.train(tiny_config(), str(workdir)) == {}
+    assert "SIGTERM received" in caplog.text
+    assert "Stopped during start-up, before step 1: nothing was trained, so nothing new was saved; rerun the same " \
+           "command to start." in caplog.text
+    assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers put back

@@ -18,7 +18,9 @@ def build_source(source: ml_collections.ConfigDict) -> Any:
 
 def missing_data_error(error: FileNotFoundError, key: str, source: ml_collections.ConfigDict) -> FileNotFoundError:
     """`error` (a source's missing file or folder) with the config key that named it and how to set it."""
-    location_args = [arg for arg in source.args.keys() if any(word in arg for word in ("path", "dir", "file", "shards"))]
+    # Arguments that hold locations: their names say so and their values are paths (open_shards is a count).
+    location_args = [arg for arg in source.args.keys() if any(word in arg for word in ("path", "dir", "file", "shards"))
+                     and isinstance(source.args[arg], (str, os.PathLike, list, tuple))]
     # The argument whose value the error names (a missing image_dir is not the captions_file's fault).
     named = [arg for arg in location_args if str(source.args[arg]) and str(source.args[arg]) in str(error)]
     arg = (named or location_args or ["path"])[0]

@@ -15,6 +15,7 @@ run can save that step again.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -127,10 +128,34 @@ def _write_small_arrays_whole() -> None:
         absl_logger.setLevel(level)
 
 
-def open_manager(root: str, *, keep_checkpoints: int | None = None, keep_every_steps: int = 0, read_only: bool = False):
+class _BackgroundSaveTraceback(logging.Filter):
+    """Orbax logs a failed background save with its whole traceback; the error the Checkpointer raises says
+    what failed in one line (the traceback stays with it, shown by -v), so the log keeps the first line only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "orbax" in record.pathname and "save" in str(record.msg).lower():
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _log_background_save_failures_in_one_line() -> None:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(existing, _BackgroundSaveTraceback) for existing in absl_logger.filters):
+        absl_logger.addFilter(_BackgroundSaveTraceback())
+
+
+# How long one save may take to reach storage before it is an error (Orbax's own default): a bucket or
+# endpoint that stops answering ends the run with a line naming it, instead of waiting forever.
+SAVE_TIMEOUT_S = 1200
+
+
+def open_manager(root: str, *, keep_checkpoints: int | None = None, keep_every_steps: int = 0, read_only: bool = False,
+                 save_timeout_s: float = SAVE_TIMEOUT_S):
     if not read_only:
         _write_small_arrays_whole()
+        _log_background_save_failures_in_one_line()
     options = ocp.CheckpointManagerOptions(
+        async_options=ocp.AsyncOptions(timeout_secs=max(1, int(save_timeout_s))),
         preservation_policy=None if keep_checkpoints is None else _preservation_policy(keep_checkpoints, keep_every_steps),
         read_only=read_only,
         create=not read_only,
@@ -172,9 +197,12 @@ class Checkpointer:
     written in the background; `close()` waits for them. Use as a context manager or call `close()`.
     """
 
-    def __init__(self, workdir: str, *, keep_checkpoints: int = 3, keep_every_steps: int = 0):
+    def __init__(self, workdir: str, *, keep_checkpoints: int = 3, keep_every_steps: int = 0,
+                 save_timeout_s: float = SAVE_TIMEOUT_S):
         self.root = checkpoint_root(workdir)
-        self._manager = open_manager(self.root, keep_checkpoints=keep_checkpoints, keep_every_steps=keep_every_steps)
+        self.save_timeout_s = save_timeout_s
+        self._manager = open_manager(self.root, keep_checkpoints=keep_checkpoints, keep_every_steps=keep_every_steps,
+                                     save_timeout_s=save_timeout_s)
         # Orbax deletes unfinished saves in a background future it starts here and awaits only before its first
         # save; listing before it is done raced with it (a bucket step listed, then gone when moved aside).
         await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)  # private in orbax 0.12
@@ -205,27 +233,43 @@ class Checkpointer:
         config as step `step`; returns False (and saves nothing) when that step is already saved."""
         if step == self.last_saved_step:
             return False
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE: ocp.args.StandardSave(state),
-                    DATA: grain.checkpoint.CheckpointSave(data_iterator),
-                    CONFIG: ocp.args.JsonSave(config_as_json(config)),
-                }
-            ),
-            force=True,  # the trainer decides the cadence (every N steps, the end, preemption)
-        )
+        with self._save_errors_named():  # a previous save still in flight is awaited here
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE: ocp.args.StandardSave(state),
+                        DATA: grain.checkpoint.CheckpointSave(data_iterator),
+                        CONFIG: ocp.args.JsonSave(config_as_json(config)),
+                    }
+                ),
+                force=True,  # the trainer decides the cadence (every N steps, the end, preemption)
+            )
         self.last_saved_step = step
         return True
 
     def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+        with self._save_errors_named():
+            self._manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _save_errors_named(self):
+        """A save that timed out (storage that stopped answering) as one line naming where and what to check."""
+        try:
+            yield
+        except TimeoutError as error:
+            raise TimeoutError(
+                f"Saving a checkpoint under {self.root} did not finish within {self.save_timeout_s:g} s"
+                f"{storage.endpoint_description(self.root)}; the checkpoints saved before it are intact. Check "
+                "that the storage answers (bucket, endpoint, credentials, free space), then rerun the same command."
+            ) from error
 
     def close(self) -> None:
         """Waits for a save in flight to complete, then releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait_until_finished()
+        finally:
+            self._manager.close()
 
     def _set_aside(self, steps: list[int], reason: str) -> None:
         """Renames each step's directory to broken/<step>.<time> (process 0 only; all then see the result)."""
@@ -258,13 +302,13 @@ class Checkpointer:
         readable, raises NoCheckpointError listing why each failed.
         """
         current = config_as_json(config)
-        failures, failed_steps = [], []
+        failures, failed_steps, optimizer_changes = [], [], set()
         for step in sorted(self._manager.all_steps(), reverse=True):
             failed_steps.append(step)  # until it restores
             try:
                 saved = self.read_config(step)
             except Exception as error:  # noqa: BLE001 -- any read failure means: try the previous one
-                failures.append(f"step {step}: config unreadable ({type(error).__name__}: {error})")
+                failures.append(describe_read_failure(step, error, self.root))
                 continue
             _check_same_model(saved, current, f"{self.root}/{step}")
             try:
@@ -272,7 +316,8 @@ class Checkpointer:
                 data_state = _data_state_for_this_process(epath.Path(self.root) / str(step) / DATA)
                 data_iterator.set_state(data_state)
             except Exception as error:  # noqa: BLE001
-                failures.append(f"step {step}: {type(error).__name__}: {error}")
+                failures.append(describe_read_failure(step, error, self.root))
+                optimizer_changes.update(_optimizer_structure_changes(saved, current))
                 continue
             if failures:
                 logger.warning(
@@ -286,11 +331,43 @@ class Checkpointer:
                 logger.info("Resuming step %d with changed config keys: %s", step, "; ".join(other_changes))
             self.last_saved_step = step
             return restored[STATE], step
-        raise NoCheckpointError(
-            f"No readable checkpoint in {self.root}: " + ("; ".join(failures) or "there are none") + ". If the "
-            "config changed the optimizer's structure (optim.name, grad_clip_norm, weight_decay or ema_decay to or from 0), "
-            "start a new workdir with init_from set to this one. Otherwise delete the broken step directories."
-        )
+        if optimizer_changes:  # the saved state has another structure: every step fails alike, none is damaged
+            fix = (f"The config changed the optimizer's structure ({', '.join(sorted(optimizer_changes))}), so the saved "
+                   "optimizer state does not fit: resume with the checkpoint's optim settings, or start a new workdir "
+                   f"with --config.init_from={self.root} to keep its parameters.")
+        else:
+            fix = (f"Delete those step directories under {self.root} (or move them elsewhere) to start this workdir "
+                   "again, or start a new workdir.")
+        raise NoCheckpointError(f"No checkpoint in {self.root} can be read: {'; '.join(failures) or 'there are none'}. {fix}")
+
+
+# The optimizer settings that change the optimizer state's tree: a change makes every saved step unreadable.
+_OPTIMIZER_STRUCTURE_KEYS = ("name", "grad_clip_norm", "weight_decay", "ema_decay", "frozen", "freeze", "mu_dtype")
+
+
+def _optimizer_structure_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    before, now = saved.get("optim", {}), current.get("optim", {})
+    changed = []
+    for key in _OPTIMIZER_STRUCTURE_KEYS:
+        old, new = before.get(key), now.get(key)
+        if key in ("grad_clip_norm", "weight_decay", "ema_decay"):  # only switching on or off changes the tree
+            old, new = bool(old), bool(new)
+        if key in before and old != new:
+            changed.append(f"optim.{key}: {before.get(key)!r} -> {now.get(key)!r}")
+    return changed
+
+
+def describe_read_failure(step: int, error: BaseException, root: str | os.PathLike | None = None) -> str:
+    """`step N (the file named in the error, if any): Type: the first line of the message`, for a checkpoint
+    step that could not be read: Orbax and TensorStore errors run to many lines of specs."""
+    message = str(error).strip()
+    where = ""
+    if root is not None:
+        # The longest path under this step's directory that the error names (TensorStore quotes its specs' paths).
+        step_dir = os.fspath(root).rstrip("/") + f"/{step}/"
+        paths = re.findall(re.escape(step_dir) + r"[^\s\"',}]*", message)
+        where = f" ({max(paths, key=len)})" if paths else ""
+    return f"step {step}{where}: {type(error).__name__}: {(message.splitlines() or [''])[0][:200]}"
 
 
 def _warn_if_batch_size_changed(saved: dict[str, Any], current: dict[str, Any], step: int) -> None:
@@ -351,6 +428,7 @@ __all__ = [
     "NoCheckpointError",
     "abstract_like",
     "config_differences",
+    "describe_read_failure",
     "latest_step",
     "read_config_json",
 ]

@@ -4,6 +4,7 @@ straight into its target sharding."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -29,7 +30,7 @@ def _resolve(path: str, step: int | None) -> tuple[epath.Path, int]:
         if step is not None and step != int(path.name):
             raise ValueError(f"Got the checkpoint directory of step {path.name} and also step={step}; give one.")
         return path.parent, int(path.name)
-    root = _checkpoints_root(path)
+    root = checkpoints_root(path)
     if not root.is_dir():
         raise checkpoint.NoCheckpointError(f"No checkpoint at {path}: give a workdir, its {checkpoint.CHECKPOINTS_SUBDIR}/ or a step directory.")
     steps = complete_steps(root)
@@ -54,12 +55,13 @@ def workdir_steps(path: str) -> list[int] | None:
     path = checkpoint.as_path(path)
     if (path / checkpoint.STATE).is_dir():
         return None
-    root = _checkpoints_root(path)
+    root = checkpoints_root(path)
     return complete_steps(root) if root.is_dir() else None
 
 
-def _checkpoints_root(path: epath.Path) -> epath.Path:
+def checkpoints_root(path: str | epath.Path) -> epath.Path:
     """A workdir's checkpoints/ directory, or `path` itself when it is that directory."""
+    path = checkpoint.as_path(os.fspath(path))
     return path / checkpoint.CHECKPOINTS_SUBDIR if (path / checkpoint.CHECKPOINTS_SUBDIR).is_dir() else path
 
 

@@ -60,7 +60,7 @@ def _load_workdir(source: str, step: int | None, mesh: Mesh | None, shardings: A
         except Exception as error:  # noqa: BLE001 -- any read failure means: try the previous step
             if step is not None or not steps or isinstance(error, _ANSWERS):
                 raise
-            failures.append(_read_failure(candidate, error))
+            failures.append(checkpoint.describe_read_failure(candidate, error, checkpoint_params.checkpoints_root(source)))
             continue
         if check is not None:
             check(config, saved_shapes)  # a model that does not fit is the user's to fix, in every step alike
@@ -70,7 +70,7 @@ def _load_workdir(source: str, step: int | None, mesh: Mesh | None, shardings: A
         except Exception as error:  # noqa: BLE001
             if step is not None or not steps or isinstance(error, _ANSWERS):
                 raise
-            failures.append(_read_failure(candidate, error))
+            failures.append(checkpoint.describe_read_failure(candidate, error, checkpoint_params.checkpoints_root(source)))
             continue
         if failures:
             logger.warning("Could not read the newer checkpoint(s) of %s (%s); using step %d, the newest that reads, "
@@ -85,12 +85,6 @@ def _load_workdir(source: str, step: int | None, mesh: Mesh | None, shardings: A
 # Errors that answer the request rather than report a damaged file (a run without EMA asked for its EMA):
 # every older step would answer the same.
 _ANSWERS = (checkpoint.NoCheckpointError, checkpoint.CheckpointMismatchError)
-
-
-def _read_failure(step: int, error: BaseException) -> str:
-    """`step N: Type: the first line of the message` (Orbax and TensorStore errors run to many lines)."""
-    first_line = (str(error).strip().splitlines() or [""])[0][:200]
-    return f"step {step}: {type(error).__name__}: {first_line}"
 
 
 def _target_shardings(config: ml_collections.ConfigDict, mesh: Mesh | None, shardings: Any) -> Any:

@@ -20,6 +20,7 @@ import sys
 from typing import Any, Callable
 
 from siglip_jax import config as config_lib
+from siglip_jax.runtime import storage
 
 # FloatingPointError: a diverged run or a damaged checkpoint (training.hooks, training.safeguards), said in words.
 USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
@@ -83,6 +84,7 @@ def run_absl(main: Callable[[list[str]], Any]) -> None:
     from absl import app
 
     show = _wants_traceback(sys.argv)
+    storage.point_tensorstore_at_emulator()  # checkpoints in a GCS emulator: read and written by tensorstore too
     guarded(config_lib.check_override_keys, show)(_config_override_names(sys.argv))
     # absl reads the --config file while parsing flags, before main: a syntax error there is the user's
     # ("invalid syntax (my_config.py, line 3)"), and so is a recipe's own ValueError, which absl would print

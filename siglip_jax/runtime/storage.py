@@ -3,7 +3,8 @@ fsspec (gcsfs, s3fs; no TensorFlow). Also bounded retries for transient remote f
 check that names a missing bucket or missing credentials.
 
 Emulators and other endpoints: gcsfs honours STORAGE_EMULATOR_HOST and tensorstore (Orbax's arrays)
-TENSORSTORE_GCS_HTTP_URL; s3fs and tensorstore honour AWS_ENDPOINT_URL.
+TENSORSTORE_GCS_HTTP_URL; s3fs and tensorstore honour AWS_ENDPOINT_URL. `point_tensorstore_at_emulator`
+derives tensorstore's setting from STORAGE_EMULATOR_HOST, so the one variable users already set reaches both.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Callable, TypeVar
+from typing import Callable, MutableMapping, TypeVar
 
 from etils import epath
 
@@ -19,6 +20,11 @@ logger = logging.getLogger(__name__)
 
 REMOTE_PREFIXES = ("gs://", "s3://")
 RETRIES = 4  # attempts after the first, at 0.5, 1, 2, 4 s
+WRITE_CHECK_TIMEOUT_S = 60.0  # the start-up write through tensorstore: a bucket that does not answer in this is an error
+GCS_DEFAULT_ENDPOINT = "https://storage.googleapis.com"
+# The variables that decide where bucket clients connect and as whom, named in errors about an unreachable bucket.
+ENDPOINT_SETTINGS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_APPLICATION_CREDENTIALS",
+                     "AWS_ENDPOINT_URL", "AWS_PROFILE")
 T = TypeVar("T")
 
 
@@ -112,9 +118,42 @@ def upload(local: str | os.PathLike, target: str | os.PathLike) -> None:
         with_retries(lambda: destination.write_bytes(data), f"Writing {destination}")
 
 
-def check_writable(location: str | os.PathLike) -> None:
+def point_tensorstore_at_emulator(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """With STORAGE_EMULATOR_HOST set (a GCS emulator, as gcsfs and Google's client libraries read it),
+    sets what tensorstore, Orbax's array writer, reads instead: TENSORSTORE_GCS_HTTP_URL, and a fixed
+    token (an emulator takes any; without one tensorstore searches for credentials and, finding none,
+    retries for many minutes). Variables already set are kept. Returns the ones it set."""
+    host = environ.get("STORAGE_EMULATOR_HOST")
+    if not host:
+        return {}
+    derived = {"TENSORSTORE_GCS_HTTP_URL": host if "://" in host else f"http://{host}",
+               "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+    added = {name: value for name, value in derived.items() if name not in environ}
+    environ.update(added)
+    if added:
+        logger.info("STORAGE_EMULATOR_HOST is set: tensorstore (checkpoint arrays) uses it too (%s).",
+                    ", ".join(f"{name}={value}" for name, value in added.items()))
+    return added
+
+
+def endpoint_settings(environ: MutableMapping[str, str] = os.environ) -> str:
+    """The bucket-client settings in effect, for error messages: "NAME=value" for each one set."""
+    found = [f"{name}={environ[name]}" for name in ENDPOINT_SETTINGS if environ.get(name)]
+    return ", ".join(found) or "none of " + ", ".join(ENDPOINT_SETTINGS)
+
+
+def endpoint_description(location: str | os.PathLike) -> str:
+    """" (endpoint E; settings: ...)" for a gs:// location, where tensorstore writes the arrays; "" otherwise."""
+    if not os.fspath(location).startswith("gs://"):
+        return ""
+    return f" (endpoint {os.environ.get('TENSORSTORE_GCS_HTTP_URL', GCS_DEFAULT_ENDPOINT)}; settings: {endpoint_settings()})"
+
+
+def check_writable(location: str | os.PathLike, timeout_s: float = WRITE_CHECK_TIMEOUT_S) -> None:
     """Fails at start-up, with the fix, when a bucket workdir cannot be written (no such bucket, no
-    credentials), instead of late in the run."""
+    credentials, an endpoint that does not answer), instead of late in the run or never: once through
+    gcsfs/s3fs (metrics, logs) and, for gs://, once through tensorstore, the client Orbax writes the
+    checkpoint's arrays with, bounded by `timeout_s`."""
     if not is_remote(location):
         return
     probe = path(location) / ".siglip_jax_write_check"
@@ -123,6 +162,28 @@ def check_writable(location: str | os.PathLike) -> None:
         probe.unlink()
     except Exception as error:  # noqa: BLE001 -- every failure here has the same fix
         raise PermissionError(f"Cannot write to {location} ({type(error).__name__}: {error}). {bucket_hint(location)}") from error
+    if os.fspath(location).startswith("gs://"):
+        _check_tensorstore_writes(os.fspath(location), timeout_s)
+
+
+def _check_tensorstore_writes(location: str, timeout_s: float) -> None:
+    import tensorstore as ts
+
+    key = ".siglip_jax_write_check"
+    endpoint = os.environ.get("TENSORSTORE_GCS_HTTP_URL", GCS_DEFAULT_ENDPOINT)
+    try:
+        store = ts.KvStore.open(location.rstrip("/") + "/").result(timeout=timeout_s)
+        store.write(key, b"ok").result(timeout=timeout_s)
+    except Exception as error:  # noqa: BLE001 -- a timeout and a refusal have the same fix
+        what = f"no answer within {timeout_s:g} s" if isinstance(error, TimeoutError) else f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        raise PermissionError(
+            f"Checkpoints cannot be written to {location}: tensorstore (Orbax's array writer) got {what} from "
+            f"{endpoint}. Settings: {endpoint_settings()}. For an emulator set STORAGE_EMULATOR_HOST (or "
+            f"TENSORSTORE_GCS_HTTP_URL); for GCS itself: {bucket_hint(location)}"
+        ) from error
+    # Deleted through gcsfs: a range delete through tensorstore lists the bucket, which the GCS emulator
+    # answers with every object, and so removed more than the probe there.
+    with_retries((path(location) / key).unlink, f"Deleting {path(location) / key}", retries=2)
 
 
 def bucket_hint(location: str | os.PathLike) -> str:
@@ -135,7 +196,9 @@ def bucket_hint(location: str | os.PathLike) -> str:
 
 def check_checkpoint_location(workdir: str | os.PathLike) -> None:
     """Refuses, at start-up, a workdir where checkpoints cannot be written: Orbax (0.12) takes local
-    paths and gs:// but not s3:// (data shards and metrics do work from s3://)."""
+    paths and gs:// but not s3:// (data shards and metrics do work from s3://). Points tensorstore at a GCS
+    emulator given by STORAGE_EMULATOR_HOST (point_tensorstore_at_emulator)."""
+    point_tensorstore_at_emulator()
     if os.fspath(workdir).startswith("s3://"):
         raise ValueError(
             f"--workdir={os.fspath(workdir)}: checkpoints cannot be written to s3:// (Orbax does not support it). "

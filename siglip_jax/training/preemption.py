@@ -38,7 +38,8 @@ class PreemptionWatch:
         del frame
         if signum == signal.SIGINT and self._requested.is_set():
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
-        logger.warning("%s received: finishing this step, saving a checkpoint and exiting%s.",
+        logger.warning("%s received: stopping after the step in progress (saving a checkpoint) or, during start-up, "
+                       "before the first step%s.",
                        signal.Signals(signum).name,
                        " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else "")
         self._requested.set()

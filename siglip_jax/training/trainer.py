@@ -30,6 +30,16 @@ logger = logging.getLogger(__name__)
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains per `config`, writing metrics to `workdir`; returns the last logged metrics."""
     config = config_lib.validate(config)
+    # Listening from the start: a SIGTERM (or Ctrl-C) during start-up stops before the first step, said in a
+    # line, instead of killing the process with no word (exit 143).
+    watch = preemption.PreemptionWatch()
+    try:
+        return _train(config, workdir, watch)
+    finally:
+        watch.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, watch: preemption.PreemptionWatch) -> dict[str, float]:
     storage.check_checkpoint_location(workdir)  # before anything is written
     workdir_lib.prepare(workdir)  # creates it (a local directory or a bucket prefix), checks and locks it
     is_lead = jax.process_index() == 0
@@ -120,7 +130,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         return {}
 
     write = hooks.Write(metrics_lib.MultiWriter(writers))
-    preempted = hooks.Preemption(preemption.PreemptionWatch(), save_if_finite)
+    preempted = hooks.Preemption(watch, save_if_finite)
     loop_hooks = [
         hooks.ProfileWindow(os.path.join(workdir, "profile"), *config.profile_steps),
         nonfinite,
@@ -134,6 +144,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     ]
 
     # ---- Loop ------------------------------------------------------------------------------------
+    if watch.should_stop(first_step):
+        checkpointer.close()
+        write.writer.close()
+        logger.warning("Stopped during start-up, before step %d: nothing was trained, so nothing new was saved; "
+                       "rerun the same command to %s.", first_step + 1, "continue" if first_step else "start")
+        return {}
     throughput.reset(first_step)
     num_skipped = 0
     skipped_by_shard: collections.Counter = collections.Counter()  # streamed sources: shard -> records skipped
