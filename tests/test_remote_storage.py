@@ -112,6 +112,29 @@ def test_a_bucket_tensorstore_cannot_reach_is_a_bounded_start_up_error(storage_s
     assert f"TENSORSTORE_GCS_HTTP_URL={dead}" in message and f"STORAGE_EMULATOR_HOST={storage_servers['env']['STORAGE_EMULATOR_HOST']}" in message
 
 
+def test_a_checkpoint_saves_to_an_emulator_named_by_storage_emulator_host_alone(storage_servers, monkeypatch):  # noqa: F811
+    """What a user of a GCS emulator sets is STORAGE_EMULATOR_HOST; before issue 29 tensorstore ignored it and
+    the first save waited forever on storage.googleapis.com."""
+    import jax.numpy as jnp
+
+    from siglip_jax.data import pipeline, preprocess
+    from siglip_jax.data.demo import DemoSource
+    from siglip_jax.data.tokenizers import ByteTokenizer
+    from tests.helpers import tiny_config
+
+    for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+        monkeypatch.delenv(name)
+    workdir = f"{storage_servers['gs']}/run-{uuid.uuid4().hex[:8]}"
+    storage.check_checkpoint_location(workdir)  # train.py's start-up: derives tensorstore's settings
+    storage.check_writable(workdir, timeout_s=30)
+    assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == storage_servers["env"]["STORAGE_EMULATOR_HOST"]
+    batches = pipeline.train_batches(DemoSource("train", 40, 16), tokenizer=ByteTokenizer(12),
+                                     options=preprocess.ImageOptions(16), local_batch_size=4, seed=0)
+    with checkpoint.Checkpointer(workdir, save_timeout_s=60) as checkpointer:
+        checkpointer.save(1, {"w": jnp.ones((4, 4))}, batches, tiny_config())
+    assert checkpoint.latest_step(workdir) == 1
+
+
 def test_a_save_the_bucket_stops_answering_ends_in_one_line_naming_it(storage_servers, monkeypatch, caplog):  # noqa: F811
     """The start-up check passed, then the endpoint stops answering (a listener that never replies): the save
     is bounded by its timeout and ends in an error naming the checkpoint folder, the endpoint and the settings."""
