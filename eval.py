@@ -11,11 +11,12 @@ from ml_collections import config_flags
 
 from siglip_jax import config as config_lib
 from siglip_jax.evaluation import command
-from siglip_jax.runtime import cli
+from siglip_jax.runtime import cli, compilation_cache
 from siglip_jax.training import metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe whose `evals` to run (default: the checkpoint's own config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: evaluates its latest checkpoint.")
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, compilation_cache.FLAG_HELP)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "With --workdir: a step or 'latest'. Alone: an exported params file, HF directory or .npz.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the metrics (and pair scores) to this JSON file.")
 _WEIGHTS = flags.DEFINE_enum("weights", "raw", config_lib.WEIGHTS, "With a workdir: the trained parameters (raw) or "
@@ -26,6 +27,7 @@ _PAIRS = flags.DEFINE_string("pairs", None, "JSONL of {\"image\": path, \"text\"
 def main(argv):
     del argv
     metrics.quiet_library_logs()
+    compilation_cache.enable(_COMPILATION_CACHE.value, _WORKDIR.value)
     results = command.run(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _PAIRS.value, _WEIGHTS.value)
     print(results.pop("table"))
     if _OUTPUT.value:

@@ -11,11 +11,12 @@ from ml_collections import config_flags
 
 from siglip_jax import config as config_lib
 from siglip_jax.io import formats, loading
-from siglip_jax.runtime import cli
+from siglip_jax.runtime import cli, compilation_cache
 from siglip_jax.training import metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe the workdir was trained with (workdir case).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export from.")
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, compilation_cache.FLAG_HELP)
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "With --workdir: the step (default: latest). Alone: a path to an exported params file, "
     "an HF SigLIP directory or a big_vision .npz.")
@@ -34,6 +35,7 @@ flags.mark_flags_as_required(["format", "output"])
 def main(argv):
     del argv
     metrics.quiet_library_logs()
+    compilation_cache.enable(_COMPILATION_CACHE.value, _WORKDIR.value)
     try:
         source, step = loading.source_from_flags(_WORKDIR.value, _CHECKPOINT.value)
     except (ValueError, FileNotFoundError) as error:

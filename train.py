@@ -5,11 +5,12 @@ elsewhere give every process --coordinator_address, --num_processes and its own 
 from absl import flags
 from ml_collections import config_flags
 
-from siglip_jax.runtime import cli, distributed
+from siglip_jax.runtime import cli, compilation_cache, distributed
 from siglip_jax.training import metrics, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and logs.")
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache", None, compilation_cache.FLAG_HELP)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, the same on every process (or $SIGLIP_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (or $SIGLIP_NUM_PROCESSES); 1 forces one.")
@@ -22,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     metrics.quiet_library_logs()
+    compilation_cache.enable(_COMPILATION_CACHE.value, _WORKDIR.value)
     # Before anything else touches JAX: the devices are fixed by the first call.
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value)
     trainer.train(_CONFIG.value, _WORKDIR.value)
