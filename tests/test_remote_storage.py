@@ -112,6 +112,25 @@ def test_a_bucket_tensorstore_cannot_reach_is_a_bounded_start_up_error(storage_s
     assert f"TENSORSTORE_GCS_HTTP_URL={dead}" in message and f"STORAGE_EMULATOR_HOST={storage_servers['env']['STORAGE_EMULATOR_HOST']}" in message
 
 
+def test_an_upload_to_a_bucket_that_never_answers_fails_after_bounded_retries(tmp_path):
+    """gcsfs's own requests have no timeout: before configure_bucket_clients an upload waited forever."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    (tmp_path / "file.txt").write_text("x")
+    code = ("import sys; from siglip_jax.runtime import storage; storage.GCS_REQUEST_TIMEOUT_S = 1; "
+            "storage.configure_bucket_clients(); storage.upload(sys.argv[1], 'gs://bucket/file.txt')")
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{silent.getsockname()[1]}", "PYTHONPATH": REPO}
+    try:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "file.txt")], env=env, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        silent.close()
+    assert done.returncode != 0 and time.monotonic() - started < 60
+    assert "Writing gs://bucket/file.txt failed 5 times, the last with FSTimeoutError" in done.stderr, done.stderr[-2000:]
+
+
 def test_a_checkpoint_saves_to_an_emulator_named_by_storage_emulator_host_alone(storage_servers, monkeypatch):  # noqa: F811
     """What a user of a GCS emulator sets is STORAGE_EMULATOR_HOST; before issue 29 tensorstore ignored it and
     the first save waited forever on storage.googleapis.com."""

@@ -84,7 +84,7 @@ def run_absl(main: Callable[[list[str]], Any]) -> None:
     from absl import app
 
     show = _wants_traceback(sys.argv)
-    storage.point_tensorstore_at_emulator()  # checkpoints in a GCS emulator: read and written by tensorstore too
+    storage.configure_bucket_clients()  # tensorstore follows a GCS emulator; bucket requests are bounded
     guarded(config_lib.check_override_keys, show)(_config_override_names(sys.argv))
     # absl reads the --config file while parsing flags, before main: a syntax error there is the user's
     # ("invalid syntax (my_config.py, line 3)"), and so is a recipe's own ValueError, which absl would print

@@ -136,6 +136,21 @@ def point_tensorstore_at_emulator(environ: MutableMapping[str, str] = os.environ
     return added
 
 
+GCS_REQUEST_TIMEOUT_S = 120.0  # one gcsfs request (a 50 MB chunk at 0.5 MB/s); gcsfs waits without end by default
+
+
+def configure_bucket_clients(environ: MutableMapping[str, str] = os.environ) -> None:
+    """What the command lines set before touching a bucket: tensorstore follows a GCS emulator
+    (point_tensorstore_at_emulator), and every gcsfs request is bounded by GCS_REQUEST_TIMEOUT_S, so a
+    write or upload (metrics, exports, TensorBoard events) to a bucket that stops answering fails after
+    with_retries' retries instead of waiting forever. Settings already in fsspec's config are kept."""
+    import fsspec.config
+
+    point_tensorstore_at_emulator(environ)
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("requests_timeout", GCS_REQUEST_TIMEOUT_S)
+
+
 def endpoint_settings(environ: MutableMapping[str, str] = os.environ) -> str:
     """The bucket-client settings in effect, for error messages: "NAME=value" for each one set."""
     found = [f"{name}={environ[name]}" for name in ENDPOINT_SETTINGS if environ.get(name)]
@@ -197,8 +212,8 @@ def bucket_hint(location: str | os.PathLike) -> str:
 def check_checkpoint_location(workdir: str | os.PathLike) -> None:
     """Refuses, at start-up, a workdir where checkpoints cannot be written: Orbax (0.12) takes local
     paths and gs:// but not s3:// (data shards and metrics do work from s3://). Points tensorstore at a GCS
-    emulator given by STORAGE_EMULATOR_HOST (point_tensorstore_at_emulator)."""
-    point_tensorstore_at_emulator()
+    emulator given by STORAGE_EMULATOR_HOST and bounds bucket requests (configure_bucket_clients)."""
+    configure_bucket_clients()
     if os.fspath(workdir).startswith("s3://"):
         raise ValueError(
             f"--workdir={os.fspath(workdir)}: checkpoints cannot be written to s3:// (Orbax does not support it). "
