@@ -342,7 +342,7 @@ class Checkpointer:
 
 
 # The optimizer settings that change the optimizer state's tree: a change makes every saved step unreadable.
-_OPTIMIZER_STRUCTURE_KEYS = ("name", "grad_clip_norm", "weight_decay", "ema_decay", "frozen", "freeze", "mu_dtype")
+_OPTIMIZER_STRUCTURE_KEYS = ("name", "grad_clip_norm", "weight_decay", "ema_decay", "frozen", "freeze")
 
 
 def _optimizer_structure_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

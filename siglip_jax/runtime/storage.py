@@ -22,6 +22,7 @@ REMOTE_PREFIXES = ("gs://", "s3://")
 RETRIES = 4  # attempts after the first, at 0.5, 1, 2, 4 s
 WRITE_CHECK_TIMEOUT_S = 60.0  # the start-up write through tensorstore: a bucket that does not answer in this is an error
 GCS_DEFAULT_ENDPOINT = "https://storage.googleapis.com"
+GCS_REQUEST_TIMEOUT_S = 120.0  # one gcsfs request (a 50 MB chunk at 0.5 MB/s); gcsfs waits without end by default
 # The variables that decide where bucket clients connect and as whom, named in errors about an unreachable bucket.
 ENDPOINT_SETTINGS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_APPLICATION_CREDENTIALS",
                      "AWS_ENDPOINT_URL", "AWS_PROFILE")
@@ -136,9 +137,6 @@ def point_tensorstore_at_emulator(environ: MutableMapping[str, str] = os.environ
     return added
 
 
-GCS_REQUEST_TIMEOUT_S = 120.0  # one gcsfs request (a 50 MB chunk at 0.5 MB/s); gcsfs waits without end by default
-
-
 def configure_bucket_clients(environ: MutableMapping[str, str] = os.environ) -> None:
     """What the command lines set before touching a bucket: tensorstore follows a GCS emulator
     (point_tensorstore_at_emulator), and every gcsfs request is bounded by GCS_REQUEST_TIMEOUT_S, so a
@@ -157,11 +155,16 @@ def endpoint_settings(environ: MutableMapping[str, str] = os.environ) -> str:
     return ", ".join(found) or "none of " + ", ".join(ENDPOINT_SETTINGS)
 
 
+def tensorstore_gcs_endpoint() -> str:
+    """Where tensorstore (Orbax's array writer) sends gs:// requests."""
+    return os.environ.get("TENSORSTORE_GCS_HTTP_URL", GCS_DEFAULT_ENDPOINT)
+
+
 def endpoint_description(location: str | os.PathLike) -> str:
     """" (endpoint E; settings: ...)" for a gs:// location, where tensorstore writes the arrays; "" otherwise."""
     if not os.fspath(location).startswith("gs://"):
         return ""
-    return f" (endpoint {os.environ.get('TENSORSTORE_GCS_HTTP_URL', GCS_DEFAULT_ENDPOINT)}; settings: {endpoint_settings()})"
+    return f" (endpoint {tensorstore_gcs_endpoint()}; settings: {endpoint_settings()})"
 
 
 def check_writable(location: str | os.PathLike, timeout_s: float = WRITE_CHECK_TIMEOUT_S) -> None:
@@ -185,7 +188,6 @@ def _check_tensorstore_writes(location: str, timeout_s: float) -> None:
     import tensorstore as ts
 
     key = ".siglip_jax_write_check"
-    endpoint = os.environ.get("TENSORSTORE_GCS_HTTP_URL", GCS_DEFAULT_ENDPOINT)
     try:
         store = ts.KvStore.open(location.rstrip("/") + "/").result(timeout=timeout_s)
         store.write(key, b"ok").result(timeout=timeout_s)
@@ -193,7 +195,7 @@ def _check_tensorstore_writes(location: str, timeout_s: float) -> None:
         what = f"no answer within {timeout_s:g} s" if isinstance(error, TimeoutError) else f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         raise PermissionError(
             f"Checkpoints cannot be written to {location}: tensorstore (Orbax's array writer) got {what} from "
-            f"{endpoint}. Settings: {endpoint_settings()}. For an emulator set STORAGE_EMULATOR_HOST (or "
+            f"{tensorstore_gcs_endpoint()}. Settings: {endpoint_settings()}. For an emulator set STORAGE_EMULATOR_HOST (or "
             f"TENSORSTORE_GCS_HTTP_URL); for GCS itself: {bucket_hint(location)}"
         ) from error
     # Deleted through gcsfs: a range delete through tensorstore lists the bucket, which the GCS emulator

@@ -144,16 +144,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watch: preemption.Pr
     ]
 
     # ---- Loop ------------------------------------------------------------------------------------
-    if watch.should_stop(first_step):
-        checkpointer.close()
-        write.writer.close()
-        logger.warning("Stopped during start-up, before step %d: nothing was trained, so nothing new was saved; "
-                       "rerun the same command to %s.", first_step + 1, "continue" if first_step else "start")
-        return {}
     throughput.reset(first_step)
     num_skipped = 0
     skipped_by_shard: collections.Counter = collections.Counter()  # streamed sources: shard -> records skipped
     try:
+        if watch.should_stop(first_step):  # the finally below closes what start-up opened
+            logger.warning("Stopped during start-up, before step %d: nothing was trained, so nothing new was saved; "
+                           "rerun the same command to %s.", first_step + 1, "continue" if first_step else "start")
+            return {}
         for step in range(first_step + 1, config.total_steps + 1):
             wait_start = time.perf_counter()
             try:
