@@ -29,6 +29,8 @@ _WEIGHTS = flags.DEFINE_enum("weights", "raw", config_lib.WEIGHTS, "With a workd
                               "their exponential moving average (ema; the run needs optim.ema_decay > 0).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Write into a non-empty --output directory (or over an existing "
                                 "params file), replacing files of the same names.")
+_WITH_DECODER = flags.DEFINE_bool("with_decoder", False, "--format params: keep SigLIP 2's caption decoder "
+                                  "(model.decoder) beside the two towers; every format writes the towers only otherwise.")
 flags.mark_flags_as_required(["format", "output"])
 
 
@@ -42,7 +44,8 @@ def main(argv):
         raise app.UsageError(str(error)) from error
     exported = loading.load_model(source, step=step, weights=_WEIGHTS.value)
     exported = dataclasses.replace(exported, config=loading.with_overrides(exported.config, _CONFIG.value))
-    formats.export_model(exported, _FORMAT.value, _OUTPUT.value, _DTYPE.value, _PLATFORMS.value, _OVERWRITE.value)
+    formats.export_model(exported, _FORMAT.value, _OUTPUT.value, _DTYPE.value, _PLATFORMS.value, _OVERWRITE.value,
+                         with_decoder=_WITH_DECODER.value)
     print(f"wrote {_FORMAT.value} export to {_OUTPUT.value}")
 
 

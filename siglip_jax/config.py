@@ -100,6 +100,17 @@ def default_config() -> ml_collections.ConfigDict:
     text = _tower("transformer", "B")
     text.vocab_size = 32_000
     text.max_len = 64  # tokens per caption, EOS included
+    # SigLIP 2's LocCa captioning task (models/decoder.py): a decoder reading the image tower's patch tokens
+    # predicts the caption (tokenized as for the text tower); its loss is added to the contrastive one.
+    decoder = ml_collections.ConfigDict(dict(
+        weight=0.0,  # > 0: the decoder is built and its caption loss added times this (SigLIP 2: 1.0); 0: none
+        width=0,  # 0: the text tower's width
+        depth=0,  # 0: half the text tower's depth, at least 1
+        mlp_dim=0,  # 0: the text tower's
+        num_heads=0,  # 0: the text tower's
+        parallel_prob=0.5,  # share of examples predicted in parallel (inputs all masked, no causal mask); SigLIP 2: 0.5
+        logits_chunk=0,  # caption positions whose vocabulary logits are computed at once (a divisor of max_len); 0: all
+    ))
 
     config = ml_collections.ConfigDict(
         dict(
@@ -126,6 +137,7 @@ def default_config() -> ml_collections.ConfigDict:
             model=dict(
                 image=image,
                 text=text,
+                decoder=decoder,
                 embed_dim=0,  # 0: the image width, and no image head (SigLIP); else both towers project to it
                 dtype="float32",  # compute dtype: "bfloat16" on accelerators; parameters stay float32
                 remat_policy="none",  # "none", "full" or "dots_saveable"
@@ -278,6 +290,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError(f"optim.{key} must be a finite number >= 0, got {config.optim[key]!r}"
                              + ("; a negative learning rate climbs the loss instead of descending it."
                                 if key == "learning_rate" else "; 0 turns it off."))
+    _check_decoder(config)
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ValueError(f"optim.ema_decay must be in [0, 1) (0 turns the EMA off; e.g. 0.9999), got {config.optim.ema_decay}.")
     if not set(config.mesh.axis_names) <= set(MESH_AXES):
@@ -299,6 +312,58 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if value <= 0:
             raise ValueError(f"Config key {key!r} must be positive, got {value}.")
     return config
+
+
+MIN_CAPTION_TOKENS = {"byte": 32}  # a caption the decoder can learn from: 32 bytes, or 8 word pieces
+MIN_CAPTION_PIECES = 8
+
+
+def _check_decoder(config: ml_collections.ConfigDict) -> None:
+    decoder = config.model.decoder
+    if not (math.isfinite(decoder.weight) and decoder.weight >= 0):
+        raise ValueError(f"model.decoder.weight must be a finite number >= 0 (0: no decoder; SigLIP 2: 1.0), "
+                         f"got {decoder.weight!r}.")
+    if not 0.0 <= decoder.parallel_prob <= 1.0:
+        raise ValueError(f"model.decoder.parallel_prob must be in [0, 1] (SigLIP 2: 0.5), got {decoder.parallel_prob}.")
+    for key in ("width", "depth", "mlp_dim", "num_heads", "logits_chunk"):
+        if decoder[key] < 0:
+            raise ValueError(f"model.decoder.{key} must be >= 0 (0: the default), got {decoder[key]}.")
+    if decoder.logits_chunk and config.model.text.max_len % decoder.logits_chunk:
+        raise ValueError(f"model.decoder.logits_chunk={decoder.logits_chunk} does not divide model.text.max_len="
+                         f"{config.model.text.max_len}; pick a divisor (or 0: no chunking).")
+    if not decoder.weight:
+        return
+    minimum = MIN_CAPTION_TOKENS.get(config.data.tokenizer, MIN_CAPTION_PIECES)
+    if config.model.text.max_len < minimum:
+        raise ValueError(
+            f"model.decoder.weight={decoder.weight} trains a caption decoder, but model.text.max_len="
+            f"{config.model.text.max_len} {config.data.tokenizer} tokens is too short for a caption (at least "
+            f"{minimum}); raise model.text.max_len, use a word-piece tokenizer (data.tokenizer='sentencepiece'), "
+            "or set model.decoder.weight=0.")
+    if config.model.image.kind != "vit":
+        raise ValueError(f"model.decoder needs model.image.kind='vit' (got {config.model.image.kind!r}): the decoder "
+                         "does not read NaFlex's padded patches yet; set model.decoder.weight=0.")
+    if config.accum_steps > 1:
+        raise ValueError(f"model.decoder with accum_steps={config.accum_steps}: gradient accumulation splits only "
+                         "the contrastive loss; set accum_steps=1 (and a smaller data.batch_size) or "
+                         "model.decoder.weight=0.")
+
+
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's JSON data with the keys added since it was written (e.g. model.decoder) at their
+    defaults, so a comparison with today's config sees only real changes. Free-form groups are left as saved."""
+    def fill(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        filled = dict(values)
+        for key, default in defaults.items():
+            if key in FREE_FORM_KEYS:
+                continue
+            if key not in filled:
+                filled[key] = default
+            elif isinstance(default, dict) and isinstance(filled[key], dict):
+                filled[key] = fill(filled[key], default)
+        return filled
+
+    return fill(saved, json.loads(default_config().to_json()))
 
 
 def _as_tuples(value: Any) -> Any:

@@ -38,10 +38,11 @@ def _grads(setup, accum_steps):
     @jax.jit
     def run(params, batch):
         with nn.logical_axis_rules(rules):
-            return loss_and_grads(
+            loss, grads, _ = loss_and_grads(
                 params, batch, model=model, loss_config=config.loss, mesh=mesh,
                 batch_axes=sharding.batch_axes(mesh, rules), accum_steps=accum_steps,
             )
+            return loss, grads
 
     with jax.set_mesh(mesh):
         return jax.device_get(run(state.params, batch))

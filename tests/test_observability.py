@@ -13,16 +13,18 @@ from siglip_jax.training.train_step import build_training
 from tests.helpers import tiny_config
 
 
-def test_analytic_flops_match_xla_cost_analysis_within_ten_percent():
+@pytest.mark.parametrize("decoder_weight", [0.0, 1.0], ids=["towers", "with_caption_decoder"])
+def test_analytic_flops_match_xla_cost_analysis_within_ten_percent(decoder_weight):
     width, size, length, batch_size = 128, 64, 32, 32
     config = tiny_config(**{
         "model.image.variant": "mu/8", "model.image.image_size": size, "model.text.max_len": length,
         "model.image.width": width, "model.text.width": width, "model.image.mlp_dim": 4 * width,
         "model.text.mlp_dim": 4 * width, "model.image.num_heads": 4, "model.text.num_heads": 4,
-        "data.batch_size": batch_size, "total_steps": 10,
+        "data.batch_size": batch_size, "total_steps": 10, "model.decoder.weight": decoder_weight,
+        "model.text.vocab_size": 4096,  # so the decoder's head weighs as at real sizes
     })
     mesh = sharding.create_mesh((1, 1, 1), ("data", "fsdp", "tensor"), jax.devices()[:1])
-    training = build_training(config, mesh)
+    training = build_training(config, mesh, eos_id=1)
     batch = {"images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
              "tokens": jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
     with jax.set_mesh(mesh):

@@ -30,6 +30,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from siglip_jax import config as config_lib
 from siglip_jax.data import pipeline
 from siglip_jax.runtime import storage
 
@@ -306,7 +307,7 @@ class Checkpointer:
         for step in sorted(self._manager.all_steps(), reverse=True):
             failed_steps.append(step)  # until it restores
             try:
-                saved = self.read_config(step)
+                saved = config_lib.with_defaults(self.read_config(step))
             except Exception as error:  # noqa: BLE001 -- any read failure means: try the previous one
                 failures.append(describe_read_failure(step, error, self.root))
                 continue
@@ -388,9 +389,25 @@ def _check_same_model(saved: dict[str, Any], current: dict[str, Any], where: str
     if differences:
         raise CheckpointMismatchError(
             f"The checkpoint {where} was made with a different model config:\n  " + "\n  ".join(differences)
+            + _decoder_change_fix(saved, current, where)
             + "\nResume with the checkpoint's model settings, or to start from its weights with another config, "
             "use a new workdir and set init_from to this workdir."
         )
+
+
+def _decoder_change_fix(saved: dict[str, Any], current: dict[str, Any], where: str) -> str:
+    """What to do when a recipe adds or drops SigLIP 2's caption decoder (the dec/ arrays) over a checkpoint."""
+    had, has = (bool(config["model"]["decoder"]["weight"]) for config in (saved, current))
+    workdir = where.rsplit(f"/{CHECKPOINTS_SUBDIR}/", 1)[0]
+    if has and not had:
+        return (f"\nThe config adds the caption decoder: the checkpoint has none of its dec/... arrays. To train it "
+                f"beside the checkpoint's towers, start a new workdir with --config.init_from={workdir} and "
+                "--config.init_skip='(\"dec/.*\",)' (the decoder starts fresh, the rest is loaded).")
+    if had and not has:
+        return (f"\nThe config drops the caption decoder the checkpoint trained (its dec/... arrays). Keep "
+                f"model.decoder as saved to resume, or start a new workdir with --config.init_from={workdir} "
+                "--config.init_towers='(\"img\", \"txt\", \"t\", \"b\")' to continue without it.")
+    return ""
 
 
 # ---- The data stream's position ------------------------------------------------------------------

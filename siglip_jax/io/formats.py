@@ -41,11 +41,17 @@ def check_output(output: str, format: str, overwrite: bool = False) -> None:
 
 
 def export_model(exported: params_lib.ExportedParams, format: str, output: str, dtype: str = "float32",
-                 platforms: Sequence[str] | None = None, overwrite: bool = False) -> None:
+                 platforms: Sequence[str] | None = None, overwrite: bool = False, with_decoder: bool = False) -> None:
     """Writes `exported` to `output` in `format`, parameters cast to `dtype`. Existing files at `output` are
-    only replaced with `overwrite` (see check_output)."""
+    only replaced with `overwrite` (see check_output). The two towers are written; a caption decoder
+    (SigLIP 2 recipe) stays in the checkpoint unless `with_decoder` (params format only) keeps it."""
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}; valid: {', '.join(FORMATS)}.")
+    if with_decoder and format != "params":
+        raise ValueError(f"--with_decoder keeps the caption decoder in a params file; --format {format} holds the two "
+                         "towers only. Use --format params, or leave out --with_decoder.")
+    if not with_decoder:
+        exported = params_lib.towers_only(exported)
     valid_dtypes = HF_DTYPES if format == "hf" else params_lib.PARAM_DTYPES
     if dtype not in valid_dtypes:
         raise ValueError(f"--dtype {dtype!r} is not available for --format {format}; valid: {', '.join(valid_dtypes)}.")

@@ -37,6 +37,17 @@ class ExportedParams:
     tokenizer_file: bytes = b""
 
 
+def towers_only(exported: ExportedParams) -> ExportedParams:
+    """`exported` without SigLIP 2's caption decoder (params["dec"], model.decoder): the two towers a user
+    embeds and serves with. Unchanged when there is none."""
+    if "dec" not in exported.params and not exported.config.model.decoder.weight:
+        return exported
+    config = ml_collections.ConfigDict(exported.config.to_dict())
+    config.model.decoder.weight = 0.0
+    params = {name: value for name, value in exported.params.items() if name != "dec"}
+    return dataclasses.replace(exported, config=config, params=params)
+
+
 def config_to_json(config: ml_collections.ConfigDict) -> str:
     return config.to_json(sort_keys=True)
 

@@ -9,7 +9,10 @@ with MLP width m:
 Image tower: patch embedding 2 n (p^2 3) d, the blocks, MAP head (one query token: q and out 2 x 2 d^2,
 k and v 2 x 2 n d^2, attention 2 x 2 n d, MLP 2 x 2 d m), optional head 2 d D. Text tower: the blocks and
 its head 2 d D (the token lookup is a gather, no FLOPs). Loss: each example's row of logits against the
-global batch B, 2 B D. Training = forward + backward = 3 x forward (the backward pass computes gradients
+global batch B, 2 B D. Caption decoder (model.decoder), over the caption's l tokens at width d: per block
+self-attention as an encoder block's without its MLP, cross-attention to the image's n patch tokens of width
+d_img (q and out 2 x 2 l d^2, k and v 2 x 2 n d_img d, scores and weighting 2 x 2 l n d), the MLP, and the
+vocabulary head 2 l d V. Training = forward + backward = 3 x forward (the backward pass computes gradients
 for both inputs and weights of every multiplication).
 """
 from __future__ import annotations
@@ -45,11 +48,24 @@ def text_tower_flops(model_config: ml_collections.ConfigDict) -> int:
     return encoder_flops(text.max_len, text.width, text.depth, text.mlp_dim) + 2 * text.width * text.head_dim
 
 
+def decoder_flops(model_config: ml_collections.ConfigDict) -> int:
+    decoder = two_towers.build_decoder(model_config)
+    if decoder is None:
+        return 0
+    vit = two_towers.build_vit(model_config)
+    patches = (model_config.image.image_size // vit.patch_size) ** 2
+    length, width = decoder.max_len, decoder.width
+    self_attention = 4 * 2 * length * width**2 + 2 * 2 * length**2 * width
+    cross_attention = 2 * 2 * length * width**2 + 2 * 2 * patches * vit.width * width + 2 * 2 * length * patches * width
+    mlp = 2 * 2 * length * width * decoder.mlp_dim
+    return decoder.depth * (self_attention + cross_attention + mlp) + 2 * length * width * decoder.vocab_size
+
+
 def loss_flops(global_batch_size: int, embed_dim: int) -> int:
     return 2 * global_batch_size * embed_dim
 
 
 def train_flops_per_example(model_config: ml_collections.ConfigDict, global_batch_size: int) -> int:
-    forward = image_tower_flops(model_config) + text_tower_flops(model_config)
+    forward = image_tower_flops(model_config) + text_tower_flops(model_config) + decoder_flops(model_config)
     forward += loss_flops(global_batch_size, two_towers.embedding_width(model_config))
     return 3 * forward

@@ -41,11 +41,13 @@ def cudnn_attention_supported(query: jax.Array) -> bool:
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, implementation: str,
-                          key_lengths: jax.Array | None = None) -> jax.Array:
+                          key_lengths: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
     """[b, q, heads, head_dim] x [b, k, heads, head_dim] -> [b, q, heads, head_dim].
 
     `key_lengths` [b] int32 (optional) attends to the first key_lengths[i] keys of entry i only: padding
-    at the end of a sequence (NaFlex patches), in a form both XLA's and cuDNN's kernels take.
+    at the end of a sequence (NaFlex patches), in a form both XLA's and cuDNN's kernels take. `mask`
+    (optional, boolean, broadcastable to [b, heads, q, k]): True where a query may attend to a key (the
+    caption decoder's causal-or-parallel masks).
 
     `implementation` "auto" takes cuDNN's fused attention where it applies and XLA's elsewhere: JAX's own
     default (implementation=None) is XLA's on every backend, so without this a GPU never runs the
@@ -57,7 +59,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, im
         )
 
     def attend(kernel: str) -> jax.Array:
-        return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=key_lengths, implementation=kernel)
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, key_value_seq_lengths=key_lengths,
+                                            implementation=kernel)
 
     if implementation == "auto":
         if not cudnn_attention_supported(query):
@@ -143,9 +146,11 @@ class MultiHeadAttention(nn.Module):
     attention: str = "xla"  # an entry of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
-    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, key_lengths: jax.Array | None = None) -> jax.Array:
-        """[batch, q_length, embed], [batch, kv_length, embed] -> [batch, q_length, embed]; `key_lengths`
-        [batch] (optional): only the first key_lengths[i] keys are attended to (see dot_product_attention)."""
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, key_lengths: jax.Array | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """[batch, q_length, embed], [batch, kv_length, kv_embed] -> [batch, q_length, embed]; `key_lengths`
+        [batch] and `mask` (optional) restrict which keys each query sees (see dot_product_attention). The keys
+        may be of another width than the queries (the caption decoder attending to image tokens)."""
         width = inputs_q.shape[-1]
         if width % self.num_heads:
             raise ValueError(
@@ -154,17 +159,18 @@ class MultiHeadAttention(nn.Module):
             )
         head_dim = width // self.num_heads
 
-        def projection(name: str) -> HeadsProjection:
+        def projection(name: str, in_width: int) -> HeadsProjection:
             return HeadsProjection(
-                (width, self.num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
+                (in_width, self.num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
                 "bld,dnh->blnh", in_axes=(0,), dtype=self.dtype, name=name,
             )
 
         heads_layout = ("act_batch", "act_length", "act_heads", "act_kv")
-        query = constrain(projection("query")(inputs_q), heads_layout)
-        key = constrain(projection("key")(inputs_kv), heads_layout)
-        value = constrain(projection("value")(inputs_kv), heads_layout)
-        attended = dot_product_attention(query, key, value, self.attention, key_lengths)
+        kv_width = inputs_kv.shape[-1]
+        query = constrain(projection("query", width)(inputs_q), heads_layout)
+        key = constrain(projection("key", kv_width)(inputs_kv), heads_layout)
+        value = constrain(projection("value", kv_width)(inputs_kv), heads_layout)
+        attended = dot_product_attention(query, key, value, self.attention, key_lengths, mask)
         attended = constrain(attended, heads_layout)
         out = HeadsProjection(
             (self.num_heads, head_dim, width), ("heads", "kv", "embed"), ("embed",),

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from siglip_jax.data import preprocess
 from siglip_jax.models import layers, sizes
+from siglip_jax.models.decoder import CaptionDecoder, DecoderOutput
 from siglip_jax.models.naflex import NaFlexVisionTransformer
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import VisionTransformer
@@ -129,6 +130,25 @@ def build_text_transformer(model_config: ml_collections.ConfigDict) -> nn.Module
     )
 
 
+def decoder_size(model_config: ml_collections.ConfigDict) -> sizes.TransformerSize:
+    """The caption decoder's shape: model.decoder's non-zero keys, else the text tower's width, MLP and heads
+    and half its depth (at least one block)."""
+    text, _ = _tower_size(model_config.text)
+    decoder = model_config.decoder
+    return sizes.TransformerSize(width=decoder.width or text.width, depth=decoder.depth or max(text.depth // 2, 1),
+                                 mlp_dim=decoder.mlp_dim or text.mlp_dim, num_heads=decoder.num_heads or text.num_heads)
+
+
+def build_decoder(model_config: ml_collections.ConfigDict) -> CaptionDecoder | None:
+    """The caption decoder (SigLIP 2's LocCa task) when model.decoder.weight > 0, else None."""
+    if not model_config.decoder.weight:
+        return None
+    size = decoder_size(model_config)
+    return CaptionDecoder(vocab_size=model_config.text.vocab_size, max_len=model_config.text.max_len,
+                          width=size.width, depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.num_heads,
+                          dtype=DTYPES[model_config.dtype], attention=model_config.attention)
+
+
 IMAGE_TOWERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     "vit": build_vit, "naflex": build_naflex_vit}
 TEXT_TOWERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {"transformer": build_text_transformer}
@@ -161,6 +181,7 @@ class TwoTowers(nn.Module):
     txt: nn.Module
     temperature_init: float = 10.0
     bias_init: float = -10.0
+    dec: CaptionDecoder | None = None  # SigLIP 2's caption decoder (training only: `embed_and_decode`)
 
     def setup(self):
         self.t = self.param("t", nn.with_logical_partitioning(
@@ -177,7 +198,18 @@ class TwoTowers(nn.Module):
     def temperature_and_bias(self) -> tuple[jax.Array, jax.Array]:
         return self.t, self.b
 
+    def embed_and_decode(self, images: jax.Array, token_ids: jax.Array,
+                         parallel: jax.Array) -> tuple[jax.Array, jax.Array, DecoderOutput]:
+        """(image embeddings, text embeddings, the caption decoder's output) in one pass of the image tower:
+        the decoder reads its patch tokens. `parallel` [b] bool: examples decoded in parallel (decoder.py)."""
+        pooled, patch_tokens = self.img(to_model_range(images), return_tokens=True)
+        return l2_normalize(pooled), self.embed_texts(token_ids), self.dec(token_ids, patch_tokens, parallel)
+
     def __call__(self, images: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.dec is not None and self.is_initializing():  # creates the decoder's parameters with the towers'
+            image_embeddings, text_embeddings, _ = self.embed_and_decode(images, token_ids,
+                                                                         jnp.zeros(token_ids.shape[:1], bool))
+            return image_embeddings, text_embeddings
         return self.embed_images(images), self.embed_texts(token_ids)
 
 
@@ -197,6 +229,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> TwoTowers:
         txt=TEXT_TOWERS[model_config.text.kind](model_config),
         temperature_init=model_config.temperature_init,
         bias_init=model_config.bias_init,
+        dec=build_decoder(model_config),
     )
 
 

@@ -31,7 +31,9 @@ class VisionTransformer(nn.Module):
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, return_tokens: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """With `return_tokens`, (embeddings, the encoder's patch tokens [batch, patches, width]) for the
+        caption decoder (after the final LayerNorm, the class token left out)."""
         if self.pooling not in POOLING_TYPES:
             raise ValueError(f"Unknown pooling {self.pooling!r}; valid: {', '.join(POOLING_TYPES)}.")
         _, height, width, _ = images.shape
@@ -66,6 +68,7 @@ class VisionTransformer(nn.Module):
             attention=self.attention, name="Transformer",
         )(x)
 
+        patch_tokens = x[:, 1:] if self.pooling == "tok" else x
         if self.pooling == "map":
             x = layers.MAPHead(self.mlp_dim, self.num_heads, self.dtype, name="MAPHead_0")(x)
         elif self.pooling == "gap":
@@ -75,4 +78,4 @@ class VisionTransformer(nn.Module):
 
         if self.head_dim is not None:
             x = layers.projection_head(self.head_dim, self.dtype)(x)
-        return x
+        return (x, patch_tokens) if return_tokens else x

@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from siglip_jax.io import checkpoint
+from siglip_jax.losses import captioning as captioning_lib
 from siglip_jax.losses import contrastive
 from siglip_jax.models import two_towers
 from siglip_jax.runtime import sharding
@@ -80,11 +81,44 @@ class EmaTrainState(TrainState):
         return self.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
 
 
+def _without_frozen_gradients(params: Any, frozen: tuple[str, ...]) -> Any:
+    """Frozen groups (e.g. ("img",) for LiT) get no gradient, so their backward pass is never computed."""
+    return {name: jax.lax.stop_gradient(value) if name in frozen else value for name, value in params.items()}
+
+
 def embed(params: Any, batch: dict[str, jax.Array], model: nn.Module, frozen: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array]:
-    """(image embeddings [b, d], text embeddings [b, d]) of {"images": [b, h, w, 3], "tokens": [b, l]}.
-    Frozen towers (e.g. ("img",) for LiT) get no gradient, so their backward pass is never computed."""
-    params = {name: jax.lax.stop_gradient(value) if name in frozen else value for name, value in params.items()}
-    return model.apply({"params": params}, batch["images"], batch["tokens"])
+    """(image embeddings [b, d], text embeddings [b, d]) of {"images": [b, h, w, 3], "tokens": [b, l]}."""
+    return model.apply({"params": _without_frozen_gradients(params, frozen)}, batch["images"], batch["tokens"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Captioning:
+    """SigLIP 2's caption-decoder task in the step (model.decoder): its loss weight, the share of examples
+    decoded in parallel, the tokenizer's EOS id (the caption's end: padding after it is not predicted), the
+    logits chunk, and the run's seed, from which each step draws its parallel examples."""
+
+    weight: float
+    parallel_prob: float
+    eos_id: int
+    logits_chunk: int
+    seed: int
+
+    def parallel_examples(self, step: jax.Array, batch_size: int) -> jax.Array:
+        """[batch] bool, drawn from (seed, step): the same on every mesh and after a resume."""
+        key = jax.random.fold_in(jax.random.key(self.seed), step)
+        return jax.random.bernoulli(key, self.parallel_prob, (batch_size,))
+
+
+def captioning_task(config: ml_collections.ConfigDict, eos_id: int | None) -> Captioning | None:
+    """The step's Captioning for `config` (None without a decoder); `eos_id` is the tokenizer's."""
+    if not config.model.decoder.weight:
+        return None
+    if eos_id is None:
+        raise ValueError("model.decoder.weight > 0 needs the tokenizer's EOS id: build_training(config, mesh, "
+                         "eos_id=tokenizer.eos_id).")
+    decoder = config.model.decoder
+    return Captioning(weight=float(decoder.weight), parallel_prob=float(decoder.parallel_prob), eos_id=int(eos_id),
+                      logits_chunk=int(decoder.logits_chunk), seed=int(config.seed))
 
 
 def embedding_loss(
@@ -135,8 +169,14 @@ def loss_and_grads(
     batch_axes: tuple[str, ...],
     accum_steps: int = 1,
     frozen: tuple[str, ...] = (),
-) -> tuple[jax.Array, Any]:
-    """Loss of the global batch and its gradient with respect to all parameters.
+    captioning: Captioning | None = None,
+    parallel: jax.Array | None = None,
+) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+    """(loss of the global batch, its gradient with respect to all parameters, the loss's named parts).
+
+    With `captioning` the loss is the contrastive loss plus weight x the caption decoder's (parts
+    "contrastive_loss" and "decoder/caption_loss"), `parallel` [b] saying which examples the decoder predicts
+    in parallel; without it, the contrastive loss alone (no parts).
 
     With accum_steps = k > 1 the contrastive loss stays exact (every image still meets every caption of
     the global batch) while activations are kept for only b/k examples at a time (GradCache, Gao et al.
@@ -145,12 +185,25 @@ def loss_and_grads(
     those embedding gradients, summing the parameter gradients.
     """
     loss_fn = functools.partial(embedding_loss, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes)
+    if captioning is not None:
+        def captioned_loss(params):
+            image_embeddings, text_embeddings, decoded = model.apply(
+                {"params": _without_frozen_gradients(params, frozen)}, batch["images"], batch["tokens"], parallel,
+                method=model.embed_and_decode)
+            contrastive_part = loss_fn(image_embeddings, text_embeddings, params["t"], params["b"])
+            caption_part = captioning_loss(decoded, batch["tokens"], captioning)
+            parts = {"contrastive_loss": contrastive_part, "decoder/caption_loss": caption_part}
+            return contrastive_part + captioning.weight * caption_part, parts
+
+        (loss, parts), grads = jax.value_and_grad(captioned_loss, has_aux=True)(params)
+        return loss, grads, parts
     if accum_steps == 1:
         def full_loss(params):
             image_embeddings, text_embeddings = embed(params, batch, model, frozen)
             return loss_fn(image_embeddings, text_embeddings, params["t"], params["b"])
 
-        return jax.value_and_grad(full_loss)(params)
+        loss, grads = jax.value_and_grad(full_loss)(params)
+        return loss, grads, {}
 
     microbatches = jax.tree.map(lambda x: _split_microbatches(x, accum_steps), batch)
     # Pass 1: embeddings only. lax.map compiles one microbatch and keeps nothing for a backward pass.
@@ -172,7 +225,13 @@ def loss_and_grads(
     grads, _ = jax.lax.scan(accumulate, zeros, (microbatches, image_grads, text_grads))
     # The towers do not read t and b; their gradients come from the loss alone.
     grads = {**grads, "t": grads["t"] + t_grad, "b": grads["b"] + b_grad}
-    return loss, grads
+    return loss, grads, {}
+
+
+def captioning_loss(decoded: Any, token_ids: jax.Array, captioning: Captioning) -> jax.Array:
+    """The caption decoder's mean token cross-entropy (losses.captioning) of a models.decoder.DecoderOutput."""
+    return captioning_lib.caption_loss(decoded.hidden, decoded.head_kernel, decoded.head_bias, token_ids,
+                                       captioning.eos_id, chunk_size=captioning.logits_chunk)
 
 
 def train_step(
@@ -188,13 +247,17 @@ def train_step(
     batch_axes: tuple[str, ...],
     accum_steps: int = 1,
     frozen: tuple[str, ...] = (),
+    captioning: Captioning | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on one global batch; returns the new state and scalar metrics. The state's
     `apply_gradients` skips a non-finite update (reported as "nonfinite" = 1) and moves the EMA, if any."""
+    parallel = None
+    if captioning is not None:
+        parallel = captioning.parallel_examples(state.step, batch["tokens"].shape[0])
     with nn.logical_axis_rules(axis_rules):
-        loss, grads = loss_and_grads(
+        loss, grads, loss_parts = loss_and_grads(
             state.params, batch, model=model, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes,
-            accum_steps=accum_steps, frozen=frozen,
+            accum_steps=accum_steps, frozen=frozen, captioning=captioning, parallel=parallel,
         )
     new_state, finite = state.apply_gradients(grads, optimizer, loss=loss)
     metrics = {
@@ -205,6 +268,7 @@ def train_step(
         "temperature": jnp.exp(new_state.params["t"]),
         "bias": new_state.params["b"],
         "nonfinite": 1 - finite.astype(jnp.int32),
+        **loss_parts,
     }
     if isinstance(state, EmaTrainState):
         metrics["ema/decay"] = jnp.where(finite, state.current_ema_decay(), 0.0)  # 0: this step left the EMA unchanged
@@ -281,10 +345,11 @@ class Training:
     step: Any
 
 
-def build_training(config: ml_collections.ConfigDict, mesh: Mesh) -> Training:
+def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, eos_id: int | None = None) -> Training:
     """Model, optimizer, schedule, the state's shardings, its initialiser and the one jitted train step for
     `config` on `mesh`. Nothing is compiled or allocated here: a run that restores a checkpoint restores into
-    `abstract_state`, one that starts fresh calls `init_state(jax.random.key(config.seed))`."""
+    `abstract_state`, one that starts fresh calls `init_state(jax.random.key(config.seed))`. `eos_id`, the
+    tokenizer's, is needed with a caption decoder (model.decoder.weight > 0) only."""
     axis_rules = sharding.rules_as_tuples(config.mesh.axis_rules)
     sharding.check_batch_size(config.data.batch_size, mesh, axis_rules)
     sharding.check_accumulation(config.data.batch_size, config.accum_steps, mesh, axis_rules)
@@ -309,6 +374,7 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh) -> Training:
             batch_axes=batch_axes,
             accum_steps=config.accum_steps,
             frozen=tuple(config.optim.frozen),
+            captioning=captioning_task(config, eos_id),
         ),
         in_shardings=(state_shardings, batch_sharding),  # (state, batch)
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),  # (state, scalar metrics)

@@ -50,10 +50,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watch: preemption.Pr
         workdir, keep_checkpoints=config.keep_checkpoints, keep_every_steps=config.keep_every_steps
     )
     resuming = checkpointer.latest_step() is not None
-    training = build_training(config, mesh)
+    tokenizer = build_tokenizer(config)  # its EOS id ends the captions a decoder predicts
+    training = build_training(config, mesh, eos_id=tokenizer.eos_id)
 
     # ---- Input -----------------------------------------------------------------------------------
-    tokenizer = build_tokenizer(config)
     try:
         train_source = build_source(config.data.train)
     except FileNotFoundError as error:
