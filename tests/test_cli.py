@@ -62,7 +62,7 @@ def test_each_cli_says_what_is_wrong_in_one_line(paths):
         "recipe with a syntax error": (["train.py", f"--config={root / 'broken_recipe.py'}", f"--workdir={root / 'w4'}"],
                                        "invalid syntax (broken_recipe.py, line 1)"),
         "recipe argument it would ignore": (["train.py", "--config=configs/demo.py:bogus", f"--workdir={root / 'w5'}"],
-                                            "configs/demo.py takes no argument, got 'bogus'"),
+                                            "configs/demo.py takes no argument or 'naflex', got 'bogus'"),
         "negative learning rate": ([*train, f"--workdir={root / 'w6'}", "--config.optim.learning_rate=-1"],
                                    "optim.learning_rate must be a finite number >= 0, got -1"),
         "a run that diverges": ([*train, f"--workdir={root / 'w7'}", "--config.optim.learning_rate=1e30",

@@ -177,7 +177,7 @@ def test_negative_or_non_finite_optimizer_numbers_are_refused(key, value, messag
 
 
 def test_the_demo_recipe_refuses_an_argument_it_would_ignore():
-    with pytest.raises(ValueError, match=r"configs/demo.py takes no argument, got 'bogus'"):
+    with pytest.raises(ValueError, match=r"configs/demo.py takes no argument or 'naflex', got 'bogus'"):
         _load_recipe_with_arg(os.path.join(REPO, "configs", "demo.py"), "bogus")
 
 

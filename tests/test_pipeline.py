@@ -35,6 +35,29 @@ def test_demo_eval_split_has_one_image_per_description():
     assert len(set(captions)) == 512
 
 
+def test_demo_pictures_at_two_aspect_ratios_keep_their_positions():
+    source = DemoSource("eval", 64, 32, aspect_ratios=(2.0, 0.5))
+    assert [source[i]["image"].shape for i in range(3)] == [(23, 45, 3), (45, 23, 3), (23, 45, 3)]
+    assert all(record["image"].shape[0] * record["image"].shape[1] in range(1000, 1060) for record in source)
+    for index in range(64):
+        record = source[index]
+        attributes = record["captions"][0]
+        image = record["image"].astype(np.float32)
+        colour = next(name for name in sorted(COLOURS, key=len, reverse=True) if name in attributes)
+        shape_pixels = np.argwhere(np.abs(image - COLOURS[colour]).max(axis=-1) < 45)
+        assert len(shape_pixels), (index, attributes)
+        # The shape's centre lies in the 3 x 3 cell its caption names, on the whole (non-square) canvas.
+        position = next(name for name in sorted(POSITIONS, key=len, reverse=True) if f"at the {name}" in attributes)
+        row, column = POSITIONS[position]
+        centre = shape_pixels.mean(axis=0) / image.shape[:2] * 3
+        assert int(centre[0]) == row and int(centre[1]) == column, (index, attributes, centre)
+
+
+def test_demo_refuses_bad_aspect_ratios():
+    with pytest.raises(ValueError, match="aspect_ratios must be positive"):
+        DemoSource("eval", 8, 16, aspect_ratios=(1.0, 0.0))
+
+
 def test_demo_refuses_unknown_split():
     with pytest.raises(ValueError, match="valid: train, eval"):
         DemoSource("test")

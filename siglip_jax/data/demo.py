@@ -4,6 +4,7 @@ and the splits draw from disjoint seed streams, so the eval split is held out. N
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -57,25 +58,29 @@ def _shape_masks(shape_ids: np.ndarray, rows: np.ndarray, cols: np.ndarray, half
     return np.take_along_axis(masks, shape_ids[None, :, None, None], axis=0)[0]
 
 
-def render_block(combinations: np.ndarray, image_size: int, rngs: list[np.random.Generator]) -> np.ndarray:
-    """[n, image_size, image_size, 3] uint8 images, one shape each, for indices into ATTRIBUTE_COMBINATIONS,
-    each drawn from its own random stream (jitter, size, shade, background and noise)."""
+def render_block(combinations: np.ndarray, image_size: int, rngs: list[np.random.Generator],
+                 width: int | None = None) -> np.ndarray:
+    """[n, image_size, width (default image_size), 3] uint8 images, one shape each, for indices into
+    ATTRIBUTE_COMBINATIONS, each drawn from its own random stream (jitter, size, shade, background and noise).
+    Positions are cells of a 3 x 3 grid over the whole picture; a shape's size follows the shorter side."""
+    height, width = image_size, width or image_size
     n = len(combinations)
     attributes = [ATTRIBUTE_COMBINATIONS[c] for c in combinations]
     draws = np.array([rng.uniform(0, 1, 4) for rng in rngs], np.float32).reshape(n, 4)
-    cell = image_size / 3
+    cell = np.array([height / 3, width / 3], np.float32)  # (row, column) extents of a grid cell
     grid = np.array([POSITIONS[a["position"]] for a in attributes], np.float32).reshape(n, 2)  # (row, column)
     centres = (grid + 0.5) * cell + (draws[:, 0:2] * 0.24 - 0.12) * cell
-    half = np.array([SIZES[a["size"]] for a in attributes], np.float32) * image_size * (0.9 + 0.2 * draws[:, 2])
-    pixel = np.arange(image_size, dtype=np.float32) + 0.5
+    half = np.array([SIZES[a["size"]] for a in attributes], np.float32) * min(height, width) * (0.9 + 0.2 * draws[:, 2])
+    pixel_rows = np.arange(height, dtype=np.float32) + 0.5
+    pixel_cols = np.arange(width, dtype=np.float32) + 0.5
     rows, cols = np.broadcast_arrays(
-        pixel[None, :, None] - centres[:, 0, None, None], pixel[None, None, :] - centres[:, 1, None, None]
+        pixel_rows[None, :, None] - centres[:, 0, None, None], pixel_cols[None, None, :] - centres[:, 1, None, None]
     )
     shape_ids = np.array([SHAPES.index(a["shape"]) for a in attributes], np.int64)
     masks = _shape_masks(shape_ids, rows, cols, half[:, None, None])
     backgrounds = np.array([rng.integers(10, 60, size=3) for rng in rngs], np.float32).reshape(n, 1, 1, 3)
-    noise = [rng.normal(0, 6, size=(image_size, image_size, 3)) for rng in rngs]  # texture
-    images = backgrounds + np.asarray(noise, np.float32).reshape(n, image_size, image_size, 3)
+    noise = [rng.normal(0, 6, size=(height, width, 3)) for rng in rngs]  # texture
+    images = backgrounds + np.asarray(noise, np.float32).reshape(n, height, width, 3)
     colours = np.array([COLOURS[a["colour"]] for a in attributes], np.float32).reshape(n, 3) * (0.85 + 0.15 * draws[:, 3:4])
     images = np.where(masks[..., None], colours[:, None, None, :], images)
     return np.clip(images, 0, 255).astype(np.uint8)
@@ -86,22 +91,32 @@ def captions_for(attributes: dict[str, str]) -> list[str]:
 
 
 class DemoSource:
-    """A grain random-access source: record i -> {"image": uint8 [s, s, 3], "captions": 5 strings, "id"}.
+    """A grain random-access source: record i -> {"image": uint8 [h, w, 3], "captions": 5 strings, "id"}.
 
-    A split of up to CACHE_BYTES of pixels is rendered whole on first use (vectorised: about a second for
-    50,000 images of 32 px) and kept, so a record then costs microseconds even in shuffled order; larger
-    splits render each record on access. Record i is the same either way.
+    Square image_size pictures by default; with `aspect_ratios` (width / height) record i is drawn at
+    aspect_ratios[i % n], with about image_size^2 pixels (h = s / sqrt(r), w = s * sqrt(r)): the pictures
+    NaFlex towers are for (configs/demo.py:naflex). A split of up to CACHE_BYTES of pixels is
+    rendered whole on first use (vectorised: about a second for 50,000 images of 32 px) and kept, so a record
+    then costs microseconds even in shuffled order; larger splits render each record on access. Record i is
+    the same either way.
     """
 
-    def __init__(self, split: str = "train", size: int = 50_000, image_size: int = 32, seed: int = 0):
+    def __init__(self, split: str = "train", size: int = 50_000, image_size: int = 32, seed: int = 0,
+                 aspect_ratios: tuple[float, ...] = (1.0,)):
         if split not in SPLIT_SEEDS:
             raise ValueError(f"Unknown demo split {split!r}; valid: {', '.join(SPLIT_SEEDS)}.")
         if size <= 0:
             raise ValueError(f"Demo split size must be positive, got {size}.")
+        if not aspect_ratios or any(not ratio > 0 for ratio in aspect_ratios):
+            raise ValueError(f"Demo aspect_ratios must be positive widths over heights, e.g. (1.0, 2.0); got {aspect_ratios!r}.")
         self.split = split
         self.size = size
         self.image_size = image_size
         self.seed = seed
+        self.aspect_ratios = tuple(float(ratio) for ratio in aspect_ratios)
+        # (height, width) of each ratio, about image_size^2 pixels each: the same detail at every shape.
+        self._shapes = tuple((max(1, round(image_size / math.sqrt(ratio))), max(1, round(image_size * math.sqrt(ratio))))
+                             for ratio in self.aspect_ratios)
         if split == "eval":
             # Distinct attribute combinations (while the split has at most 576 records), so every caption
             # describes exactly one eval image and retrieval has one right answer.
@@ -117,20 +132,33 @@ class DemoSource:
         return self.size
 
     def _image(self, index: int) -> np.ndarray:
-        if self.size * self.image_size**2 * 3 > CACHE_BYTES:
-            return self._render(index, index + 1)[0]
+        if self.size * max(height * width for height, width in self._shapes) * 3 > CACHE_BYTES:
+            return self._render(np.array([index]))[0]
         with self._lock:
             if self._images is None:
-                chunk = max(1, (1 << 22) // self.image_size**2)  # bounds the temporary masks
-                self._images = np.concatenate(
-                    [self._render(start, min(start + chunk, self.size)) for start in range(0, self.size, chunk)]
-                )
+                self._images = self._render_all()
         return self._images[index]
 
-    def _render(self, start: int, stop: int) -> np.ndarray:
-        # Per-record random streams: a record does not depend on which others are rendered with it.
-        rngs = [np.random.default_rng([self.seed, SPLIT_SEEDS[self.split], index]) for index in range(start, stop)]
-        return render_block(self._combinations[start:stop], self.image_size, rngs)
+    def _render_all(self) -> list[np.ndarray] | np.ndarray:
+        """Every record, in chunks of one aspect ratio at a time (the renderer is vectorised per shape)."""
+        shape_of = np.arange(self.size) % len(self._shapes)
+        images: list[np.ndarray | None] = [None] * self.size
+        for shape, (height, width) in enumerate(self._shapes):
+            indices = np.flatnonzero(shape_of == shape)
+            chunk = max(1, (1 << 22) // (height * width))  # bounds the temporary masks
+            for start in range(0, len(indices), chunk):
+                block = indices[start:start + chunk]
+                images_of_block = self._render(block)
+                for index, image in zip(block, images_of_block):
+                    images[index] = image
+        return np.stack(images) if len(self._shapes) == 1 else images
+
+    def _render(self, indices: np.ndarray) -> np.ndarray:
+        """Records of one aspect ratio (indices equal modulo len(aspect_ratios)). Per-record random streams: a
+        record does not depend on which others are rendered with it."""
+        height, width = self._shapes[int(indices[0]) % len(self._shapes)]
+        rngs = [np.random.default_rng([self.seed, SPLIT_SEEDS[self.split], int(index)]) for index in indices]
+        return render_block(self._combinations[indices], height, rngs, width=width)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:
@@ -147,4 +175,5 @@ class DemoSource:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"DemoSource(split={self.split!r}, size={self.size}, image_size={self.image_size}, seed={self.seed})"
+        ratios = "" if self.aspect_ratios == (1.0,) else f", aspect_ratios={self.aspect_ratios}"
+        return f"DemoSource(split={self.split!r}, size={self.size}, image_size={self.image_size}, seed={self.seed}{ratios})"
