@@ -169,15 +169,15 @@ def single_device_step(decoder_batch):
 def test_first_caption_loss_is_log_vocabulary_and_adds_to_the_contrastive_loss(single_device_step):
     _, metrics = single_device_step
     # The zero-initialised head predicts the uniform distribution over the 259 byte tokens.
-    assert metrics["decoder/caption_loss"] == pytest.approx(math.log(259), rel=1e-6)
-    assert metrics["loss"] == pytest.approx(metrics["contrastive_loss"] + metrics["decoder/caption_loss"], rel=1e-6)
+    assert metrics["caption_loss"] == pytest.approx(math.log(259), rel=1e-6)
+    assert metrics["loss"] == pytest.approx(metrics["contrastive_loss"] + metrics["caption_loss"], rel=1e-6)
 
 
 def test_decoder_step_on_a_2x4_mesh_equals_one_device(single_device_step, decoder_batch):
     """Data x tensor parallel: the batch over 2 devices, heads, MLP and the vocabulary over 4."""
     params_one, metrics_one = single_device_step
     params_mesh, metrics_mesh = _one_step(_decoder_config(), (2, 1, 4), decoder_batch)
-    for name in ("loss", "contrastive_loss", "decoder/caption_loss"):
+    for name in ("loss", "contrastive_loss", "caption_loss"):
         assert metrics_mesh[name] == pytest.approx(metrics_one[name], rel=1e-5)
     for one, mesh in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_mesh)):
         np.testing.assert_allclose(mesh, one, rtol=1e-4, atol=1e-5)

@@ -34,11 +34,11 @@ def uninterrupted(tmp_path_factory):
 def test_caption_loss_is_logged_and_falls(uninterrupted):
     lines = _metrics(uninterrupted)
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
-    caption = [line["decoder/caption_loss"] for line in lines]
+    caption = [line["caption_loss"] for line in lines]
     assert caption[0] == pytest.approx(np.log(259), rel=1e-5)  # uniform over the byte vocabulary at first
     assert caption[-1] < caption[0]
     for line in lines:
-        assert line["loss"] == pytest.approx(line["contrastive_loss"] + line["decoder/caption_loss"], rel=1e-5)
+        assert line["loss"] == pytest.approx(line["contrastive_loss"] + line["caption_loss"], rel=1e-5)
 
 
 def test_stopped_run_resumes_bitwise_with_the_decoder(uninterrupted, tmp_path):
@@ -48,7 +48,7 @@ def test_stopped_run_resumes_bitwise_with_the_decoder(uninterrupted, tmp_path):
     resumed, reference = _metrics(workdir), _metrics(uninterrupted)
     assert [line["step"] for line in resumed] == [1, 2, 3, 4]
     for ours, theirs in zip(resumed, reference):
-        for name in ("loss", "contrastive_loss", "decoder/caption_loss", "grad_norm"):
+        for name in ("loss", "contrastive_loss", "caption_loss", "grad_norm"):
             assert ours[name] == theirs[name], (ours["step"], name)
     resumed_params = jax.device_get(loading.load_model(str(workdir)).params)
     reference_params = jax.device_get(loading.load_model(str(uninterrupted)).params)

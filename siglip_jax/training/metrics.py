@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 # Terminal columns: metric key -> (label, format).
 CONSOLE_COLUMNS = {
     "loss": ("loss", "{:.4f}"),
+    "caption_loss": ("caption", "{:.4f}"),  # SigLIP 2's caption decoder (model.decoder), within "loss"
     "learning_rate": ("lr", "{:.2e}"),
     "temperature": ("t", "{:.2f}"),
     "bias": ("b", "{:.2f}"),

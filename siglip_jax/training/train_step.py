@@ -175,7 +175,7 @@ def loss_and_grads(
     """(loss of the global batch, its gradient with respect to all parameters, the loss's named parts).
 
     With `captioning` the loss is the contrastive loss plus weight x the caption decoder's (parts
-    "contrastive_loss" and "decoder/caption_loss"), `parallel` [b] saying which examples the decoder predicts
+    "contrastive_loss" and "caption_loss"), `parallel` [b] saying which examples the decoder predicts
     in parallel; without it, the contrastive loss alone (no parts).
 
     With accum_steps = k > 1 the contrastive loss stays exact (every image still meets every caption of
@@ -192,7 +192,7 @@ def loss_and_grads(
                 method=model.embed_and_decode)
             contrastive_part = loss_fn(image_embeddings, text_embeddings, params["t"], params["b"])
             caption_part = captioning_loss(decoded, batch["tokens"], captioning)
-            parts = {"contrastive_loss": contrastive_part, "decoder/caption_loss": caption_part}
+            parts = {"contrastive_loss": contrastive_part, "caption_loss": caption_part}
             return contrastive_part + captioning.weight * caption_part, parts
 
         (loss, parts), grads = jax.value_and_grad(captioned_loss, has_aux=True)(params)
