@@ -12,13 +12,7 @@ image-text data for real pretraining. SigLIP 2 uses the Gemma SentencePiece voca
 vocabulary logits are computed 16 caption positions at a time (model.decoder.logits_chunk), so a 256k
 vocabulary never holds [batch, 64, 256k] logits at once.
 """
-import os
-
-from configs import demo
-from siglip_jax.config import default_config, eval_config, source_config
-
-SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
-GEMMA_VOCAB = 256_000
+from configs import demo, siglip2_naflex
 
 
 def add_decoder(config):
@@ -35,24 +29,11 @@ def get_config(arg: str | None = None):
         return add_decoder(demo.get_config())
     if variant != "B/16":
         raise ValueError(f"Unknown siglip2_recipe argument {variant!r}; use 'B/16' (the default) or 'cpu'.")
-    config = default_config()
-    config.model.image.variant = "B/16"
+    # configs/siglip2_naflex.py's B/16 + B text, Gemma vocabulary, data and schedule, with the fixed-resolution
+    # ViT at 224 px: the decoder reads a ViT's patch tokens (not yet NaFlex's padded ones).
+    config = siglip2_naflex.get_config()
+    config.model.image.kind = "vit"
     config.model.image.image_size = 224
-    config.model.text.variant = "B"
-    config.model.text.max_len = 64
-    config.model.text.vocab_size = GEMMA_VOCAB  # fits any tokenizer up to the Gemma vocabulary
-    config.model.dtype = "bfloat16"
     add_decoder(config)
     config.model.decoder.logits_chunk = 16
-
-    flickr = os.path.normpath(os.path.join(SHARED_DATA, "flickr8k"))
-    config.data.train = source_config("flickr8k", path=flickr, split="train")
-    config.evals.flickr8k = eval_config("retrieval", source_config("flickr8k", path=flickr, split="test"))
-    config.data.lowercase = True
-    config.data.batch_size = 512
-    config.data.eval_batch_size = 512
-    config.data.num_workers = 8
-    config.total_steps = 5_000
-    config.optim.learning_rate = 1e-3
-    config.optim.warmup_steps = 500
     return config
