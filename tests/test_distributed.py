@@ -1,9 +1,16 @@
 """Where a process's place in a multi-process run comes from (distributed.resolve_launch): flags, then
 SIGLIP_* variables, then a launcher's environment. Pure decisions on a given environment; the real
 multi-process start is tests/test_multihost.py."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from siglip_jax.runtime import distributed
+from tests.helpers import child_environment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SLURM_TWO_TASKS = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
                    "SLURM_STEP_NODELIST": "node[1-2]"}
@@ -64,3 +71,38 @@ def test_a_single_process_initialize_touches_nothing():
     # jax.distributed.initialize refuses once JAX has run, as it has in this pytest process.
     launch = distributed.initialize(num_processes=1)
     assert launch.how == "single process"
+
+
+@pytest.mark.parametrize(
+    "batch_sizes, mesh_shape, cores, expected",
+    [
+        ((128, 200), (-1, 1, 1), 2, 2),  # one per core
+        ((128, 200), (-1, 1, 1), 3, 2),  # 3 does not divide 128: the largest count that does
+        ((7, 7), (-1, 1, 1), 2, 1),  # an odd batch stays on one device
+        ((128, 256), (-1, 1, 1), 64, 8),  # at most MAX_CPU_DEVICES_PER_CORE copies of the parameters
+        ((128, 256), (-1, 2, 1), 2, 2),  # a fixed fsdp axis of 2: counts that are multiples of 2
+        ((128, 256), (-1, 2, 1), 3, 2),
+        ((128, 256), (1, 2, 1), 2, 1),  # no -1 axis: the mesh is the user's, JAX's one CPU device stays
+    ],
+)
+def test_cpu_devices_per_core(batch_sizes, mesh_shape, cores, expected):
+    assert distributed.cpu_devices_per_core(batch_sizes, mesh_shape, cores) == expected
+
+
+@pytest.mark.parametrize(
+    "environment, expected",
+    [
+        ({}, 3),  # nobody chose: the default given by train.py
+        ({"SIGLIP_LOCAL_DEVICE_COUNT": "1"}, 1),  # the variable (and --local_device_count) wins
+        ({"XLA_FLAGS": "--xla_force_host_platform_device_count=5"}, 5),  # so does XLA's own flag
+    ],
+)
+def test_default_cpu_devices_yield_to_a_choice(environment, expected):
+    """A real JAX process each: the device count is fixed when its backends start."""
+    program = ("from siglip_jax.runtime import distributed; distributed.initialize(default_cpu_devices=3); "
+               "import jax; print(jax.device_count())")
+    env = {**child_environment(None), **environment}
+    done = subprocess.run([sys.executable, "-c", program], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == str(expected)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 
@@ -27,6 +28,9 @@ ENV_COORDINATOR_ADDRESS = "SIGLIP_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "SIGLIP_NUM_PROCESSES"
 ENV_PROCESS_ID = "SIGLIP_PROCESS_ID"
 ENV_LOCAL_DEVICE_COUNT = "SIGLIP_LOCAL_DEVICE_COUNT"
+# One CPU device per core, at most this many: each device holds a copy of the parameters and optimizer state
+# (the default mesh replicates them over the data axis), so many cores must not mean many copies.
+MAX_CPU_DEVICES_PER_CORE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,11 +124,38 @@ def resolve_launch(
     return Launch(launcher, local_device_count=local_device_count)
 
 
+def cpu_devices_per_core(batch_sizes: Sequence[int], mesh_shape: Sequence[int], cores: int | None = None) -> int:
+    """How many CPU devices a single process makes when nobody chose (train.py): one per core, data-parallel.
+
+    XLA:CPU spreads each operation over the cores, but most of a small model's ~270 operations a step are too
+    small to keep two cores busy, so one device per core, each running the whole step on its share of the
+    batch, keeps them busier: configs/flickr8k.py's step took 0.91 s on 2 devices against 1.15 s on one
+    (2-core machine, 2026-12-07, docs/speed.md). The count divides every batch size and fits the mesh's
+    fixed axes (a mesh with no -1 axis keeps JAX's own single CPU device); at most
+    MAX_CPU_DEVICES_PER_CORE."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    shape = [int(size) for size in mesh_shape]
+    if -1 not in shape:
+        return 1
+    fixed = math.prod(size for size in shape if size != -1)
+    for count in range(min(cores, MAX_CPU_DEVICES_PER_CORE), 0, -1):
+        if count % fixed == 0 and all(size % count == 0 for size in batch_sizes):
+            return count
+    return 1
+
+
+def _cpu_devices_chosen() -> bool:
+    return ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or jax.config.jax_num_cpu_devices != -1)
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
     local_device_count: int | None = None,
+    default_cpu_devices: int | None = None,
 ) -> Launch:
     """Joins this process to a multi-process run (see the module docstring for where values come
     from); a no-op for a single process. Must run before any other JAX call: JAX fixes its devices when
@@ -134,10 +165,19 @@ def initialize(
     makes (several per process simulate a multi-host mesh); in a multi-process GPU run this process
     uses GPUs 0..local_device_count-1 of its node, for one process per node under SLURM or Open MPI
     (JAX's detection otherwise gives each process one GPU). Leave it unset on TPU.
+
+    `default_cpu_devices`: the CPU devices a single process makes when neither local_device_count (flag or
+    variable) nor XLA's --xla_force_host_platform_device_count says (train.py: cpu_devices_per_core). Only
+    the CPU backend sees it: on a GPU or TPU machine JAX still trains on the accelerators.
     """
     launch = resolve_launch(coordinator_address, num_processes, process_id, local_device_count)
     if launch.local_device_count is not None:
         jax.config.update("jax_num_cpu_devices", launch.local_device_count)
+    elif launch.how == "single process" and default_cpu_devices and not _cpu_devices_chosen():
+        jax.config.update("jax_num_cpu_devices", default_cpu_devices)
+        if default_cpu_devices > 1:
+            logger.warning("On CPU: %d devices, one per core, each training on its share of the batch "
+                           "(--local_device_count=1 for one).", default_cpu_devices)
     if launch.how == "single process":
         return launch
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
