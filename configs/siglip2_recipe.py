@@ -13,20 +13,23 @@ vocabulary logits are computed 16 caption positions at a time (model.decoder.log
 vocabulary never holds [batch, 64, 256k] logits at once.
 """
 from configs import demo, siglip2_naflex
+from siglip_jax.config import eval_config
 
 
-def add_decoder(config):
+def add_decoder(config, held_out: str):
     """SigLIP 2's LocCa task (arXiv 2502.14786, section 2.1): decoder weight 1, parallel prediction for half
-    of the examples, the decoder half as deep as the text tower (model.decoder's defaults)."""
+    of the examples, the decoder half as deep as the text tower (model.decoder's defaults); its held-out
+    caption loss (teacher-forced and parallel) on the source of the retrieval eval `held_out`."""
     config.model.decoder.weight = 1.0
     config.model.decoder.parallel_prob = 0.5
+    config.evals[f"{held_out}_captions"] = eval_config("caption_loss", config.evals[held_out].source)
     return config
 
 
 def get_config(arg: str | None = None):
     variant = arg or "B/16"
     if variant == "cpu":
-        return add_decoder(demo.get_config())
+        return add_decoder(demo.get_config(), "demo")
     if variant != "B/16":
         raise ValueError(f"Unknown siglip2_recipe argument {variant!r}; use 'B/16' (the default) or 'cpu'.")
     # configs/siglip2_naflex.py's B/16 + B text, Gemma vocabulary, data and schedule, with the fixed-resolution
@@ -34,6 +37,6 @@ def get_config(arg: str | None = None):
     config = siglip2_naflex.get_config()
     config.model.image.kind = "vit"
     config.model.image.image_size = 224
-    add_decoder(config)
+    add_decoder(config, "flickr8k")
     config.model.decoder.logits_chunk = 16
     return config

@@ -61,8 +61,8 @@ def source_config(kind: str, **args: Any) -> ml_collections.ConfigDict:
 
 
 def eval_config(kind: str, source: ml_collections.ConfigDict, **options: Any) -> ml_collections.ConfigDict:
-    """One entry of `config.evals`: kind "retrieval", "classification", "contrastive_loss" or "fewshot" over a
-    source."""
+    """One entry of `config.evals`: kind "retrieval", "classification", "contrastive_loss", "fewshot" or
+    "caption_loss" over a source."""
     entry = ml_collections.ConfigDict(dict(EVAL_DEFAULTS))
     entry.kind = kind
     entry.source = source
@@ -73,11 +73,12 @@ def eval_config(kind: str, source: ml_collections.ConfigDict, **options: Any) ->
     return entry
 
 
-EVAL_KINDS = ("retrieval", "classification", "contrastive_loss", "fewshot")
+EVAL_KINDS = ("retrieval", "classification", "contrastive_loss", "fewshot", "caption_loss")
 EVAL_DEFAULTS = dict(
     # "retrieval" (image<->text Recall@K), "classification" (zero-shot) or "contrastive_loss" (the
     # training loss on held-out pairs at data.batch_size: validation loss, to see overfitting) or "fewshot"
-    # (a ridge-regression linear probe on frozen image embeddings, as big_vision's fewshot_lsr)
+    # (a ridge-regression linear probe on frozen image embeddings, as big_vision's fewshot_lsr) or
+    # "caption_loss" (the caption decoder's token cross-entropy on held-out pairs, teacher-forced and parallel)
     kind="retrieval",
     source=None,  # source_config(...) of the eval data
     templates="imagenet",  # classification prompts: "imagenet" (CLIP's 80) or a file, one "{}" template a line

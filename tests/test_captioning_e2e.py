@@ -89,3 +89,61 @@ def test_adding_the_decoder_to_a_workdir_names_the_arrays_and_how_to_start_them(
     assert "dec" in started and "dec" not in source
     for group in ("img", "txt", "t", "b"):
         jax.tree.map(np.testing.assert_array_equal, started[group], source[group])
+
+
+def _log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def test_held_out_caption_loss_eval_matches_numpy_and_falls(tmp_path):
+    """The caption_loss eval against a float64 numpy cross-entropy of the decoder's logits (from model.apply on
+    each pair alone, padding after the first EOS dropped by hand), and below log(259), where it starts."""
+    from siglip_jax.config import eval_config, source_config
+    from siglip_jax.data.from_config import build_source, build_tokenizer
+    from siglip_jax.data import pipeline
+    from siglip_jax.models import two_towers
+
+    config = _config(2)
+    config.eval_every_steps, config.data.eval_batch_size = 2, 8
+    # 20 pairs: two full batches of 8, the last 4 left out.
+    config.evals.captions = eval_config("caption_loss", source_config("demo", split="eval", size=20, image_size=16))
+    workdir = tmp_path / "evaluated"
+    trainer.train(config, str(workdir))
+    logged = [line for line in _metrics(workdir) if "captions/caption_loss" in line][-1]
+    assert logged["step"] == 2 and logged["captions/num_pairs"] == 16
+
+    params = jax.device_get(loading.load_model(str(workdir)).params)
+    model = two_towers.build_model(config.model)
+    tokenizer = build_tokenizer(config)
+    source = build_source(config.evals.captions.source)
+    pairs = [(image, captions[0]) for _, image, captions, _ in pipeline.eval_records(source, 16, range(16))]
+    expected = {}
+    for parallel in (False, True):
+        total, count = 0.0, 0
+        for image, caption in pairs:
+            tokens = tokenizer([caption])
+            _, _, decoded = model.apply({"params": params}, image[None], tokens, np.array([parallel]),
+                                        method=model.embed_and_decode)
+            logits = (np.asarray(decoded.hidden, np.float64) @ np.asarray(decoded.head_kernel, np.float64)
+                      + np.asarray(decoded.head_bias, np.float64))[0]
+            ids = tokens[0]
+            length = list(ids).index(tokenizer.eos_id) + 1 if tokenizer.eos_id in ids else len(ids)
+            log_probs = _log_softmax(logits[:length])
+            total -= log_probs[np.arange(length), ids[:length]].sum()
+            count += length
+        expected[parallel] = total / count
+    assert logged["captions/caption_loss"] == pytest.approx(expected[False], rel=1e-4)
+    assert logged["captions/parallel_caption_loss"] == pytest.approx(expected[True], rel=1e-4)
+    assert logged["captions/caption_loss"] < np.log(259)
+
+
+def test_caption_loss_eval_needs_the_decoder():
+    from siglip_jax.config import eval_config, source_config
+    from siglip_jax.data.from_config import build_source, build_tokenizer
+    from siglip_jax.evaluation import runner
+
+    config = _config(2, **{"model.decoder.weight": 0.0})
+    config.evals.captions = eval_config("caption_loss", source_config("demo", split="eval", size=20, image_size=16))
+    with pytest.raises(ValueError, match=r"caption_loss eval needs the caption decoder: set model.decoder.weight > 0"):
+        runner.build_evaluators(config, build_tokenizer(config), build_source)

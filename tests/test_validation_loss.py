@@ -80,7 +80,7 @@ def test_validation_loss_clamps_the_temperature_as_training_does():
 
 def test_fewer_pairs_than_one_training_batch_is_refused_naming_the_batch_size():
     loss_config = ml_collections.ConfigDict(dict(name="sigmoid", max_temperature=0.0))
-    with pytest.raises(ValueError, match=r"fewer than one training batch \(data.batch_size=128\)"):
+    with pytest.raises(ValueError, match=r"fewer than one batch \(data.batch_size=128\)"):
         runner.ContrastiveLossSet(_records(10), ByteTokenizer(MAX_LEN), IMAGE_SIZE, 128, loss_config)
 
 

@@ -9,10 +9,13 @@ same metrics from them. The records are read again at every eval.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -20,7 +23,7 @@ from jax.sharding import Mesh
 from siglip_jax.data import from_config, pipeline, preprocess
 from siglip_jax.evaluation import classification, fewshot, retrieval
 from siglip_jax.inference.embedder import Embedder
-from siglip_jax.losses import contrastive
+from siglip_jax.losses import captioning, contrastive
 from siglip_jax.models import two_towers
 from siglip_jax.models.two_towers import param_shardings
 from siglip_jax.runtime import sharding
@@ -144,20 +147,9 @@ class ContrastiveLossSet:
     def __init__(self, source: Any, tokenizer: Callable, image_size: int, batch_size: int,
                  loss_config: ml_collections.ConfigDict, max_items: int = 0):
         self.num_records = min(len(source), max_items) if max_items else len(source)
-        images, captions = [], []
-        for _, image, image_captions, record in pipeline.eval_records(source, image_size, range(self.num_records)):
-            if not image_captions:
-                logger.warning("Skipped validation-loss record %s: it has no caption.", record.get("id"))
-                continue
-            images.append(image)
-            captions.append(image_captions[0])
+        images, captions = _first_caption_pairs(source, image_size, self.num_records, batch_size, "contrastive_loss",
+                                                "data.batch_size")
         num_batches = len(images) // batch_size
-        if not num_batches:
-            raise ValueError(
-                f"The contrastive_loss source {source!r} has {len(images)} usable image-caption pairs, fewer "
-                f"than one training batch (data.batch_size={batch_size}); give it more records (max_items=0 "
-                "takes all) or evaluate a larger split."
-            )
         self.num_skipped = self.num_records - len(images)
         self.batch_size = batch_size
         self.num_pairs = num_batches * batch_size
@@ -179,6 +171,79 @@ class ContrastiveLossSet:
         ]
         return {"loss": float(np.mean(batch_losses)), "num_pairs": float(self.num_pairs),
                 "num_skipped": float(self.num_skipped)}
+
+
+def _first_caption_pairs(source: Any, image_size: Any, num_records: int, batch_size: int, kind: str,
+                         batch_setting: str) -> tuple[list[np.ndarray], list[str]]:
+    """(eval views, first non-empty captions) of the first `num_records` records that have a caption: held-out
+    pairs with no image twice (in one batch it would be its own negative). Fewer than one batch is refused."""
+    images, captions = [], []
+    for _, image, image_captions, record in pipeline.eval_records(source, image_size, range(num_records)):
+        if not image_captions:
+            logger.warning("Skipped %s record %s: it has no caption.", kind, record.get("id"))
+            continue
+        images.append(image)
+        captions.append(image_captions[0])
+    if len(images) < batch_size:
+        raise ValueError(
+            f"The {kind} source {source!r} has {len(images)} usable image-caption pairs, fewer than one batch "
+            f"({batch_setting}={batch_size}); give it more records (max_items=0 takes all) or evaluate a larger split."
+        )
+    return images, captions
+
+
+def _caption_loss_sum(params: Any, images: jax.Array, tokens: jax.Array, *, model: nn.Module, axis_rules: Any,
+                      eos_id: int, logits_chunk: int, parallel: bool) -> tuple[jax.Array, jax.Array]:
+    """(summed token cross-entropy, number of caption tokens) of a batch, decoded with teacher forcing or, with
+    `parallel`, from mask tokens alone."""
+    with nn.logical_axis_rules(axis_rules):
+        _, _, decoded = model.apply({"params": params}, images, tokens, jnp.full(tokens.shape[:1], parallel),
+                                    method=model.embed_and_decode)
+    mean = captioning.caption_loss(decoded.hidden, decoded.head_kernel, decoded.head_bias, tokens, eos_id,
+                                   chunk_size=logits_chunk)
+    count = jnp.sum(captioning.caption_weights(tokens, eos_id))
+    return mean * count, count
+
+
+class CaptionLossSet:
+    """The caption decoder's held-out loss (SigLIP 2's LocCa task, models/decoder.py): the cross-entropy per
+    caption token, padding after the first EOS ignored, of held-out pairs (each record's first caption), in full
+    batches of data.eval_batch_size (the last incomplete batch left out), decoded with teacher forcing
+    ("caption_loss", what the training metric of the same name mostly is) and in parallel from mask tokens alone
+    ("parallel_caption_loss"). An untrained decoder (zero-initialised head) scores log(vocabulary size)."""
+
+    def __init__(self, source: Any, tokenizer: Callable, image_size: Any, batch_size: int,
+                 config: ml_collections.ConfigDict, eos_id: int, max_items: int = 0):
+        if not config.model.decoder.weight:
+            raise ValueError("A caption_loss eval needs the caption decoder: set model.decoder.weight > 0 (SigLIP 2: "
+                             "1.0), or drop the eval.")
+        self.num_records = min(len(source), max_items) if max_items else len(source)
+        images, captions = _first_caption_pairs(source, image_size, self.num_records, batch_size, "caption_loss",
+                                                "data.eval_batch_size")
+        self.num_pairs = len(images) // batch_size * batch_size
+        self.num_skipped = self.num_records - len(images)
+        self.batch_size = batch_size
+        self.images = np.stack(images[: self.num_pairs])
+        self.tokens = tokenizer(captions[: self.num_pairs])
+        model = two_towers.build_model(config.model)
+        self._loss_sum = jax.jit(
+            functools.partial(_caption_loss_sum, model=model, axis_rules=sharding.rules_as_tuples(config.mesh.axis_rules),
+                              eos_id=int(eos_id), logits_chunk=int(config.model.decoder.logits_chunk)),
+            static_argnames=("parallel",))
+
+    def evaluate(self, embedder: Embedder, params: Any) -> dict[str, float]:
+        totals = {False: [0.0, 0.0], True: [0.0, 0.0]}  # parallel -> [loss sum, tokens]
+        for start in range(0, self.num_pairs, self.batch_size):
+            with jax.set_mesh(embedder.mesh):
+                images = embedder.global_batch(self.images[start:start + self.batch_size])
+                tokens = embedder.global_batch(self.tokens[start:start + self.batch_size])
+                for parallel, total in totals.items():
+                    loss_sum, count = self._loss_sum(params, images, tokens, parallel=parallel)
+                    total[0] += float(loss_sum)
+                    total[1] += float(count)
+        teacher_forced, parallel = (total[0] / total[1] for total in (totals[False], totals[True]))
+        return {"caption_loss": teacher_forced, "parallel_caption_loss": parallel,
+                "num_pairs": float(self.num_pairs), "num_skipped": float(self.num_skipped)}
 
 
 def _labelled_images(source: Any, image_size: Any, indices: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -256,6 +321,11 @@ def _contrastive_loss(entry, source, setup: _Setup) -> ContrastiveLossSet:
                               setup.config.loss, entry.max_items)
 
 
+def _caption_loss(entry, source, setup: _Setup) -> CaptionLossSet:
+    return CaptionLossSet(source, setup.tokenizer, setup.image_options, setup.config.data.eval_batch_size,
+                          setup.config, setup.tokenizer.eos_id, entry.max_items)
+
+
 def _fewshot(entry, source, setup: _Setup) -> FewShotSet:
     test_source = None if entry.test_source is None else setup.build_source(entry.test_source)
     return FewShotSet(source, test_source, setup.image_options, entry.shots, entry.l2_reg, setup.config.seed,
@@ -268,6 +338,7 @@ EVALUATORS: dict[str, Callable[[Any, Any, _Setup], Any]] = {
     "classification": _classification,
     "contrastive_loss": _contrastive_loss,
     "fewshot": _fewshot,
+    "caption_loss": _caption_loss,
 }
 
 

@@ -65,7 +65,7 @@ class Embedder:
         """Rows each process passes to one `embed_shares` call: its block of the global batch."""
         return self.batch_size // jax.process_count()
 
-    def _global_batch(self, chunk: np.ndarray) -> jax.Array:
+    def global_batch(self, chunk: np.ndarray) -> jax.Array:
         """Every process holds the same inputs, so each fills its own devices' rows from its copy. (jit
         refuses numpy for a sharding over other processes' devices.) The output is replicated, so each
         process reads all of it."""
@@ -131,7 +131,7 @@ class Embedder:
             self._compiled.add((tower, bucket))
             unused = np.zeros((bucket,), np.int32)  # the keys and flag embed_shares needs, here unused
             with jax.set_mesh(self.mesh):
-                embedded = function(params, *(self._global_batch(part) for part in (chunk, unused, unused)))[0]
+                embedded = function(params, *(self.global_batch(part) for part in (chunk, unused, unused)))[0]
                 outputs.append(np.asarray(embedded)[:valid])
         if outputs:
             return np.concatenate(outputs)
