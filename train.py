@@ -16,8 +16,8 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (or $SIGLIP_NUM_PROCESSES); 1 forces one.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (or $SIGLIP_PROCESS_ID).")
 _LOCAL_DEVICES = flags.DEFINE_integer(
-    "local_device_count", None, "Devices this process drives: CPU devices to make (default: one per core, see "
-    "distributed.cpu_devices_per_core), or GPUs per process (or $SIGLIP_LOCAL_DEVICE_COUNT).")
+    "local_device_count", None, "Devices this process drives: CPU devices to make (default: one, or one per core with "
+    "mesh.cpu_devices_per_core), or GPUs per process (or $SIGLIP_LOCAL_DEVICE_COUNT).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,8 +27,10 @@ def main(argv):
     compilation_cache.enable(_COMPILATION_CACHE.value, _WORKDIR.value)
     # Before anything else touches JAX: the devices are fixed by the first call.
     config = _CONFIG.value
-    cpu_devices = distributed.cpu_devices_per_core((config.data.batch_size, config.data.eval_batch_size),
-                                                   config.mesh.shape)
+    cpu_devices = None  # JAX's one CPU device
+    if config.mesh.cpu_devices_per_core:
+        cpu_devices = distributed.cpu_devices_per_core((config.data.batch_size, config.data.eval_batch_size),
+                                                       config.mesh.shape)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICES.value,
                            default_cpu_devices=cpu_devices)
     trainer.train(_CONFIG.value, _WORKDIR.value)

@@ -1,10 +1,10 @@
 """Our train step against HF transformers + PyTorch at the same shapes, each step in a fresh process per round,
 and against the machine's float32 matmul peak:
 
-  ours     this project's compiled train step (the trainer's own, through bench/common.py), on one CPU device
-           per core as train.py runs it (runtime.distributed.cpu_devices_per_core: data-parallel over the cores)
-  ours1    the same step on one CPU device (XLA spreading each operation over the cores): what the per-core
-           devices save
+  ours     this project's compiled train step (the trainer's own, through bench/common.py) on one CPU device,
+           XLA spreading each operation over the cores (train.py's default)
+  per_core the same step on one CPU device per core, data-parallel (mesh.cpu_devices_per_core, which the small
+           CPU recipes set; runtime.distributed.cpu_devices_per_core)
   pytorch  HF transformers' SiglipModel (its own sigmoid loss, return_loss=True) + torch.optim.AdamW
   peak     a large float32 matmul in JAX: the most FLOP/s this machine gives a program like ours
 
@@ -37,7 +37,7 @@ import common  # noqa: F401  (puts the repo on the path)
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4
 LAYER_NORM_EPSILON = 1e-6
-IMPLEMENTATIONS = ("ours", "ours1", "pytorch", "peak")
+IMPLEMENTATIONS = ("ours", "per_core", "pytorch", "peak")
 QUIET_LOAD = 1.5
 PEAK_MATMUL_SIZE = 2048
 
@@ -51,11 +51,10 @@ def _time_steps(step, steps: int) -> tuple[float, list[float]]:
     return (time.perf_counter() - start) / steps, warmup
 
 
-def run_ours(args: argparse.Namespace, devices: int | None = None) -> dict:
+def run_ours(args: argparse.Namespace, per_core: bool = False) -> dict:
     from siglip_jax.runtime import distributed
 
-    if devices is None:  # as train.py chooses
-        devices = distributed.cpu_devices_per_core((args.batch,), (-1, 1, 1))
+    devices = distributed.cpu_devices_per_core((args.batch,), (-1, 1, 1)) if per_core else 1
     common.simulate_cpu_devices(devices)
     import jax
 
@@ -141,7 +140,7 @@ def run_peak(args: argparse.Namespace) -> dict:
     return {"seconds_per_step": seconds, "flops_per_second": 2 * n**3 / seconds}
 
 
-WORKERS = {"ours": run_ours, "ours1": lambda args: run_ours(args, devices=1), "pytorch": run_pytorch,
+WORKERS = {"ours": run_ours, "per_core": lambda args: run_ours(args, per_core=True), "pytorch": run_pytorch,
            "peak": run_peak}
 
 
@@ -183,39 +182,39 @@ def main() -> None:
         shift = round_index % len(IMPLEMENTATIONS)
         for name in IMPLEMENTATIONS[shift:] + IMPLEMENTATIONS[:shift]:
             results[name].append(_run_worker(args, name))
-        ours, ours1, pytorch, peak = (results[name][-1] for name in IMPLEMENTATIONS)
+        ours, per_core, pytorch, peak = (results[name][-1] for name in IMPLEMENTATIONS)
         achieved = ours["flops_per_step"] / ours["seconds_per_step"]
-        print(f"round {round_index + 1}: ours {ours['seconds_per_step']:.3f} s on {ours['devices']} devices (load "
-              f"{ours['load_before']:.2f}), ours1 {ours1['seconds_per_step']:.3f} s on 1 (load "
-              f"{ours1['load_before']:.2f}), pytorch {pytorch['seconds_per_step']:.3f} s (load {pytorch['load_before']:.2f}), peak "
+        print(f"round {round_index + 1}: ours {ours['seconds_per_step']:.3f} s (load {ours['load_before']:.2f}), "
+              f"per_core {per_core['seconds_per_step']:.3f} s on {per_core['devices']} devices (load "
+              f"{per_core['load_before']:.2f}), pytorch {pytorch['seconds_per_step']:.3f} s (load {pytorch['load_before']:.2f}), peak "
               f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s (load {peak['load_before']:.2f}); ours / pytorch "
               f"{ours['seconds_per_step'] / pytorch['seconds_per_step']:.2f}x, ours at {achieved / 1e9:.1f} GFLOP/s = "
               f"{achieved / peak['flops_per_second']:.0%} of peak", flush=True)
 
     ratios = [o["seconds_per_step"] / p["seconds_per_step"] for o, p in zip(results["ours"], results["pytorch"])]
-    one_device = [o["seconds_per_step"] / o1["seconds_per_step"] for o, o1 in zip(results["ours"], results["ours1"])]
+    per_core = [c["seconds_per_step"] / o["seconds_per_step"] for o, c in zip(results["ours"], results["per_core"])]
     shares = [o["flops_per_step"] / o["seconds_per_step"] / k["flops_per_second"]
               for o, k in zip(results["ours"], results["peak"])]
     loads = [result["load_before"] for name in IMPLEMENTATIONS for result in results[name]]
     first = results["ours"][0]
     print(f"\n{args.variant} image + {args.variant.split('/')[0]} text ({args.depth or 'all'} blocks each), "
           f"{args.image_size} px, {args.tokens} tokens, vocab {args.vocab}, batch {args.batch}, float32 on "
-          f"{first['device']}, {os.cpu_count()} CPUs, ours on {first['devices']} CPU devices; parameters: ours {first['parameters']:,}, pytorch "
+          f"{first['device']}, {os.cpu_count()} CPUs, per_core on {results['per_core'][0]['devices']} CPU devices; parameters: ours {first['parameters']:,}, pytorch "
           f"{results['pytorch'][0]['parameters']:,} ({results['pytorch'][0]['threads']} torch threads); "
           f"ours {first['flops_per_step']:.3e} FLOPs a step (XLA cost analysis); load before each process "
           f"{min(loads):.2f}-{max(loads):.2f}" + ("" if max(loads) < QUIET_LOAD else
                                                   f" (not quiet: over {QUIET_LOAD} before some processes)"))
-    print("| round | ours s/step | ours on 1 device | ours / ours on 1 | pytorch s/step | ours / pytorch | "
+    print("| round | ours s/step | per_core s/step | per_core / ours | pytorch s/step | ours / pytorch | "
           "peak GFLOP/s | ours share of peak |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for index, (ratio, share) in enumerate(zip(ratios, shares)):
         print(f"| {index + 1} | {results['ours'][index]['seconds_per_step']:.3f} | "
-              f"{results['ours1'][index]['seconds_per_step']:.3f} | {one_device[index]:.2f}x | "
+              f"{results['per_core'][index]['seconds_per_step']:.3f} | {per_core[index]:.2f}x | "
               f"{results['pytorch'][index]['seconds_per_step']:.3f} | {ratio:.2f}x | "
               f"{results['peak'][index]['flops_per_second'] / 1e9:.1f} | {share:.0%} |")
     print(f"| median | {statistics.median(r['seconds_per_step'] for r in results['ours']):.3f} | "
-          f"{statistics.median(r['seconds_per_step'] for r in results['ours1']):.3f} | "
-          f"{statistics.median(one_device):.2f}x | {statistics.median(r['seconds_per_step'] for r in results['pytorch']):.3f} | "
+          f"{statistics.median(r['seconds_per_step'] for r in results['per_core']):.3f} | "
+          f"{statistics.median(per_core):.2f}x | {statistics.median(r['seconds_per_step'] for r in results['pytorch']):.3f} | "
           f"{statistics.median(ratios):.2f}x | "
           f"{statistics.median(r['flops_per_second'] for r in results['peak']) / 1e9:.1f} | "
           f"{statistics.median(shares):.0%} |")

@@ -125,14 +125,16 @@ def resolve_launch(
 
 
 def cpu_devices_per_core(batch_sizes: Sequence[int], mesh_shape: Sequence[int], cores: int | None = None) -> int:
-    """How many CPU devices a single process makes when nobody chose (train.py): one per core, data-parallel.
+    """How many CPU devices a single process makes for a config with mesh.cpu_devices_per_core (train.py): one
+    per core, data-parallel.
 
     XLA:CPU spreads each operation over the cores, but most of a small model's ~270 operations a step are too
     small to keep two cores busy, so one device per core, each running the whole step on its share of the
-    batch, keeps them busier: configs/flickr8k.py's step took 0.91 s on 2 devices against 1.15 s on one
-    (2-core machine, 2026-12-07, docs/speed.md). The count divides every batch size and fits the mesh's
-    fixed axes (a mesh with no -1 axis keeps JAX's own single CPU device); at most
-    MAX_CPU_DEVICES_PER_CORE."""
+    batch, keeps them busier: configs/flickr8k.py's step took 0.78-0.94x the one-device time (2-core machine,
+    2026-12-07, docs/speed.md). A larger model's operations already fill the cores and each device repeats
+    the optimizer update, so it loses (S/16 at batch 32: 1.09x); hence the opt-in. The count divides every
+    batch size and fits the mesh's fixed axes (a mesh with no -1 axis keeps JAX's own single CPU device); at
+    most MAX_CPU_DEVICES_PER_CORE."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     shape = [int(size) for size in mesh_shape]
