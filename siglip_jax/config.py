@@ -183,7 +183,7 @@ def default_config() -> ml_collections.ConfigDict:
                 axis_rules=DEFAULT_AXIS_RULES,
                 # On a CPU machine, train.py makes one CPU device per core and trains data-parallel over them
                 # (runtime.distributed.cpu_devices_per_core). Faster for small models (configs/flickr8k.py's
-                # step 0.78-0.94x, the demo's 0.91x), slower for larger ones (S/16 at batch 32: 1.09x; each
+                # step 0.78-0.94x, the demo's 0.91x), slower for larger ones (S/16 at batch 32: 1.04-1.09x; each
                 # device repeats the optimizer update), so recipes opt in. --local_device_count wins.
                 cpu_devices_per_core=False,
             ),

@@ -132,7 +132,7 @@ def cpu_devices_per_core(batch_sizes: Sequence[int], mesh_shape: Sequence[int], 
     small to keep two cores busy, so one device per core, each running the whole step on its share of the
     batch, keeps them busier: configs/flickr8k.py's step took 0.78-0.94x the one-device time (2-core machine,
     2026-12-07, docs/speed.md). A larger model's operations already fill the cores and each device repeats
-    the optimizer update, so it loses (S/16 at batch 32: 1.09x); hence the opt-in. The count divides every
+    the optimizer update, so it loses (S/16 at batch 32: 1.04-1.09x); hence the opt-in. The count divides every
     batch size and fits the mesh's fixed axes (a mesh with no -1 axis keeps JAX's own single CPU device); at
     most MAX_CPU_DEVICES_PER_CORE."""
     if cores is None:
