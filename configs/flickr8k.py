@@ -60,8 +60,8 @@ def get_config(arg: str | None = None):
 
     if variant == "small":  # 64 px, width 128, depth 4: see docs/flickr8k.md for what each choice did
         # 1,900 steps: test R@10 15.3 / 15.2% and 16.3 / 15.1% in two runs (docs/flickr8k.md); 30-33 minutes of
-        # steps on the quiet 2-core machine with train.py's one CPU device per core (0.91-1.01 s a step measured
-        # 2026-12-07; 1.155 s on one device; evals and compile not counted).
+        # steps on the quiet 2-core machine with one CPU device per core (mesh.cpu_devices_per_core below;
+        # 0.91-1.01 s a step measured 2026-12-07, 1.155 s on one device; evals and compile not counted).
         config.total_steps = 1_900
         config.log_every_steps = 25
         config.eval_every_steps = 500

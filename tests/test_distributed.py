@@ -79,7 +79,7 @@ def test_a_single_process_initialize_touches_nothing():
         ((128, 200), (-1, 1, 1), 2, 2),  # one per core
         ((128, 200), (-1, 1, 1), 3, 2),  # 3 does not divide 128: the largest count that does
         ((7, 7), (-1, 1, 1), 2, 1),  # an odd batch stays on one device
-        ((128, 256), (-1, 1, 1), 64, 8),  # at most MAX_CPU_DEVICES_PER_CORE copies of the parameters
+        ((128, 256), (-1, 1, 1), 64, 8),  # at most MAX_CPU_DEVICES copies of the parameters
         ((128, 256), (-1, 2, 1), 2, 2),  # a fixed fsdp axis of 2: counts that are multiples of 2
         ((128, 256), (-1, 2, 1), 3, 2),
         ((128, 256), (1, 2, 1), 2, 1),  # no -1 axis: the mesh is the user's, JAX's one CPU device stays

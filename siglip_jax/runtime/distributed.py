@@ -28,9 +28,9 @@ ENV_COORDINATOR_ADDRESS = "SIGLIP_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "SIGLIP_NUM_PROCESSES"
 ENV_PROCESS_ID = "SIGLIP_PROCESS_ID"
 ENV_LOCAL_DEVICE_COUNT = "SIGLIP_LOCAL_DEVICE_COUNT"
-# One CPU device per core, at most this many: each device holds a copy of the parameters and optimizer state
+# cpu_devices_per_core makes at most this many CPU devices: each device holds a copy of the parameters and optimizer state
 # (the default mesh replicates them over the data axis), so many cores must not mean many copies.
-MAX_CPU_DEVICES_PER_CORE = 8
+MAX_CPU_DEVICES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,14 +134,14 @@ def cpu_devices_per_core(batch_sizes: Sequence[int], mesh_shape: Sequence[int], 
     2026-12-07, docs/speed.md). A larger model's operations already fill the cores and each device repeats
     the optimizer update, so it loses (S/16 at batch 32: 1.04-1.09x); hence the opt-in. The count divides every
     batch size and fits the mesh's fixed axes (a mesh with no -1 axis keeps JAX's own single CPU device); at
-    most MAX_CPU_DEVICES_PER_CORE."""
+    most MAX_CPU_DEVICES."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     shape = [int(size) for size in mesh_shape]
     if -1 not in shape:
         return 1
     fixed = math.prod(size for size in shape if size != -1)
-    for count in range(min(cores, MAX_CPU_DEVICES_PER_CORE), 0, -1):
+    for count in range(min(cores, MAX_CPU_DEVICES), 0, -1):
         if count % fixed == 0 and all(size % count == 0 for size in batch_sizes):
             return count
     return 1
