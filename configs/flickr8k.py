@@ -90,6 +90,9 @@ def get_config(arg: str | None = None):
         # negatives of a row weigh about the same.
         config.model.bias_init = -5.0
         config.data.random_flip = True
+        # The 6,000 decoded photos (128 px in ../shared/data: ~300 MB) stay in memory after the first epoch: the
+        # input pipeline's CPU per batch falls from ~0.15 to ~0.0X core-seconds, taken from the step on 2 cores.
+        config.data.cache_decoded_mb = 512
     elif "/" in variant:  # a named ViT size for the image tower, the same size for text
         config.total_steps = 5_000
         config.log_every_steps = 50
@@ -108,4 +111,5 @@ def get_config(arg: str | None = None):
         raise ValueError(f"Unknown flickr8k recipe argument {variant!r}; use 'small' or a variant such as 'B/16'.")
     if shards:  # streamed shards written by tools/convert.py (see the module docstring)
         config.data.train = source_config("webdataset_stream", shards=shards, shuffle_buffer=2_000, open_shards=4)
+        config.data.cache_decoded_mb = 0  # a stream reads each record once an epoch, in shard order
     return config

@@ -201,6 +201,10 @@ def default_config() -> ml_collections.ConfigDict:
                 prefetch_batches=2,
                 random_crop_scale=(1.0, 1.0),  # random-resized-crop area range in training; (1, 1): none
                 random_flip=False,
+                # Keep up to this many MB of decoded training images in memory (per process and worker): small
+                # sets read for many epochs skip the file read and JPEG decode after the first (random-access
+                # sources only; sources/decoded_cache.py). 0: off
+                cache_decoded_mb=0,
             ),
         )
     )
@@ -306,7 +310,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"mesh.shape {tuple(config.mesh.shape)} has {len(config.mesh.shape)} entries but mesh.axis_names "
             f"{tuple(config.mesh.axis_names)} has {len(config.mesh.axis_names)}; give one size per axis."
         )
-    for key in ("checkpoint_every_steps", "keep_every_steps"):
+    for key in ("checkpoint_every_steps", "keep_every_steps", "data.cache_decoded_mb"):
         if config[key] < 0:
             raise ValueError(f"Config key {key!r} must be >= 0 (0 turns it off), got {config[key]}.")
     if config.keep_checkpoints < 1:

@@ -60,6 +60,19 @@ def test_sentencepiece_ids_spell_the_caption(sentencepiece_model):
         assert tokenizer.decode(row) == caption
 
 
+def test_sentencepiece_batch_equals_the_libraries_own_batch_encoding(sentencepiece_model):
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model)
+    tokenizer = tokenizers.SentencePieceTokenizer(sentencepiece_model, max_len=10, lowercase=True)
+    texts = [caption.upper() for caption in CAPTIONS[:8]] + ["", "dog"]
+    expected = np.full((len(texts), 10), tokenizer.eos_id, np.int32)
+    for row, ids in enumerate(processor.encode([text.lower() for text in texts], out_type=int)):
+        ids = ids[:9] + [tokenizer.eos_id]
+        expected[row, : len(ids)] = ids
+    np.testing.assert_array_equal(tokenizer(texts), expected)
+
+
 def test_sentencepiece_lowercase(sentencepiece_model):
     lower = tokenizers.SentencePieceTokenizer(sentencepiece_model, max_len=16, lowercase=True)
     plain = tokenizers.SentencePieceTokenizer(sentencepiece_model, max_len=16)

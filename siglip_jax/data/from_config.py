@@ -8,12 +8,22 @@ from typing import Any, Callable
 
 import ml_collections
 
-from siglip_jax.data import sources, tokenizers
+from siglip_jax.data import sources, streaming, tokenizers
 
 
 def build_source(source: ml_collections.ConfigDict) -> Any:
     """The source of a `source_config(kind, **args)` entry."""
     return sources.make_source(source.kind, **source.args.to_dict())
+
+
+def cached_source(source: Any, data: ml_collections.ConfigDict) -> Any:
+    """The training `source` with its decoded images kept in memory up to `data.cache_decoded_mb`; a stream,
+    which reads each record once an epoch in shard order, is refused with the fix."""
+    if streaming.is_stream(source):
+        raise ValueError(
+            f"data.cache_decoded_mb={data.cache_decoded_mb} keeps decoded images of a random-access source, but "
+            f"data.train ({data.train.kind}) streams its records; set --config.data.cache_decoded_mb=0.")
+    return sources.DecodedRecordCache(source, max_bytes=data.cache_decoded_mb * 2**20)
 
 
 def missing_data_error(error: FileNotFoundError, key: str, source: ml_collections.ConfigDict) -> FileNotFoundError:

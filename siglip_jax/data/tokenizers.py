@@ -119,9 +119,9 @@ class SentencePieceTokenizer:
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """Token ids [len(texts), max_len], int32: truncated to max_len-1 tokens, then EOS, then pad."""
-        if self.lowercase:
-            texts = [text.lower() for text in texts]
-        token_lists = self.processor.encode(list(texts), out_type=int)
+        # One string at a time: SentencePiece's list call starts its thread pool on every call, 20x the cost of
+        # encoding one caption (0.1 ms against 0.005 ms measured), and the pipeline tokenizes one caption per example.
+        token_lists = [self.encode(text) for text in texts]
         return _pad_and_truncate(token_lists, self.max_len, self.eos_id, self.pad_id)
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 
 from siglip_jax import config as config_lib
 from siglip_jax.data import pipeline, streaming
-from siglip_jax.data.from_config import build_source, build_tokenizer, missing_data_error
+from siglip_jax.data.from_config import build_source, build_tokenizer, cached_source, missing_data_error
 from siglip_jax.evaluation import runner
 from siglip_jax.inference.embedder import Embedder
 from siglip_jax.io import checkpoint, loading
@@ -58,6 +58,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watch: preemption.Pr
         train_source = build_source(config.data.train)
     except FileNotFoundError as error:
         raise missing_data_error(error, "data.train", config.data.train) from error
+    if config.data.cache_decoded_mb:
+        train_source = cached_source(train_source, config.data)
     batches = pipeline.train_batches(
         train_source,
         tokenizer=tokenizer,

@@ -14,6 +14,7 @@ from siglip_jax.data.mixture import MixtureSource
 from siglip_jax.data.sources.arrayrecord import (ArrayRecordSource, TfdsSource, decode_record,
                                                  encode_record)
 from siglip_jax.data.sources.image_folder import ImageFolderSource
+from siglip_jax.data.sources.decoded_cache import DecodedRecordCache
 from siglip_jax.data.sources.captions import (CaptionFolderSource, CocoCaptionsSource, KarpathySplitSource,
                                               coco2017, flickr8k, read_caption_table)
 from siglip_jax.data.sources.shard_stream import WebDatasetStreamSource
@@ -81,7 +82,7 @@ def iter_captions(source) -> Iterator[str]:
 
 
 __all__: Iterable[str] = [
-    "ArrayRecordSource", "CaptionFolderSource", "ImageFolderSource", "CocoCaptionsSource", "SOURCES", "SOURCE_KINDS",
+    "ArrayRecordSource", "CaptionFolderSource", "DecodedRecordCache", "ImageFolderSource", "CocoCaptionsSource", "SOURCES", "SOURCE_KINDS",
     "TfdsSource", "WebDatasetSource", "WebDatasetStreamSource", "coco2017", "decode_record", "encode_record",
     "expand_shard_paths", "flickr8k", "iter_captions", "make_source", "parse_source_args",
     "read_caption_table", "shard_paths_for",
