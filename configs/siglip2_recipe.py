@@ -1,7 +1,7 @@
-"""SigLIP 2's training recipe, as far as it is built: the sigmoid loss plus LocCa's caption decoder on the
-image tower's patch tokens (model.decoder, weight 1, half of the examples decoded in parallel), for the whole
-run. Self-distillation (SILC) and masked prediction (TIPS) from 80% of training on are not built yet
-(issue 30); docs/siglip2_recipe.md says what is in and what is left out.
+"""SigLIP 2's training recipe: the sigmoid loss plus LocCa's caption decoder on the image tower's patch tokens
+(model.decoder, weight 1, half of the examples decoded in parallel) for the whole run, and from 80% of training
+on self-distillation from an EMA teacher over 8 local crops (SILC) and masked patch prediction (TIPS)
+(model.distill); docs/siglip2_recipe.md says what is in and what is left out.
 
     python train.py --config configs/siglip2_recipe.py --workdir W       # B/16 at 224 px, accelerators
     python train.py --config configs/siglip2_recipe.py:cpu --workdir W   # the demo's data and towers, 2 CPU cores
@@ -26,10 +26,31 @@ def add_decoder(config, held_out: str):
     return config
 
 
+# SigLIP 2's per-size factor of the two self-supervised losses' weights (section 2.2).
+DISTILL_SIZE_FACTOR = {"B": 0.25, "L": 0.5, "So400m": 1.0, "g": 0.5}
+
+
+def add_distillation(config, size: str):
+    """SigLIP 2's SILC and TIPS (section 2.2): weights 1 and 0.25 times the size's factor, from 80% of training
+    on, 1 global view for the teacher and 8 local crops for the student, half the patches masked."""
+    factor = DISTILL_SIZE_FACTOR[size]
+    config.model.distill.weight = 1.0 * factor
+    config.model.distill.masked_weight = 0.25 * factor
+    config.model.distill.start_fraction = 0.8
+    config.model.distill.n_local = 8
+    config.model.distill.mask_ratio = 0.5
+    return config
+
+
 def get_config(arg: str | None = None):
     variant = arg or "B/16"
     if variant == "cpu":
-        return add_decoder(demo.get_config(), "demo")
+        config = add_distillation(add_decoder(demo.get_config(), "demo"), "B")  # the smallest size's factor
+        # A head for 32 px pictures in 4 px patches (8 x 8 global, 4 x 4 local tokens): DINO's 65k prototypes
+        # would cost more than the towers.
+        config.model.distill.prototypes = 1024
+        config.model.distill.head_bottleneck = 128
+        return config
     if variant != "B/16":
         raise ValueError(f"Unknown siglip2_recipe argument {variant!r}; use 'B/16' (the default) or 'cpu'.")
     # configs/siglip2_naflex.py's B/16 + B text, Gemma vocabulary, data and schedule, with the fixed-resolution
@@ -39,4 +60,7 @@ def get_config(arg: str | None = None):
     config.model.image.image_size = 224
     add_decoder(config, "flickr8k")
     config.model.decoder.logits_chunk = 16
+    add_distillation(config, "B")
+    config.model.distill.local_image_size = 96  # 6 x 6 patches of 16 px, as DINO's 96 px local crops at 224
+    config.model.distill.prototypes = 65_536  # DINO's
     return config

@@ -113,6 +113,25 @@ def default_config() -> ml_collections.ConfigDict:
         logits_chunk=0,  # caption positions whose vocabulary logits are computed at once (a divisor of max_len); 0: all
     ))
 
+    # SigLIP 2's self-supervised image losses, from distill.start_fraction of training on: SILC's self-distillation
+    # (the student's local crops predict an EMA teacher's global view through a projection head) and TIPS's masked
+    # patch prediction (the student's masked patches predict the teacher's per-patch outputs); losses/distillation.py.
+    distill = ml_collections.ConfigDict(dict(
+        weight=0.0,  # SILC loss weight (SigLIP 2: 1.0 x the size factor 0.25 / 0.5 / 1.0 / 0.5 for B / L / So400m / g); 0: off
+        masked_weight=0.0,  # TIPS loss weight (SigLIP 2: 0.25 x the same factor); 0: off
+        start_fraction=0.8,  # both join at this fraction of total_steps (SigLIP 2: 0.8)
+        n_local=8,  # local crops per example, the student's views (SigLIP 2: 8, beside the teacher's 1 global view)
+        local_image_size=0,  # pixels per side of a local crop (a multiple of the patch size); 0: half image_size
+        local_crop_scale=(0.05, 0.4),  # area fraction of the image each local crop covers
+        mask_ratio=0.5,  # share of the student's patches replaced by the learned mask token (SigLIP 2: 0.5)
+        prototypes=4096,  # the projection head's outputs (DINO: 65,536)
+        head_bottleneck=256,  # the projection head's L2-normalised bottleneck width
+        student_temperature=0.1,
+        teacher_temperature=0.04,  # sharper than the student's
+        center_momentum=0.9,  # of the running centre subtracted from the teacher's logits
+        teacher_decay=0.996,  # the teacher is this EMA of the student's image tower and head
+    ))
+
     config = ml_collections.ConfigDict(
         dict(
             seed=0,  # parameters, data order and dropout all derive from it
@@ -139,6 +158,7 @@ def default_config() -> ml_collections.ConfigDict:
                 image=image,
                 text=text,
                 decoder=decoder,
+                distill=distill,
                 embed_dim=0,  # 0: the image width, and no image head (SigLIP); else both towers project to it
                 dtype="float32",  # compute dtype: "bfloat16" on accelerators; parameters stay float32
                 remat_policy="none",  # "none", "full" or "dots_saveable"
@@ -301,6 +321,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                              + ("; a negative learning rate climbs the loss instead of descending it."
                                 if key == "learning_rate" else "; 0 turns it off."))
     _check_decoder(config)
+    _check_distill(config)
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ValueError(f"optim.ema_decay must be in [0, 1) (0 turns the EMA off; e.g. 0.9999), got {config.optim.ema_decay}.")
     if not set(config.mesh.axis_names) <= set(MESH_AXES):
@@ -357,6 +378,56 @@ def _check_decoder(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.decoder with accum_steps={config.accum_steps}: gradient accumulation splits only "
                          "the contrastive loss; set accum_steps=1 (and a smaller data.batch_size) or "
                          "model.decoder.weight=0.")
+
+
+def local_image_size(model_config: ml_collections.ConfigDict) -> int:
+    """The side of a distillation local crop: model.distill.local_image_size, or half the image size."""
+    return model_config.distill.local_image_size or model_config.image.image_size // 2
+
+
+def _check_distill(config: ml_collections.ConfigDict) -> None:
+    distill = config.model.distill
+    for key in ("weight", "masked_weight"):
+        if not (math.isfinite(distill[key]) and distill[key] >= 0):
+            raise ValueError(f"model.distill.{key} must be a finite number >= 0 (0: off), got {distill[key]!r}.")
+    if not 0.0 <= distill.start_fraction <= 1.0:
+        raise ValueError(f"model.distill.start_fraction must be in [0, 1] (the share of total_steps before the "
+                         f"distillation losses join; SigLIP 2: 0.8), got {distill.start_fraction}.")
+    if not 0.0 <= distill.mask_ratio < 1.0:
+        raise ValueError(f"model.distill.mask_ratio must be in [0, 1) (the share of patches masked; SigLIP 2: 0.5), "
+                         f"got {distill.mask_ratio}.")
+    low, high = distill.local_crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"model.distill.local_crop_scale must satisfy 0 < min <= max <= 1, got {tuple(distill.local_crop_scale)}; "
+                         "e.g. (0.05, 0.4).")
+    for key in ("student_temperature", "teacher_temperature"):
+        if not distill[key] > 0:
+            raise ValueError(f"model.distill.{key} must be > 0, got {distill[key]}.")
+    for key in ("center_momentum", "teacher_decay"):
+        if not 0.0 <= distill[key] < 1.0:
+            raise ValueError(f"model.distill.{key} must be in [0, 1), got {distill[key]}.")
+    for key in ("n_local", "local_image_size", "prototypes", "head_bottleneck"):
+        if distill[key] < 0:
+            raise ValueError(f"model.distill.{key} must be >= 0, got {distill[key]}.")
+    if not (distill.weight or distill.masked_weight):
+        return
+    if config.model.image.kind != "vit":
+        raise ValueError(f"model.distill needs model.image.kind='vit' (got {config.model.image.kind!r}): crops and masks "
+                         "of NaFlex's padded patches are not built; set model.distill.weight=0 and masked_weight=0.")
+    if config.accum_steps > 1:
+        raise ValueError(f"model.distill with accum_steps={config.accum_steps}: gradient accumulation splits only the "
+                         "contrastive loss; set accum_steps=1 or model.distill.weight=0 and masked_weight=0.")
+    if distill.prototypes < 1 or distill.head_bottleneck < 1:
+        raise ValueError(f"model.distill.prototypes ({distill.prototypes}) and head_bottleneck ({distill.head_bottleneck}) "
+                         "must be positive when a distillation loss is on.")
+    if distill.weight and distill.n_local < 1:
+        raise ValueError(f"model.distill.weight={distill.weight} distils into local crops, but model.distill.n_local="
+                         f"{distill.n_local}; give at least 1 (SigLIP 2: 8) or set model.distill.weight=0.")
+    side, image_side = local_image_size(config.model), config.model.image.image_size
+    if distill.weight and not 0 < side <= image_side:
+        raise ValueError(f"model.distill.local_image_size={side} must be in (0, model.image.image_size={image_side}]: "
+                         f"a local crop is a part of the image, seen smaller; e.g. --config.model.distill.local_image_size="
+                         f"{image_side // 2}.")
 
 
 def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,11 @@ class ImageOptions:
     # NaFlex towers: > 0 gives packed [max_patches, p * p * 3 + 4] patches (data/naflex.py) instead of squares
     naflex_patch_size: int = 0
     naflex_max_patches: int = 0
+    # SigLIP 2's self-distillation (model.distill): > 0 adds "local_images" [local_crops, s, s, 3], random crops
+    # covering local_crop_scale of the image's area, seen at local_size pixels (flipped as the global view is)
+    local_crops: int = 0
+    local_size: int = 0
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
 
 
 def as_image_options(image_size: int | ImageOptions) -> ImageOptions:
@@ -74,7 +79,13 @@ def make_example(record: dict, rng: np.random.Generator, tokenizer: Callable, op
         pixels = images.train_transform(
             image, options.image_size, rng, scale=scale, ratio=ratio, flip=options.random_flip
         )
-    return {"images": pixels, "tokens": tokenizer([caption])[0]}
+    example = {"images": pixels, "tokens": tokenizer([caption])[0]}
+    if options.local_crops:  # drawn after the global view's, so that view is the same with or without them
+        example["local_images"] = np.stack([
+            images.train_transform(image, options.local_size, rng, scale=tuple(options.local_crop_scale),
+                                   ratio=(3 / 4, 4 / 3), flip=options.random_flip)
+            for _ in range(options.local_crops)])
+    return example
 
 
 def first_usable_example(records: Iterable[dict], make: Callable[[dict], dict | str]) -> tuple[dict, list[dict]]:

@@ -389,7 +389,7 @@ def _check_same_model(saved: dict[str, Any], current: dict[str, Any], where: str
     if differences:
         raise CheckpointMismatchError(
             f"The checkpoint {where} was made with a different model config:\n  " + "\n  ".join(differences)
-            + _decoder_change_fix(saved, current, where)
+            + _decoder_change_fix(saved, current, where) + _distill_change_fix(saved, current, where)
             + "\nResume with the checkpoint's model settings, or to start from its weights with another config, "
             "use a new workdir and set init_from to this workdir."
         )
@@ -407,6 +407,27 @@ def _decoder_change_fix(saved: dict[str, Any], current: dict[str, Any], where: s
         return (f"\nThe config drops the caption decoder the checkpoint trained (its dec/... arrays). Keep "
                 f"model.decoder as saved to resume, or start a new workdir with --config.init_from={workdir} "
                 "--config.init_towers='(\"img\", \"txt\", \"t\", \"b\")' to continue without it.")
+    return ""
+
+
+def _distill_change_fix(saved: dict[str, Any], current: dict[str, Any], where: str) -> str:
+    """What to do when a recipe adds or drops SigLIP 2's self-distillation (the distill/... head, the image tower's
+    mask token, the teacher and centres) over a checkpoint."""
+    def distills(config: dict[str, Any]) -> bool:
+        distill = config["model"].get("distill", {})
+        return bool(distill.get("weight") or distill.get("masked_weight"))
+
+    had, has = distills(saved), distills(current)
+    workdir = where.rsplit(f"/{CHECKPOINTS_SUBDIR}/", 1)[0]
+    if has and not had:
+        return (f"\nThe config adds self-distillation (model.distill): the checkpoint has no distill/... head, mask "
+                f"token, teacher or centres. To add it to the checkpoint's towers, start a new workdir with "
+                f"--config.init_from={workdir} and --config.init_skip='(\"distill/.*\", \"img/mask_token\")' (the head "
+                "and mask token start fresh, the teacher from the loaded image tower).")
+    if had and not has:
+        return (f"\nThe config drops the self-distillation the checkpoint trained (its distill/... head, mask token and "
+                f"teacher). Keep model.distill as saved to resume, or start a new workdir with --config.init_from="
+                f"{workdir} --config.init_towers='(\"img\", \"txt\", \"t\", \"b\")' to continue without it.")
     return ""
 
 

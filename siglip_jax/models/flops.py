@@ -12,7 +12,9 @@ its head 2 d D (the token lookup is a gather, no FLOPs). Loss: each example's ro
 global batch B, 2 B D. Caption decoder (model.decoder), over the caption's l tokens at width d: per block
 self-attention as an encoder block's without its MLP, cross-attention to the image's n patch tokens of width
 d_img (q and out 2 x 2 l d^2, k and v 2 x 2 n d_img d, scores and weighting 2 x 2 l n d), the MLP, and the
-vocabulary head 2 l d V. Training = forward + backward = 3 x forward (the backward pass computes gradients
+vocabulary head 2 l d V. Self-distillation (model.distill, once on): the image tower on each local crop and on
+the masked image, the projection head on their pooled vectors and patches, and the teacher's forward (not
+trained: 1 x) on the image. Training = forward + backward = 3 x forward (the backward pass computes gradients
 for both inputs and weights of every multiplication).
 """
 from __future__ import annotations
@@ -27,9 +29,10 @@ def encoder_flops(length: int, width: int, depth: int, mlp_dim: int) -> int:
     return depth * per_block
 
 
-def image_tower_flops(model_config: ml_collections.ConfigDict) -> int:
+def image_tower_flops(model_config: ml_collections.ConfigDict, image_size: int = 0) -> int:
+    """One image at `image_size` pixels a side (0: the config's)."""
     vit = two_towers.build_vit(model_config)
-    size = model_config.image.image_size
+    size = image_size or model_config.image.image_size
     # A NaFlex tower runs on its whole (padded) patch budget; the posemb resize is not counted.
     tokens = (model_config.image.max_num_patches if model_config.image.kind == "naflex"
               else (size // vit.patch_size) ** 2)
@@ -61,11 +64,36 @@ def decoder_flops(model_config: ml_collections.ConfigDict) -> int:
     return decoder.depth * (self_attention + cross_attention + mlp) + 2 * length * width * decoder.vocab_size
 
 
+def distill_flops(model_config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(the student's extra forward FLOPs per example, the teacher's) of SigLIP 2's SILC and TIPS (model.distill)
+    once they are on: the teacher's image tower on the image and its head on the pooled vector and every patch;
+    the student's tower on each local crop with the head on its pooled vector (SILC), and on the masked image with
+    the head on every patch (TIPS)."""
+    head = two_towers.build_distill_head(model_config)
+    if head is None:
+        return 0, 0
+    vit = two_towers.build_vit(model_config)
+    patches = (model_config.image.image_size // vit.patch_size) ** 2
+    features = vit.head_dim or vit.width
+    per_vector = 2 * (features * head.hidden + head.hidden * head.bottleneck + head.bottleneck * head.prototypes)
+    whole = image_tower_flops(model_config) + (1 + patches) * per_vector
+    student = 0
+    if model_config.distill.weight:
+        local = image_tower_flops(model_config, two_towers.local_image_size(model_config)) + per_vector
+        student += model_config.distill.n_local * local
+    if model_config.distill.masked_weight:
+        student += image_tower_flops(model_config) + patches * per_vector
+    return student, whole
+
+
 def loss_flops(global_batch_size: int, embed_dim: int) -> int:
     return 2 * global_batch_size * embed_dim
 
 
-def train_flops_per_example(model_config: ml_collections.ConfigDict, global_batch_size: int) -> int:
+def train_flops_per_example(model_config: ml_collections.ConfigDict, global_batch_size: int,
+                            distilling: bool = False) -> int:
+    """Training FLOPs of one example; `distilling`: with SILC and TIPS's views (the teacher's forward only)."""
     forward = image_tower_flops(model_config) + text_tower_flops(model_config) + decoder_flops(model_config)
     forward += loss_flops(global_batch_size, two_towers.embedding_width(model_config))
-    return 3 * forward
+    student, teacher = distill_flops(model_config) if distilling else (0, 0)
+    return 3 * (forward + student) + teacher

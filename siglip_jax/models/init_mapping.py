@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -15,7 +17,7 @@ IMAGE_POSEMB = "img/pos_embedding"
 TEXT_POSEMB = "txt/pos_embedding"
 
 
-def _linear_weights(size_in: int, size_out: int) -> np.ndarray:
+def linear_weights(size_in: int, size_out: int) -> np.ndarray:
     """[size_out, size_in] linear interpolation with the end points aligned (scipy.ndimage.zoom order=1)."""
     weights = np.zeros((size_out, size_in), np.float64)
     if size_in == 1 or size_out == 1:
@@ -32,16 +34,19 @@ def _linear_weights(size_in: int, size_out: int) -> np.ndarray:
 def resample_posemb(posemb: np.ndarray, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None) -> np.ndarray:
     """[1, h*w, width] position embedding on an h x w patch grid -> [1, H*W, width] on `new_grid` (H, W),
     bilinear with the corner embeddings kept. `old_grid` defaults to the square root of the token count."""
-    posemb = np.asarray(posemb)
+    # numpy in float64 for loading checkpoints; a jax array (inside a jitted step: ViT at another grid) in its dtype
+    xp = jnp if isinstance(posemb, jax.Array) else np
+    posemb = posemb if xp is jnp else np.asarray(posemb)
     tokens = posemb.shape[1]
     if old_grid is None:
         side = math.isqrt(tokens)
         if side * side != tokens:
             raise ValueError(f"Position embedding of {tokens} tokens is not a square grid; pass old_grid=(h, w).")
         old_grid = (side, side)
-    grid = posemb.reshape(old_grid[0], old_grid[1], -1).astype(np.float64)
-    rows, cols = (_linear_weights(old, new) for old, new in zip(old_grid, new_grid))
-    resampled = np.einsum("Hh,Ww,hwd->HWd", rows, cols, grid)
+    dtype = np.float64 if xp is np else posemb.dtype
+    grid = posemb.reshape(old_grid[0], old_grid[1], -1).astype(dtype)
+    rows, cols = (linear_weights(old, new).astype(dtype) for old, new in zip(old_grid, new_grid))
+    resampled = xp.einsum("Hh,Ww,hwd->HWd", rows, cols, grid)
     return resampled.reshape(1, new_grid[0] * new_grid[1], -1).astype(posemb.dtype)
 
 

@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from siglip_jax import config as config_lib
 from siglip_jax.data import preprocess
 from siglip_jax.models import layers, sizes
 from siglip_jax.models.decoder import CaptionDecoder, DecoderOutput
+from siglip_jax.models.distill_head import DistillHead
 from siglip_jax.models.naflex import NaFlexVisionTransformer
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import VisionTransformer
@@ -62,6 +64,9 @@ def build_vit(model_config: ml_collections.ConfigDict) -> nn.Module:
         remat_policy=model_config.remat_policy,
         scan_layers=model_config.scan_layers,
         attention=model_config.attention,
+        # SILC's local crops are smaller than the image: the stored grid is the image's, resampled for them
+        posemb_grid=model_config.image.image_size // patch if model_config.distill.weight else 0,
+        mask_token=bool(model_config.distill.masked_weight),
     )
 
 
@@ -108,9 +113,24 @@ def image_input_shape(model_config: ml_collections.ConfigDict) -> tuple[int, ...
 
 def image_options(config: ml_collections.ConfigDict) -> preprocess.ImageOptions:
     """The data pipeline's ImageOptions for this model's image tower, with the config's crop and flip."""
-    return dataclasses.replace(_tower_image_options(config.model),
-                               random_crop_scale=tuple(config.data.random_crop_scale),
-                               random_flip=config.data.random_flip)
+    options = dataclasses.replace(_tower_image_options(config.model),
+                                  random_crop_scale=tuple(config.data.random_crop_scale),
+                                  random_flip=config.data.random_flip)
+    distill = config.model.distill
+    if distill.weight:  # the student's local views for SILC
+        options = dataclasses.replace(options, local_crops=distill.n_local, local_size=local_image_size(config.model),
+                                      local_crop_scale=tuple(distill.local_crop_scale))
+    return options
+
+
+def local_image_size(model_config: ml_collections.ConfigDict) -> int:
+    """The side of a distillation local crop (config.local_image_size), refused unless whole patches."""
+    side = config_lib.local_image_size(model_config)
+    patch = build_vit(model_config).patch_size
+    if side % patch:
+        raise ValueError(f"model.distill.local_image_size={side} is not a multiple of the patch size {patch}; "
+                         f"e.g. --config.model.distill.local_image_size={max(side // patch, 1) * patch}.")
+    return side
 
 
 def build_text_transformer(model_config: ml_collections.ConfigDict) -> nn.Module:
@@ -149,6 +169,21 @@ def build_decoder(model_config: ml_collections.ConfigDict) -> CaptionDecoder | N
                           dtype=DTYPES[model_config.dtype], attention=model_config.attention)
 
 
+def distills(model_config: ml_collections.ConfigDict) -> bool:
+    """Whether SigLIP 2's self-distillation or masked prediction is on (model.distill)."""
+    return bool(model_config.distill.weight or model_config.distill.masked_weight)
+
+
+def build_distill_head(model_config: ml_collections.ConfigDict) -> DistillHead | None:
+    """SILC / TIPS's projection head when model.distill has a loss on, else None: the image tower's MLP width as
+    its hidden width."""
+    if not distills(model_config):
+        return None
+    size, _ = _tower_size(model_config.image)
+    return DistillHead(hidden=size.mlp_dim, bottleneck=model_config.distill.head_bottleneck,
+                       prototypes=model_config.distill.prototypes, dtype=DTYPES[model_config.dtype])
+
+
 IMAGE_TOWERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     "vit": build_vit, "naflex": build_naflex_vit}
 TEXT_TOWERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {"transformer": build_text_transformer}
@@ -182,6 +217,7 @@ class TwoTowers(nn.Module):
     temperature_init: float = 10.0
     bias_init: float = -10.0
     dec: CaptionDecoder | None = None  # SigLIP 2's caption decoder (training only: `embed_and_decode`)
+    distill: DistillHead | None = None  # SigLIP 2's SILC / TIPS projection head (training only: `distill_*` methods)
 
     def setup(self):
         self.t = self.param("t", nn.with_logical_partitioning(
@@ -205,7 +241,28 @@ class TwoTowers(nn.Module):
         pooled, patch_tokens = self.img(to_model_range(images), return_tokens=True)
         return l2_normalize(pooled), self.embed_texts(token_ids), self.dec(token_ids, patch_tokens, parallel)
 
+    def distill_logits(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The distillation head's logits of the whole images (the teacher's view): (pooled [b, K], per patch
+        [b, patches, K])."""
+        pooled, patch_tokens = self.img(to_model_range(images), return_tokens=True)
+        return self.distill(pooled), self.distill(patch_tokens)
+
+    def distill_local_logits(self, local_images: jax.Array) -> jax.Array:
+        """The head's logits of each example's local crops [b, views, s, s, 3] (smaller than the image: the tower's
+        position embedding is resampled), as [views, b, K]."""
+        batch, views = local_images.shape[:2]
+        pooled = self.img(to_model_range(local_images.reshape(batch * views, *local_images.shape[2:])))
+        return jnp.swapaxes(self.distill(pooled).reshape(batch, views, -1), 0, 1)
+
+    def distill_masked_logits(self, images: jax.Array, mask: jax.Array) -> jax.Array:
+        """The head's per-patch logits [b, patches, K] of the images with the `mask`ed patches [b, patches]
+        replaced by the tower's mask token (TIPS's student view)."""
+        _, patch_tokens = self.img(to_model_range(images), return_tokens=True, mask=mask)
+        return self.distill(patch_tokens)
+
     def __call__(self, images: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.distill is not None and self.is_initializing():  # creates the head's parameters with the towers'
+            self.distill_logits(images)
         if self.dec is not None and self.is_initializing():  # creates the decoder's parameters with the towers'
             image_embeddings, text_embeddings, _ = self.embed_and_decode(images, token_ids,
                                                                          jnp.zeros(token_ids.shape[:1], bool))
@@ -230,6 +287,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> TwoTowers:
         temperature_init=model_config.temperature_init,
         bias_init=model_config.bias_init,
         dec=build_decoder(model_config),
+        distill=build_distill_head(model_config),
     )
 
 

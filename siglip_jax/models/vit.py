@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from siglip_jax.models import layers
+from siglip_jax.models import init_mapping, layers
 
 POOLING_TYPES = ("map", "gap", "tok")
 
@@ -29,11 +29,18 @@ class VisionTransformer(nn.Module):
     remat_policy: str = "none"
     scan_layers: bool = False
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
+    # The side of the stored position-embedding grid; images on another grid (SigLIP 2's smaller local crops) get
+    # it resampled bilinearly. 0: the grid of the images the tower is initialised with (then every call's).
+    posemb_grid: int = 0
+    mask_token: bool = False  # a learned token that replaces masked patches (TIPS; the `mask` argument)
 
     @nn.compact
-    def __call__(self, images: jax.Array, return_tokens: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    def __call__(self, images: jax.Array, return_tokens: bool = False,
+                 mask: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
         """With `return_tokens`, (embeddings, the encoder's patch tokens [batch, patches, width]) for the
-        caption decoder (after the final LayerNorm, the class token left out)."""
+        caption decoder (after the final LayerNorm, the class token left out). `mask` [batch, patches] bool
+        (needs mask_token): those patches' embeddings are replaced by the mask token before the position
+        embedding is added, as TIPS and iBOT do."""
         if self.pooling not in POOLING_TYPES:
             raise ValueError(f"Unknown pooling {self.pooling!r}; valid: {', '.join(POOLING_TYPES)}.")
         _, height, width, _ = images.shape
@@ -54,7 +61,17 @@ class VisionTransformer(nn.Module):
         )(images.astype(self.dtype))
         batch, grid_h, grid_w, channels = x.shape
         x = jnp.reshape(x, (batch, grid_h * grid_w, channels))
-        posemb = layers.learned_position_embedding(self, "pos_embedding", grid_h * grid_w, self.width)
+        if self.mask_token:
+            token = self.param("mask_token", layers.partitioned(nn.initializers.zeros, (None, None, "embed")),
+                               (1, 1, self.width))
+            if mask is not None:
+                x = jnp.where(mask[..., None], token.astype(self.dtype), x)
+        elif mask is not None:
+            raise ValueError("A patch mask needs a tower built with mask_token=True (model.distill.masked_weight > 0).")
+        stored = (self.posemb_grid, self.posemb_grid) if self.posemb_grid else (grid_h, grid_w)
+        posemb = layers.learned_position_embedding(self, "pos_embedding", stored[0] * stored[1], self.width)
+        if stored != (grid_h, grid_w):
+            posemb = init_mapping.resample_posemb(posemb, (grid_h, grid_w), stored)
         x = x + posemb.astype(self.dtype)
 
         if self.pooling == "tok":

@@ -6,7 +6,7 @@ import logging
 import math
 import re
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -199,8 +199,9 @@ def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
 class Throughput:
     """Examples per second between two calls of `measure`, from wall time (the caller syncs first)."""
 
-    def __init__(self, global_batch_size: int, num_devices: int, flops_per_example: int = 0,
+    def __init__(self, global_batch_size: int, num_devices: int, flops_per_example: int | Callable[[int], int] = 0,
                  peak_tflops_per_device: float | None = None):
+        """`flops_per_example` may be a function of the step (SigLIP 2's distillation adds views from a step on)."""
         self.global_batch_size = global_batch_size
         self.num_devices = num_devices
         self.flops_per_example = flops_per_example
@@ -232,8 +233,9 @@ class Throughput:
             "seconds_per_step": seconds / steps,
             "data_wait_fraction": data_wait / seconds,
         }
-        if self.flops_per_example:
-            tflops = self.flops_per_example * examples_per_second / self.num_devices / 1e12
+        flops_per_example = self.flops_per_example(step) if callable(self.flops_per_example) else self.flops_per_example
+        if flops_per_example:
+            tflops = flops_per_example * examples_per_second / self.num_devices / 1e12
             measured["tflops_per_device"] = tflops
             if self.peak_tflops_per_device:
                 measured["mfu"] = tflops / self.peak_tflops_per_device

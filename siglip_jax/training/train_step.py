@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from siglip_jax.io import checkpoint
 from siglip_jax.losses import captioning as captioning_lib
 from siglip_jax.losses import contrastive
+from siglip_jax.losses import distillation as distillation_lib
 from siglip_jax.models import two_towers
 from siglip_jax.runtime import sharding
 from siglip_jax.runtime.sharding import logical_to_shardings
@@ -35,8 +36,14 @@ class TrainState:
     step: jax.Array  # int32 scalar: the number of batches consumed (updates applied plus non-finite skips)
     params: Any
     opt_state: Any
+    # SigLIP 2's self-distillation (model.distill): {"teacher": the EMA of params' "img" and "distill" groups,
+    # "center" and "patch_center": the running means subtracted from the teacher's logits}. None (no arrays, the
+    # checkpoints of runs without it unchanged) when off.
+    distill: Any = None
+    teacher_decay: float = flax.struct.field(pytree_node=False, default=0.0)
 
-    def apply_gradients(self, grads: Any, optimizer: optax.GradientTransformation, *, loss: jax.Array) -> tuple["TrainState", jax.Array]:
+    def apply_gradients(self, grads: Any, optimizer: optax.GradientTransformation, *, loss: jax.Array,
+                        centers: dict[str, jax.Array] | None = None) -> tuple["TrainState", jax.Array]:
         """(the state after one update with `grads`, whether the update was applied). An update whose loss,
         gradient or new parameters are not finite is not applied: parameters, optimizer state (and EMA)
         stay as they were and only the step counter advances, as the batch was consumed. The new parameters
@@ -44,6 +51,9 @@ class TrainState:
         overflow, and a NaN parameter would poison every later step."""
         updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
         updated = self._updated(optax.apply_updates(self.params, updates), opt_state)
+        if self.distill is not None:  # the teacher follows every applied update; `centers`: the step's new centres
+            teacher = optim.ema_update(self.distill["teacher"], distilled_params(updated.params), self.teacher_decay)
+            updated = updated.replace(distill={**self.distill, **(centers or {}), "teacher": teacher})
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)) & _all_finite(updated.params)
         skipped = self.replace(step=self.step + 1)
         return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, skipped), finite
@@ -52,8 +62,11 @@ class TrainState:
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
     def with_params(self, params: Any) -> "TrainState":
-        """The state starting from `params` (init_from)."""
-        return self.replace(params=params)
+        """The state starting from `params` (init_from), the distillation teacher too (in buffers of its own)."""
+        if self.distill is None:
+            return self.replace(params=params)
+        teacher = jax.tree.map(jnp.copy, distilled_params(params))
+        return self.replace(params=params, distill={**self.distill, "teacher": teacher})
 
 
 @flax.struct.dataclass
@@ -78,7 +91,7 @@ class EmaTrainState(TrainState):
     def with_params(self, params: Any) -> "EmaTrainState":
         """The state starting from `params` (init_from), the EMA too, in buffers of its own (the step
         donates the state, and a buffer cannot be donated twice)."""
-        return self.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+        return TrainState.with_params(self, params).replace(ema_params=jax.tree.map(jnp.copy, params))
 
 
 def _without_frozen_gradients(params: Any, frozen: tuple[str, ...]) -> Any:
@@ -119,6 +132,85 @@ def captioning_task(config: ml_collections.ConfigDict, eos_id: int | None) -> Ca
     decoder = config.model.decoder
     return Captioning(weight=float(decoder.weight), parallel_prob=float(decoder.parallel_prob), eos_id=int(eos_id),
                       logits_chunk=int(decoder.logits_chunk), seed=int(config.seed))
+
+
+DISTILLED_GROUPS = ("img", "distill")  # the parameter groups the teacher averages: the image tower and the head
+
+
+def distilled_params(params: Any) -> dict[str, Any]:
+    return {name: params[name] for name in DISTILLED_GROUPS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """SigLIP 2's SILC and TIPS losses in the step (model.distill): weights, the step they join at, the mask
+    ratio, temperatures, the centres' momentum, and the run's seed, from which each step draws its masks."""
+
+    weight: float
+    masked_weight: float
+    start_step: int
+    mask_ratio: float
+    student_temperature: float
+    teacher_temperature: float
+    center_momentum: float
+    seed: int
+
+    def patch_mask(self, step: jax.Array, batch_size: int, num_patches: int) -> jax.Array:
+        """[batch, patches] bool, drawn from (seed, step) on a stream apart from the decoder's."""
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), 1), step)
+        return distillation_lib.patch_mask(key, batch_size, num_patches, self.mask_ratio)
+
+
+def distillation_task(config: ml_collections.ConfigDict) -> Distillation | None:
+    """The step's Distillation for `config` (None when both of model.distill's losses are off)."""
+    distill = config.model.distill
+    if not two_towers.distills(config.model):
+        return None
+    return Distillation(weight=float(distill.weight), masked_weight=float(distill.masked_weight),
+                        start_step=int(round(distill.start_fraction * config.total_steps)),
+                        mask_ratio=float(distill.mask_ratio), student_temperature=float(distill.student_temperature),
+                        teacher_temperature=float(distill.teacher_temperature),
+                        center_momentum=float(distill.center_momentum), seed=int(config.seed))
+
+
+def distillation_terms(params: Any, distill_state: dict[str, Any], batch: dict[str, jax.Array], step: jax.Array, *,
+                       model: nn.Module, distillation: Distillation) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+    """(weighted sum of the SILC and TIPS losses, their named values, the updated centres) from
+    `distillation.start_step` on; before it zeros and the centres unchanged, and the extra views are not computed
+    (lax.cond). The teacher (`distill_state["teacher"]`) is applied with no gradient."""
+    names = [name for name, weight in (("self_distillation_loss", distillation.weight),
+                                       ("masked_prediction_loss", distillation.masked_weight)) if weight]
+    centers = {"center": distill_state["center"], "patch_center": distill_state["patch_center"]}
+
+    def active(params):
+        teacher = jax.lax.stop_gradient({**params, **distill_state["teacher"]})  # t, b, txt unused by these methods
+        teacher_pooled, teacher_patches = model.apply({"params": teacher}, batch["images"], method=model.distill_logits)
+        values, new_centers = {}, dict(centers)
+        temperatures = dict(student_temperature=distillation.student_temperature,
+                            teacher_temperature=distillation.teacher_temperature)
+        if distillation.weight:
+            student = model.apply({"params": params}, batch["local_images"], method=model.distill_local_logits)
+            values["self_distillation_loss"] = distillation_lib.distillation_loss(
+                student, teacher_pooled, centers["center"], **temperatures)
+            new_centers["center"] = distillation_lib.updated_center(centers["center"], teacher_pooled,
+                                                                    distillation.center_momentum)
+        if distillation.masked_weight:
+            batch_size, num_patches = teacher_patches.shape[:2]
+            mask = distillation.patch_mask(step, batch_size, num_patches)
+            student = model.apply({"params": params}, batch["images"], mask, method=model.distill_masked_logits)
+            values["masked_prediction_loss"] = distillation_lib.masked_patch_loss(
+                student, teacher_patches, mask, centers["patch_center"], **temperatures)
+            new_centers["patch_center"] = distillation_lib.updated_center(centers["patch_center"], teacher_patches,
+                                                                          distillation.center_momentum)
+        return values, new_centers
+
+    def waiting(params):
+        return {name: jnp.zeros((), jnp.float32) for name in names}, centers
+
+    values, new_centers = jax.lax.cond(step >= distillation.start_step, active, waiting, params)
+    total = (distillation.weight * values.get("self_distillation_loss", 0.0)
+             + distillation.masked_weight * values.get("masked_prediction_loss", 0.0))
+    return total, values, new_centers
 
 
 def embedding_loss(
@@ -171,12 +263,17 @@ def loss_and_grads(
     frozen: tuple[str, ...] = (),
     captioning: Captioning | None = None,
     parallel: jax.Array | None = None,
-) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
-    """(loss of the global batch, its gradient with respect to all parameters, the loss's named parts).
+    distillation: Distillation | None = None,
+    distill_state: dict[str, Any] | None = None,
+    step: jax.Array | None = None,
+) -> tuple[jax.Array, Any, dict[str, jax.Array], dict[str, jax.Array] | None]:
+    """(loss of the global batch, its gradient with respect to all parameters, the loss's named parts, the
+    distillation's updated centres or None).
 
     With `captioning` the loss is the contrastive loss plus weight x the caption decoder's (parts
     "contrastive_loss" and "caption_loss"), `parallel` [b] saying which examples the decoder predicts
-    in parallel; without it, the contrastive loss alone (no parts).
+    in parallel; with `distillation` also the weighted SILC and TIPS losses of `step` (distillation_terms,
+    `distill_state` holding the teacher and centres); without either, the contrastive loss alone (no parts).
 
     With accum_steps = k > 1 the contrastive loss stays exact (every image still meets every caption of
     the global batch) while activations are kept for only b/k examples at a time (GradCache, Gao et al.
@@ -185,25 +282,36 @@ def loss_and_grads(
     those embedding gradients, summing the parameter gradients.
     """
     loss_fn = functools.partial(embedding_loss, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes)
-    if captioning is not None:
-        def captioned_loss(params):
-            image_embeddings, text_embeddings, decoded = model.apply(
-                {"params": _without_frozen_gradients(params, frozen)}, batch["images"], batch["tokens"], parallel,
-                method=model.embed_and_decode)
+    if captioning is not None or distillation is not None:
+        def combined_loss(params):
+            if captioning is not None:
+                image_embeddings, text_embeddings, decoded = model.apply(
+                    {"params": _without_frozen_gradients(params, frozen)}, batch["images"], batch["tokens"], parallel,
+                    method=model.embed_and_decode)
+            else:
+                image_embeddings, text_embeddings = embed(params, batch, model, frozen)
             contrastive_part = loss_fn(image_embeddings, text_embeddings, params["t"], params["b"])
-            caption_part = captioning_loss(decoded, batch["tokens"], captioning)
-            parts = {"contrastive_loss": contrastive_part, "caption_loss": caption_part}
-            return contrastive_part + captioning.weight * caption_part, parts
+            parts, total, centers = {"contrastive_loss": contrastive_part}, contrastive_part, None
+            if captioning is not None:
+                parts["caption_loss"] = captioning_loss(decoded, batch["tokens"], captioning)
+                total = total + captioning.weight * parts["caption_loss"]
+            if distillation is not None:
+                distill_total, distill_parts, centers = distillation_terms(
+                    _without_frozen_gradients(params, frozen), distill_state, batch, step, model=model,
+                    distillation=distillation)
+                parts.update(distill_parts)
+                total = total + distill_total
+            return total, (parts, centers)
 
-        (loss, parts), grads = jax.value_and_grad(captioned_loss, has_aux=True)(params)
-        return loss, grads, parts
+        (loss, (parts, centers)), grads = jax.value_and_grad(combined_loss, has_aux=True)(params)
+        return loss, grads, parts, centers
     if accum_steps == 1:
         def full_loss(params):
             image_embeddings, text_embeddings = embed(params, batch, model, frozen)
             return loss_fn(image_embeddings, text_embeddings, params["t"], params["b"])
 
         loss, grads = jax.value_and_grad(full_loss)(params)
-        return loss, grads, {}
+        return loss, grads, {}, None
 
     microbatches = jax.tree.map(lambda x: _split_microbatches(x, accum_steps), batch)
     # Pass 1: embeddings only. lax.map compiles one microbatch and keeps nothing for a backward pass.
@@ -225,7 +333,7 @@ def loss_and_grads(
     grads, _ = jax.lax.scan(accumulate, zeros, (microbatches, image_grads, text_grads))
     # The towers do not read t and b; their gradients come from the loss alone.
     grads = {**grads, "t": grads["t"] + t_grad, "b": grads["b"] + b_grad}
-    return loss, grads, {}
+    return loss, grads, {}, None
 
 
 def captioning_loss(decoded: Any, token_ids: jax.Array, captioning: Captioning) -> jax.Array:
@@ -248,6 +356,7 @@ def train_step(
     accum_steps: int = 1,
     frozen: tuple[str, ...] = (),
     captioning: Captioning | None = None,
+    distillation: Distillation | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on one global batch; returns the new state and scalar metrics. The state's
     `apply_gradients` skips a non-finite update (reported as "nonfinite" = 1) and moves the EMA, if any."""
@@ -255,11 +364,12 @@ def train_step(
     if captioning is not None:
         parallel = captioning.parallel_examples(state.step, batch["tokens"].shape[0])
     with nn.logical_axis_rules(axis_rules):
-        loss, grads, loss_parts = loss_and_grads(
+        loss, grads, loss_parts, centers = loss_and_grads(
             state.params, batch, model=model, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes,
             accum_steps=accum_steps, frozen=frozen, captioning=captioning, parallel=parallel,
+            distillation=distillation, distill_state=state.distill, step=state.step,
         )
-    new_state, finite = state.apply_gradients(grads, optimizer, loss=loss)
+    new_state, finite = state.apply_gradients(grads, optimizer, loss=loss, centers=centers)
     metrics = {
         "loss": loss,
         "learning_rate": schedule(optim.update_count(state.opt_state)),  # what this update applied
@@ -285,13 +395,17 @@ def state_initialiser(
     mesh: Mesh,
     axis_rules: Any,
     ema_decay: float = 0.0,
+    distillation: Distillation | None = None,
+    teacher_decay: float = 0.0,
+    prototypes: int = 0,
 ) -> tuple[Any, TrainState, Any]:
     """(init_state, the state's shapes, its shardings). `init_state(rng)` creates the initial TrainState
     already sharded over the mesh: shapes from `jax.eval_shape`, shardings from the parameters' logical
     names, then one jit whose outputs land in place (never whole on one device); it compiles on its first
     call, so a run that restores a checkpoint instead never builds a fresh state. `image_shape` is one
     example's ([size, size, 3], or a NaFlex tower's packed patches). With `ema_decay` > 0 the state is an
-    EmaTrainState whose average starts equal to the parameters."""
+    EmaTrainState whose average starts equal to the parameters. With `distillation` the state's `distill` holds
+    the teacher, equal to the image tower and head at first, and zero centres of `prototypes` entries."""
     images = jnp.zeros((1, *image_shape), jnp.float32)
     tokens = jnp.zeros((1, text_length), jnp.int32)
 
@@ -301,6 +415,11 @@ def state_initialiser(
         params = model.init(params_rng, images, tokens)["params"]
         # The optimizer state inherits the parameters' logical boxes, so it is sharded like them.
         fields = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        if distillation is not None:
+            center = nn.with_logical_partitioning(jnp.zeros, (None,))((prototypes,), jnp.float32)
+            fields.update(teacher_decay=teacher_decay, distill={
+                "teacher": jax.tree.map(jnp.copy, distilled_params(params)), "center": center,
+                "patch_center": jax.tree.map(jnp.copy, center)})
         if not ema_decay:
             return TrainState(**fields)
         # The EMA copy inherits the boxes too: sharded exactly like the parameters.
@@ -356,11 +475,14 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, eos_id: int
     batch_sharding = sharding.batch_sharding(mesh, axis_rules)
     batch_axes = sharding.batch_axes(mesh, axis_rules)
     model = two_towers.build_model(config.model)
+    distillation = distillation_task(config)
     schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
     optimizer = optim.optimizer_with_schedule(config.optim, schedule)  # the schedule built once, logged as used
     init_state, state_shapes, state_shardings = state_initialiser(
         model, optimizer, image_shape=two_towers.image_input_shape(config.model),
         text_length=config.model.text.max_len, mesh=mesh, axis_rules=axis_rules, ema_decay=config.optim.ema_decay,
+        distillation=distillation, teacher_decay=config.model.distill.teacher_decay,
+        prototypes=config.model.distill.prototypes,
     )
     step = jax.jit(
         functools.partial(
@@ -375,6 +497,7 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, eos_id: int
             accum_steps=config.accum_steps,
             frozen=tuple(config.optim.frozen),
             captioning=captioning_task(config, eos_id),
+            distillation=distillation,
         ),
         in_shardings=(state_shardings, batch_sharding),  # (state, batch)
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),  # (state, scalar metrics)

@@ -94,10 +94,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watch: preemption.Pr
         writers.append(metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), keep_through_step=first_step))
         if config.tensorboard:
             writers.append(metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard")))
+    # SigLIP 2's distillation views join at model.distill.start_fraction of the run: the step's FLOPs grow there.
+    distill_start = round(config.model.distill.start_fraction * config.total_steps)
+    step_flops = {distilling: flops.train_flops_per_example(config.model, config.data.batch_size, distilling)
+                  for distilling in (False, True)}
     throughput = metrics_lib.Throughput(
         config.data.batch_size,
         mesh.size,
-        flops.train_flops_per_example(config.model, config.data.batch_size),
+        lambda step: step_flops[two_towers.distills(config.model) and step > distill_start],
         metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.peak_tflops_per_device),
     )
     embedder = Embedder(
