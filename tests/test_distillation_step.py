@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from siglip_jax import config as config_lib
-from siglip_jax.data import preprocess
+from siglip_jax.data import pipeline, preprocess
 from siglip_jax.data.demo import DemoSource
 from siglip_jax.data.tokenizers import ByteTokenizer
 from siglip_jax.models import init_mapping, two_towers
@@ -45,6 +45,25 @@ def test_local_crops_come_beside_an_unchanged_global_view():
     crops = with_crops["local_images"]
     assert crops.shape == (3, 8, 8, 3) and crops.dtype == np.uint8
     assert not np.array_equal(crops[0], crops[1])  # each crop drawn anew
+
+
+def test_local_crops_are_cut_only_from_the_step_that_reads_them():
+    options = preprocess.ImageOptions(16, random_crop_scale=(0.5, 1.0), local_crops=2, local_size=8)
+
+    def batches(first_batch):
+        iterator = pipeline.train_batches(DemoSource("train", 64, 24), tokenizer=ByteTokenizer(8), options=options,
+                                          local_batch_size=8, seed=1, local_crops_from_batch=first_batch)
+        return [next(iterator) for _ in range(4)]
+
+    always, from_two = batches(0), batches(2)
+    for step, (full, lazy) in enumerate(zip(always, from_two)):
+        np.testing.assert_array_equal(lazy["images"], full["images"])
+        np.testing.assert_array_equal(lazy["tokens"], full["tokens"])
+        assert lazy["local_images"].shape == full["local_images"].shape == (8, 2, 8, 8, 3)
+        if step < 2:
+            assert not lazy["local_images"].any() and full["local_images"].any()
+        else:
+            np.testing.assert_array_equal(lazy["local_images"], full["local_images"])
 
 
 def test_the_recipe_asks_the_pipeline_for_its_local_crops():
@@ -204,3 +223,15 @@ def test_a_local_crop_of_part_patches_is_refused():
     with pytest.raises(ValueError, match=r"local_image_size=6 is not a multiple of the patch size 4; e.g. "
                                          r"--config.model.distill.local_image_size=4"):
         two_towers.image_options(_distill_config(**{"model.distill.local_image_size": 6}))
+
+
+def test_the_distillation_parts_leave_the_towers_initialisation_as_it_was():
+    """The head and the mask token are new parameters; every other one starts as in a run without them."""
+    plain = nn.unbox(two_towers.abstract_params(tiny_config().model))  # shapes only: check the tree first
+    off, on = (build_training(config, sharding.create_mesh((1, 1, 1), ("data", "fsdp", "tensor"), jax.devices()[:1]))
+               .init_state(jax.random.key(0)).params for config in (tiny_config(), _distill_config()))
+    assert set(on) - set(off) == {"distill"} and set(on["img"]) - set(off["img"]) == {"mask_token"}
+    on["img"] = {name: value for name, value in on["img"].items() if name != "mask_token"}
+    del on["distill"]
+    assert jax.tree.structure(off) == jax.tree.structure(plain)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(on), jax.device_get(off))

@@ -101,3 +101,14 @@ def test_console_shows_ema_evals_beside_raw_ones_and_keeps_step_metrics_out(caps
     console.close()
     lines = [line.strip() for line in capsys.readouterr().out.splitlines() if "eval" in line]
     assert lines == ["eval demo: image->text R@1 25.0", "eval demo (EMA): image->text R@1 50.0"]
+
+
+def test_flops_per_example_may_follow_the_step():
+    """SigLIP 2's distillation adds views from a step on: a function of the step gives each window its FLOPs."""
+    throughput = metrics.Throughput(global_batch_size=100, num_devices=2, peak_tflops_per_device=100.0,
+                                    flops_per_example=lambda step: 10**12 if step <= 5 else 3 * 10**12)
+    throughput.reset(0)
+    throughput._time -= 2.0  # 50 examples/s, 25 per device
+    assert throughput.measure(1)["tflops_per_device"] == pytest.approx(25.0, rel=0.05)
+    throughput._time -= 2.0  # 5 steps in 2 s: 250 examples/s, 125 per device, at the later 3e12 FLOPs each
+    assert throughput.measure(6)["tflops_per_device"] == pytest.approx(375.0, rel=0.05)

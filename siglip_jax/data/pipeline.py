@@ -32,19 +32,22 @@ class TrainExamples:
     """
 
     def __init__(self, records: grain.MapDataset, num_records: int, tokenizer: Callable,
-                 options: preprocess.ImageOptions, seed: int):
+                 options: preprocess.ImageOptions, seed: int, local_crops_from: int = 0):
         self.records = records
         self.num_records = num_records
         self.tokenizer = tokenizer
         self.options = options
         self.seed = seed
+        self.local_crops_from = local_crops_from  # global position of the first example with real local crops
 
     def __call__(self, position: int, record: dict) -> dict:
         rng = np.random.default_rng([self.seed, position])
         # The record at this position, then the ones one, two, ... epochs further at the same position.
         later = (self.records[position + epochs * self.num_records] for epochs in itertools.count(1))
+        local_crops = position >= self.local_crops_from
         example, _ = preprocess.first_usable_example(
-            itertools.chain([record], later), lambda record: preprocess.make_example(record, rng, self.tokenizer, self.options))
+            itertools.chain([record], later),
+            lambda record: preprocess.make_example(record, rng, self.tokenizer, self.options, local_crops))
         return example
 
 
@@ -59,10 +62,12 @@ def train_batches(
     process_count: int = 1,
     num_workers: int = 0,
     prefetch_batches: int = 2,
+    local_crops_from_batch: int = 0,
 ) -> grain.DatasetIterator:
     """An endless iterator of this process's batches {"images", "tokens", "num_skipped"} (the last, per
     example, the unusable records it replaced); `get_state()` / `set_state()` save and restore its
-    position: {"next_index": batches read} with no workers.
+    position: {"next_index": batches read} with no workers. With `options.local_crops` also "local_images",
+    zeros before global batch `local_crops_from_batch` (SigLIP 2's distillation reads them from its start step).
 
     Global batch b is positions [b x G, (b + 1) x G) of one global, per-epoch reshuffled order (G =
     n x local_batch_size), and process p of n reads its block [b x G + p x L, b x G + (p + 1) x L): the
@@ -82,7 +87,8 @@ def train_batches(
             f"({process_count} x {local_batch_size}); use a smaller data.batch_size or more data."
         )
     records = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    examples = records.map_with_index(TrainExamples(records, len(source), tokenizer, options, seed))
+    local_from = local_crops_from_batch * process_count * local_batch_size  # a global stream position
+    examples = records.map_with_index(TrainExamples(records, len(source), tokenizer, options, seed, local_from))
     # Batching here, before the iterator, makes a whole batch one unit of work for the reading threads
     # and workers: the per-element cost of an iterator pipeline is larger than decoding a small image.
     # Batching before taking this process's share gives it a contiguous block of each global batch (lazily:

@@ -52,8 +52,12 @@ def eval_view(image: np.ndarray, options: ImageOptions) -> np.ndarray:
     return images.eval_transform(image, options.image_size)
 
 
-def make_example(record: dict, rng: np.random.Generator, tokenizer: Callable, options: ImageOptions) -> dict | str:
-    """The example {"images", "tokens"} of a record, or why the record cannot give one."""
+def make_example(record: dict, rng: np.random.Generator, tokenizer: Callable, options: ImageOptions,
+                 local_crops: bool = True) -> dict | str:
+    """The example {"images", "tokens"} (and "local_images" with options.local_crops) of a record, or why the
+    record cannot give one. `local_crops` False gives zero local images of the same shape instead of cropping:
+    before SigLIP 2's distillation starts the step does not read them, and cropping them would cost most of the
+    pipeline's CPU."""
     record_id = record.get("id", "?")
     captions = [caption for caption in record.get("captions", ()) if caption and caption.strip()]
     if not captions:
@@ -80,7 +84,9 @@ def make_example(record: dict, rng: np.random.Generator, tokenizer: Callable, op
             image, options.image_size, rng, scale=scale, ratio=ratio, flip=options.random_flip
         )
     example = {"images": pixels, "tokens": tokenizer([caption])[0]}
-    if options.local_crops:  # drawn after the global view's, so that view is the same with or without them
+    if options.local_crops and not local_crops:
+        example["local_images"] = np.zeros((options.local_crops, options.local_size, options.local_size, 3), np.uint8)
+    elif options.local_crops:  # drawn after the global view's, so that view is the same with or without them
         example["local_images"] = np.stack([
             images.train_transform(image, options.local_size, rng, scale=tuple(options.local_crop_scale),
                                    ratio=(3 / 4, 4 / 3), flip=options.random_flip)

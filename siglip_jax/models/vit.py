@@ -61,6 +61,12 @@ class VisionTransformer(nn.Module):
         )(images.astype(self.dtype))
         batch, grid_h, grid_w, channels = x.shape
         x = jnp.reshape(x, (batch, grid_h * grid_w, channels))
+        stored = (self.posemb_grid, self.posemb_grid) if self.posemb_grid else (grid_h, grid_w)
+        posemb = layers.learned_position_embedding(self, "pos_embedding", stored[0] * stored[1], self.width)
+        if stored != (grid_h, grid_w):
+            posemb = init_mapping.resample_posemb(posemb, (grid_h, grid_w), stored)
+        # Created after the position embedding: a module's parameters draw their initial values in order, so a
+        # tower with the mask token starts with the same position embedding as one without.
         if self.mask_token:
             token = self.param("mask_token", layers.partitioned(nn.initializers.zeros, (None, None, "embed")),
                                (1, 1, self.width))
@@ -68,10 +74,6 @@ class VisionTransformer(nn.Module):
                 x = jnp.where(mask[..., None], token.astype(self.dtype), x)
         elif mask is not None:
             raise ValueError("A patch mask needs a tower built with mask_token=True (model.distill.masked_weight > 0).")
-        stored = (self.posemb_grid, self.posemb_grid) if self.posemb_grid else (grid_h, grid_w)
-        posemb = layers.learned_position_embedding(self, "pos_embedding", stored[0] * stored[1], self.width)
-        if stored != (grid_h, grid_w):
-            posemb = init_mapping.resample_posemb(posemb, (grid_h, grid_w), stored)
         x = x + posemb.astype(self.dtype)
 
         if self.pooling == "tok":

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 CONSOLE_COLUMNS = {
     "loss": ("loss", "{:.4f}"),
     "caption_loss": ("caption", "{:.4f}"),  # SigLIP 2's caption decoder (model.decoder), within "loss"
+    "self_distillation_loss": ("silc", "{:.4f}"),  # SigLIP 2's SILC and TIPS (model.distill), within "loss"
+    "masked_prediction_loss": ("tips", "{:.4f}"),
     "learning_rate": ("lr", "{:.2e}"),
     "temperature": ("t", "{:.2f}"),
     "bias": ("b", "{:.2f}"),

@@ -22,7 +22,7 @@ from siglip_jax.io import checkpoint, loading
 from siglip_jax.models import flops, two_towers
 from siglip_jax.runtime import sharding, storage
 from siglip_jax.training import hooks, metrics as metrics_lib, preemption, safeguards, workdir as workdir_lib
-from siglip_jax.training.train_step import build_training
+from siglip_jax.training.train_step import build_training, distillation_task
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watch: preemption.Pr
     resuming = checkpointer.latest_step() is not None
     tokenizer = build_tokenizer(config)  # its EOS id ends the captions a decoder predicts
     training = build_training(config, mesh, eos_id=tokenizer.eos_id)
+    distillation = distillation_task(config)  # SigLIP 2's SILC / TIPS, or None
 
     # ---- Input -----------------------------------------------------------------------------------
     try:
@@ -70,6 +71,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watch: preemption.Pr
         process_count=jax.process_count(),
         num_workers=config.data.num_workers,
         prefetch_batches=config.data.prefetch_batches,
+        # SigLIP 2's local crops are cut from the step that reads them (before it, zeros of their shape)
+        local_crops_from_batch=distillation.start_step if distillation is not None else 0,
     )
 
     # ---- Checkpoints: continue where the last run in this workdir stopped (see checkpoint.py) ------
@@ -95,13 +98,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watch: preemption.Pr
         if config.tensorboard:
             writers.append(metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard")))
     # SigLIP 2's distillation views join at model.distill.start_fraction of the run: the step's FLOPs grow there.
-    distill_start = round(config.model.distill.start_fraction * config.total_steps)
     step_flops = {distilling: flops.train_flops_per_example(config.model, config.data.batch_size, distilling)
                   for distilling in (False, True)}
     throughput = metrics_lib.Throughput(
         config.data.batch_size,
         mesh.size,
-        lambda step: step_flops[two_towers.distills(config.model) and step > distill_start],
+        lambda step: step_flops[distillation is not None and step > distillation.start_step],
         metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.peak_tflops_per_device),
     )
     embedder = Embedder(
