@@ -38,7 +38,7 @@ def _grads(setup, accum_steps):
     @jax.jit
     def run(params, batch):
         with nn.logical_axis_rules(rules):
-            loss, grads, _ = loss_and_grads(
+            loss, grads, _, _ = loss_and_grads(
                 params, batch, model=model, loss_config=config.loss, mesh=mesh,
                 batch_axes=sharding.batch_axes(mesh, rules), accum_steps=accum_steps,
             )

@@ -36,11 +36,6 @@ class TrainState:
     step: jax.Array  # int32 scalar: the number of batches consumed (updates applied plus non-finite skips)
     params: Any
     opt_state: Any
-    # SigLIP 2's self-distillation (model.distill): {"teacher": the EMA of params' "img" and "distill" groups,
-    # "center" and "patch_center": the running means subtracted from the teacher's logits}. None (no arrays, the
-    # checkpoints of runs without it unchanged) when off.
-    distill: Any = None
-    teacher_decay: float = flax.struct.field(pytree_node=False, default=0.0)
 
     def apply_gradients(self, grads: Any, optimizer: optax.GradientTransformation, *, loss: jax.Array,
                         centers: dict[str, jax.Array] | None = None) -> tuple["TrainState", jax.Array]:
@@ -50,10 +45,7 @@ class TrainState:
         are checked too: a finite gradient times a huge learning rate (or a damaged parameter) can still
         overflow, and a NaN parameter would poison every later step."""
         updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
-        updated = self._updated(optax.apply_updates(self.params, updates), opt_state)
-        if self.distill is not None:  # the teacher follows every applied update; `centers`: the step's new centres
-            teacher = optim.ema_update(self.distill["teacher"], distilled_params(updated.params), self.teacher_decay)
-            updated = updated.replace(distill={**self.distill, **(centers or {}), "teacher": teacher})
+        updated = self._updated(optax.apply_updates(self.params, updates), opt_state)._distilled(centers)
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)) & _all_finite(updated.params)
         skipped = self.replace(step=self.step + 1)
         return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, skipped), finite
@@ -61,12 +53,13 @@ class TrainState:
     def _updated(self, params: Any, opt_state: Any) -> "TrainState":
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
+    def _distilled(self, centers: dict[str, jax.Array] | None) -> "TrainState":
+        """The updated state with its distillation teacher and centres moved (DistillationState); as it is here."""
+        return self
+
     def with_params(self, params: Any) -> "TrainState":
-        """The state starting from `params` (init_from), the distillation teacher too (in buffers of its own)."""
-        if self.distill is None:
-            return self.replace(params=params)
-        teacher = jax.tree.map(jnp.copy, distilled_params(params))
-        return self.replace(params=params, distill={**self.distill, "teacher": teacher})
+        """The state starting from `params` (init_from)."""
+        return self.replace(params=params)
 
 
 @flax.struct.dataclass
@@ -91,7 +84,38 @@ class EmaTrainState(TrainState):
     def with_params(self, params: Any) -> "EmaTrainState":
         """The state starting from `params` (init_from), the EMA too, in buffers of its own (the step
         donates the state, and a buffer cannot be donated twice)."""
-        return TrainState.with_params(self, params).replace(ema_params=jax.tree.map(jnp.copy, params))
+        return self.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+
+
+class DistillationState:
+    """The methods of a train state that carries SigLIP 2's self-distillation (model.distill): `distill` =
+    {"teacher": the EMA of params' "img" and "distill" groups, "center" and "patch_center": the running means
+    subtracted from the teacher's logits}, `teacher_decay` static. Subclasses (with and without the EMA of the
+    parameters) rather than an optional field, so runs without it save and restore exactly the state and
+    checkpoints they did before it existed."""
+
+    def _distilled(self, centers: dict[str, jax.Array] | None) -> Any:
+        # Called on the updated state, whose `distill` is still the step's input: the teacher follows every
+        # applied update, the centres are the step's new ones.
+        teacher = optim.ema_update(self.distill["teacher"], distilled_params(self.params), self.teacher_decay)
+        return self.replace(distill={**self.distill, **(centers or {}), "teacher": teacher})
+
+    def with_params(self, params: Any) -> Any:
+        """The state starting from `params` (init_from), the teacher too, in buffers of its own."""
+        teacher = jax.tree.map(jnp.copy, distilled_params(params))
+        return super().with_params(params).replace(distill={**self.distill, "teacher": teacher})
+
+
+@flax.struct.dataclass
+class DistillTrainState(DistillationState, TrainState):
+    distill: Any = None
+    teacher_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+
+@flax.struct.dataclass
+class EmaDistillTrainState(DistillationState, EmaTrainState):
+    distill: Any = None
+    teacher_decay: float = flax.struct.field(pytree_node=False, default=0.0)
 
 
 def _without_frozen_gradients(params: Any, frozen: tuple[str, ...]) -> Any:
@@ -367,7 +391,7 @@ def train_step(
         loss, grads, loss_parts, centers = loss_and_grads(
             state.params, batch, model=model, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes,
             accum_steps=accum_steps, frozen=frozen, captioning=captioning, parallel=parallel,
-            distillation=distillation, distill_state=state.distill, step=state.step,
+            distillation=distillation, distill_state=getattr(state, "distill", None), step=state.step,
         )
     new_state, finite = state.apply_gradients(grads, optimizer, loss=loss, centers=centers)
     metrics = {
@@ -415,15 +439,15 @@ def state_initialiser(
         params = model.init(params_rng, images, tokens)["params"]
         # The optimizer state inherits the parameters' logical boxes, so it is sharded like them.
         fields = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        if ema_decay:  # the EMA copy inherits the boxes too: sharded exactly like the parameters
+            fields.update(ema_params=jax.tree.map(jnp.copy, params), ema_decay=ema_decay)
         if distillation is not None:
             center = nn.with_logical_partitioning(jnp.zeros, (None,))((prototypes,), jnp.float32)
             fields.update(teacher_decay=teacher_decay, distill={
                 "teacher": jax.tree.map(jnp.copy, distilled_params(params)), "center": center,
                 "patch_center": jax.tree.map(jnp.copy, center)})
-        if not ema_decay:
-            return TrainState(**fields)
-        # The EMA copy inherits the boxes too: sharded exactly like the parameters.
-        return EmaTrainState(**fields, ema_params=jax.tree.map(jnp.copy, params), ema_decay=ema_decay)
+            return (EmaDistillTrainState if ema_decay else DistillTrainState)(**fields)
+        return (EmaTrainState if ema_decay else TrainState)(**fields)
 
     # No logical-rules context here: out_shardings alone places the state; activation constraints on a
     # batch of one would only add work to the initialisation.
