@@ -22,6 +22,7 @@ from flax import serialization
 
 from siglip_jax import config as config_lib
 from siglip_jax.data import tokenizers
+from siglip_jax.models import two_towers
 from siglip_jax.runtime import storage
 
 FORMAT_NAME = "siglip_jax.params"
@@ -41,15 +42,12 @@ def towers_only(exported: ExportedParams) -> ExportedParams:
     """`exported` without SigLIP 2's training-only parts: the caption decoder (params["dec"], model.decoder) and the
     self-distillation head and mask token (params["distill"], params["img"]["mask_token"], model.distill): the two
     towers a user embeds and serves with. Unchanged when there are none."""
-    distill = exported.config.model.distill if "distill" in exported.config.model else None
-    distilled = distill is not None and bool(distill.weight or distill.masked_weight)
     if ("dec" not in exported.params and "distill" not in exported.params and not exported.config.model.decoder.weight
-            and not distilled):
+            and not two_towers.distills(exported.config.model)):
         return exported
     config = ml_collections.ConfigDict(exported.config.to_dict())
     config.model.decoder.weight = 0.0
-    if distilled:
-        config.model.distill.weight = config.model.distill.masked_weight = 0.0
+    config.model.distill.weight = config.model.distill.masked_weight = 0.0
     params = {name: value for name, value in exported.params.items() if name not in ("dec", "distill")}
     if isinstance(params.get("img"), dict) and "mask_token" in params["img"]:
         params["img"] = {name: value for name, value in params["img"].items() if name != "mask_token"}

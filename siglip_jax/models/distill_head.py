@@ -28,8 +28,7 @@ class DistillHead(nn.Module):
                      kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("mlp", "embed_out")),
                      bias_init=layers.partitioned(nn.initializers.zeros, ("embed_out",)))(x)
         # Unit bottleneck vectors (as DINO) keep the logits' scale set by the prototypes, not by the features.
-        x = x.astype(jnp.float32)
-        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        x = layers.l2_normalize(x)
         logits = nn.Dense(self.prototypes, use_bias=False, dtype=self.dtype, name="prototypes",
                           kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed_out", "vocab")))(x)
         return logits.astype(jnp.float32)

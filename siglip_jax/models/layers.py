@@ -291,3 +291,14 @@ def learned_position_embedding(module: nn.Module, name: str, length: int, width:
         partitioned(nn.initializers.normal(stddev=width**-0.5), (None, "length", "embed")),
         (1, length, width),
     )
+
+
+NORM_FLOOR = 1e-12  # below this a row counts as zero
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Rows of unit length in float32, the one normalisation of the package (the towers' embeddings, eval
+    galleries, class prototypes). A row whose norm is under NORM_FLOOR is divided by the floor, so an all-zero
+    row stays zero instead of becoming NaN; every other row is exactly x / |x|, as in big_vision and HF."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORM_FLOOR)

@@ -20,6 +20,7 @@ from siglip_jax.data import preprocess
 from siglip_jax.models import layers, sizes
 from siglip_jax.models.decoder import CaptionDecoder, DecoderOutput
 from siglip_jax.models.distill_head import DistillHead
+from siglip_jax.models.layers import NORM_FLOOR, l2_normalize  # noqa: F401 (NORM_FLOOR: callers read it here)
 from siglip_jax.models.naflex import NaFlexVisionTransformer
 from siglip_jax.models.text import TextTransformer
 from siglip_jax.models.vit import VisionTransformer
@@ -195,17 +196,6 @@ def to_model_range(images: jax.Array) -> jax.Array:
     if images.dtype == jnp.uint8:
         return images.astype(jnp.float32) / 127.5 - 1.0
     return images
-
-
-NORM_FLOOR = 1e-12  # below this a row counts as zero
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """Rows of unit length in float32, the one normalisation of the package (the towers' embeddings, eval
-    galleries, class prototypes). A row whose norm is under NORM_FLOOR is divided by the floor, so an all-zero
-    row stays zero instead of becoming NaN; every other row is exactly x / |x|, as in big_vision and HF."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NORM_FLOOR)
 
 
 class TwoTowers(nn.Module):
