@@ -22,7 +22,6 @@ from flax import serialization
 
 from siglip_jax import config as config_lib
 from siglip_jax.data import tokenizers
-from siglip_jax.models import two_towers
 from siglip_jax.runtime import storage
 
 FORMAT_NAME = "siglip_jax.params"
@@ -43,7 +42,8 @@ def towers_only(exported: ExportedParams) -> ExportedParams:
     self-distillation head and mask token (params["distill"], params["img"]["mask_token"], model.distill): the two
     towers a user embeds and serves with. Unchanged when there are none."""
     if ("dec" not in exported.params and "distill" not in exported.params and not exported.config.model.decoder.weight
-            and not two_towers.distills(exported.config.model)):
+            and not (exported.config.model.distill.weight or exported.config.model.distill.masked_weight)):
+        # (model.distill read here, not through models.two_towers: serving loads params files without model code)
         return exported
     config = ml_collections.ConfigDict(exported.config.to_dict())
     config.model.decoder.weight = 0.0
