@@ -14,6 +14,9 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from siglip_jax.io import checkpoint
@@ -25,11 +28,11 @@ TOTAL_STEPS = 40
 RUN_TIMEOUT_S = 600  # the first run compiles cold: 240 s ran out on the shared 2-core machine at load ~20
 
 
-def _start(workdir, *overrides):
+def _start(workdir, *overrides, recipe=RECIPE):
     # os.environ carries the session's compilation cache (tests/conftest.py): every run after the first
     # loads the compiled step instead of compiling it again
     env = child_environment()
-    command = [sys.executable, os.path.join(REPO, "train.py"), f"--config={RECIPE}", f"--workdir={workdir}", *overrides]
+    command = [sys.executable, os.path.join(REPO, "train.py"), f"--config={recipe}", f"--workdir={workdir}", *overrides]
     with open(workdir + ".log", "ab") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -43,8 +46,8 @@ def _finish(process, workdir, timeout=RUN_TIMEOUT_S):
         pytest.fail(f"train.py did not finish within {timeout} s; see {workdir}.log")
 
 
-def _run(workdir):
-    returncode = _finish(_start(workdir), workdir)
+def _run(workdir, recipe=RECIPE):
+    returncode = _finish(_start(workdir, recipe=recipe), workdir)
     assert returncode == 0, f"train.py failed with {returncode}; see {workdir}.log"
 
 
@@ -180,3 +183,53 @@ def test_ten_sigkills_then_the_same_losses_as_uninterrupted(uninterrupted, tmp_p
         assert resumed[step]["loss"] == uninterrupted[step]["loss"], f"step {step}: loss differs"
         assert resumed[step]["ema/param_norm"] == uninterrupted[step]["ema/param_norm"], f"step {step}: EMA differs"
     assert checkpoint.latest_step(workdir) == TOTAL_STEPS
+
+
+SIGLIP2_RECIPE = os.path.join(REPO, "tests", "siglip2_resume_recipe.py")  # decoder, SILC and TIPS, 24 steps
+
+
+def _saved_state(workdir, step):
+    path = os.path.join(workdir, checkpoint.CHECKPOINTS_SUBDIR, str(step), "state")
+    return jax.device_get(ocp.PyTreeCheckpointer().restore(path))
+
+
+@pytest.mark.slow
+def test_siglip2_recipe_resumes_bitwise_after_sigkill(tmp_path):
+    """Slow (three train.py starts, two compiles): killed after its first checkpoint, the rerun continues with
+    the decoder, the distillation teacher, both centres and the weights' EMA as saved, so every later step and
+    the final state equal an uninterrupted run's."""
+    reference = str(tmp_path / "uninterrupted")
+    os.makedirs(reference)
+    _run(reference, recipe=SIGLIP2_RECIPE)
+    uninterrupted = _metrics_by_step(reference)
+    total_steps = 24
+    assert sorted(uninterrupted) == list(range(1, total_steps + 1))
+    # The self-supervised losses join at start_fraction 0.125 x 24 = 3 updates done, i.e. in logged step 4,
+    # the step of the first checkpoint, so it holds centres that have moved.
+    for name in ("self_distillation_loss", "masked_prediction_loss"):
+        assert [step for step in range(1, 6) if uninterrupted[step][name] > 0] == [4, 5], name
+    assert uninterrupted[1]["caption_loss"] > 0
+
+    workdir = str(tmp_path / "killed")
+    os.makedirs(workdir)
+    process = _start(workdir, recipe=SIGLIP2_RECIPE)
+    try:
+        _wait_for(lambda: bool(_complete_steps(workdir)), process, workdir)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert max(_metrics_by_step(workdir)) < total_steps, "the run finished before its kill"
+    resumed_from = checkpoint.latest_step(workdir)
+    assert resumed_from is not None and resumed_from >= 4
+    assert _finish(_start(workdir, recipe=SIGLIP2_RECIPE), workdir) == 0, open(workdir + ".log").read()[-3000:]
+    assert re.findall(r"Resumed from step (\d+) ", open(workdir + ".log").read()) == [str(resumed_from)]
+    resumed = _metrics_by_step(workdir)
+    names = ("loss", "caption_loss", "self_distillation_loss", "masked_prediction_loss", "ema/param_norm",
+             "data/batch_crc32")
+    for step in range(resumed_from + 1, total_steps + 1):
+        for name in names:
+            assert resumed[step][name] == uninterrupted[step][name], f"step {step}: {name} differs"
+    final, expected = _saved_state(workdir, total_steps), _saved_state(reference, total_steps)
+    assert {"teacher", "center", "patch_center"} <= set(final["distill"]) and "dec" in final["params"]
+    assert np.any(final["distill"]["center"] != 0), "the centres never moved: the test would not see them resumed"
+    jax.tree.map(np.testing.assert_array_equal, final, expected)

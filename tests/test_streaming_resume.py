@@ -13,13 +13,8 @@ NUM_SHARDS, PER_SHARD = 4, 40  # 160 samples: the 40 steps of 16 go through four
 
 
 def _start(workdir, shards):
-    process = test_resume._start  # same environment and logging as the demo resume test
-    original = test_resume.RECIPE
-    test_resume.RECIPE = f"{original}:{shards}"
-    try:
-        return process(workdir)
-    finally:
-        test_resume.RECIPE = original
+    # the demo resume test's environment and logging, its recipe reading the shards
+    return test_resume._start(workdir, recipe=f"{test_resume.RECIPE}:{shards}")
 
 
 @pytest.fixture(scope="module")
