@@ -59,9 +59,9 @@ def get_config(arg: str | None = None):
     config.model.text.max_len = 32  # 99% of captions fit in 29 pieces
 
     if variant == "small":  # 64 px, width 128, depth 4: see docs/flickr8k.md for what each choice did
-        # 1,900 steps: test R@10 15.3 / 15.2% and 16.3 / 15.1% in two runs (docs/flickr8k.md); 30-33 minutes of
-        # steps on the quiet 2-core machine with one CPU device per core (mesh.cpu_devices_per_core below;
-        # 0.91-1.01 s a step measured 2026-12-07, 1.155 s on one device; evals and compile not counted).
+        # 1,900 steps: test R@10 15.9 / 15.3% in 25.3 minutes of steps (27.1 minutes the whole command) on the quiet
+        # 2-core machine with one CPU device per core (mesh.cpu_devices_per_core below), 2026-12-07; earlier runs
+        # 15.3 / 15.2% and 16.3 / 15.1% (docs/flickr8k.md).
         config.total_steps = 1_900
         config.log_every_steps = 25
         config.eval_every_steps = 500
