@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -199,42 +199,41 @@ def distillation_task(config: ml_collections.ConfigDict) -> Distillation | None:
 
 def distillation_terms(params: Any, distill_state: dict[str, Any], batch: dict[str, jax.Array], step: jax.Array, *,
                        model: nn.Module, distillation: Distillation) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
-    """(weighted sum of the SILC and TIPS losses, their named values, the updated centres) from
-    `distillation.start_step` on; before it zeros and the centres unchanged, and the extra views are not computed
-    (lax.cond). The teacher (`distill_state["teacher"]`) is applied with no gradient."""
-    names = [name for name, weight in (("self_distillation_loss", distillation.weight),
-                                       ("masked_prediction_loss", distillation.masked_weight)) if weight]
+    """(weighted sum of the SILC and TIPS losses, their named values, the updated centres) of a step at or after
+    `distillation.start_step` (loss_and_grads switches them on). The teacher (`distill_state["teacher"]`) is
+    applied with no gradient."""
     centers = {"center": distill_state["center"], "patch_center": distill_state["patch_center"]}
-
-    def active(params):
-        teacher = jax.lax.stop_gradient({**params, **distill_state["teacher"]})  # t, b, txt unused by these methods
-        teacher_pooled, teacher_patches = model.apply({"params": teacher}, batch["images"], method=model.distill_logits)
-        values, new_centers = {}, dict(centers)
-        temperatures = dict(student_temperature=distillation.student_temperature,
-                            teacher_temperature=distillation.teacher_temperature)
-        if distillation.weight:
-            student = model.apply({"params": params}, batch["local_images"], method=model.distill_local_logits)
-            values["self_distillation_loss"] = distillation_lib.distillation_loss(
-                student, teacher_pooled, centers["center"], **temperatures)
-            new_centers["center"] = distillation_lib.updated_center(centers["center"], teacher_pooled,
-                                                                    distillation.center_momentum)
-        if distillation.masked_weight:
-            batch_size, num_patches = teacher_patches.shape[:2]
-            mask = distillation.patch_mask(step, batch_size, num_patches)
-            student = model.apply({"params": params}, batch["images"], mask, method=model.distill_masked_logits)
-            values["masked_prediction_loss"] = distillation_lib.masked_patch_loss(
-                student, teacher_patches, mask, centers["patch_center"], **temperatures)
-            new_centers["patch_center"] = distillation_lib.updated_center(centers["patch_center"], teacher_patches,
-                                                                          distillation.center_momentum)
-        return values, new_centers
-
-    def waiting(params):
-        return {name: jnp.zeros((), jnp.float32) for name in names}, centers
-
-    values, new_centers = jax.lax.cond(step >= distillation.start_step, active, waiting, params)
+    teacher = jax.lax.stop_gradient({**params, **distill_state["teacher"]})  # t, b, txt unused by these methods
+    teacher_pooled, teacher_patches = model.apply({"params": teacher}, batch["images"], method=model.distill_logits)
+    values, new_centers = {}, dict(centers)
+    temperatures = dict(student_temperature=distillation.student_temperature,
+                        teacher_temperature=distillation.teacher_temperature)
+    if distillation.weight:
+        student = model.apply({"params": params}, batch["local_images"], method=model.distill_local_logits)
+        values["self_distillation_loss"] = distillation_lib.distillation_loss(
+            student, teacher_pooled, centers["center"], **temperatures)
+        new_centers["center"] = distillation_lib.updated_center(centers["center"], teacher_pooled,
+                                                                distillation.center_momentum)
+    if distillation.masked_weight:
+        batch_size, num_patches = teacher_patches.shape[:2]
+        mask = distillation.patch_mask(step, batch_size, num_patches)
+        student = model.apply({"params": params}, batch["images"], mask, method=model.distill_masked_logits)
+        values["masked_prediction_loss"] = distillation_lib.masked_patch_loss(
+            student, teacher_patches, mask, centers["patch_center"], **temperatures)
+        new_centers["patch_center"] = distillation_lib.updated_center(centers["patch_center"], teacher_patches,
+                                                                      distillation.center_momentum)
     total = (distillation.weight * values.get("self_distillation_loss", 0.0)
              + distillation.masked_weight * values.get("masked_prediction_loss", 0.0))
     return total, values, new_centers
+
+
+def waiting_distillation_terms(distill_state: dict[str, Any],
+                               distillation: Distillation) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+    """distillation_terms' outputs for a step before `distillation.start_step`: zero losses, the centres unchanged."""
+    names = [name for name, weight in (("self_distillation_loss", distillation.weight),
+                                       ("masked_prediction_loss", distillation.masked_weight)) if weight]
+    centers = {"center": distill_state["center"], "patch_center": distill_state["patch_center"]}
+    return jnp.zeros((), jnp.float32), {name: jnp.zeros((), jnp.float32) for name in names}, centers
 
 
 def embedding_loss(
@@ -307,7 +306,7 @@ def loss_and_grads(
     """
     loss_fn = functools.partial(embedding_loss, loss_config=loss_config, mesh=mesh, batch_axes=batch_axes)
     if captioning is not None or distillation is not None:
-        def combined_loss(params):
+        def combined_loss(params, distilling: bool):
             if captioning is not None:
                 image_embeddings, text_embeddings, decoded = model.apply(
                     {"params": _without_frozen_gradients(params, frozen)}, batch["images"], batch["tokens"], parallel,
@@ -320,15 +319,26 @@ def loss_and_grads(
                 parts["caption_loss"] = captioning_loss(decoded, batch["tokens"], captioning)
                 total = total + captioning.weight * parts["caption_loss"]
             if distillation is not None:
-                distill_total, distill_parts, centers = distillation_terms(
-                    _without_frozen_gradients(params, frozen), distill_state, batch, step, model=model,
-                    distillation=distillation)
+                distill_total, distill_parts, centers = (
+                    distillation_terms(_without_frozen_gradients(params, frozen), distill_state, batch, step,
+                                       model=model, distillation=distillation)
+                    if distilling else waiting_distillation_terms(distill_state, distillation))
                 parts.update(distill_parts)
                 total = total + distill_total
             return total, (parts, centers)
 
-        (loss, (parts, centers)), grads = jax.value_and_grad(combined_loss, has_aux=True)(params)
-        return loss, grads, parts, centers
+        def gradients(distilling: bool) -> Callable[[Any], tuple]:
+            def compute(params):
+                (loss, (parts, centers)), grads = jax.value_and_grad(
+                    functools.partial(combined_loss, distilling=distilling), has_aux=True)(params)
+                return loss, grads, parts, centers
+            return compute
+
+        if distillation is None or distillation.start_step <= 0:
+            return gradients(distillation is not None)(params)
+        # The switch is outside the gradient: a lax.cond inside it would make the waiting branch write zeros for
+        # every activation the distillation branch keeps for the backward pass (its local views, the masked view).
+        return jax.lax.cond(step >= distillation.start_step, gradients(True), gradients(False), params)
     if accum_steps == 1:
         def full_loss(params):
             image_embeddings, text_embeddings = embed(params, batch, model, frozen)
