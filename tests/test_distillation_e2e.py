@@ -104,3 +104,22 @@ def test_adding_distillation_to_a_workdir_names_the_arrays_and_how_to_start_them
     teacher = _saved_distill_state(fresh, 1)["teacher"]
     jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in teacher["img"].items() if k != "mask_token"},
                  source["img"])
+
+
+def test_adding_or_dropping_decoder_and_distillation_together_gives_one_command():
+    """Both of SigLIP 2's parts added over a plain checkpoint: one init_skip with every pattern, so following the
+    fix does not run into the other part's refusal; both dropped: one init_towers."""
+    plain = _config(2, **{"model.distill.weight": 0.0, "model.distill.masked_weight": 0.0}).to_dict()
+    recipe = _config(2, **{"model.decoder.weight": 1.0, "model.text.max_len": 32}).to_dict()
+    where = "/runs/plain/checkpoints/2"
+    with pytest.raises(checkpoint.CheckpointMismatchError) as refused:
+        checkpoint._check_same_model(plain, recipe, where)
+    message = str(refused.value)
+    assert "adds the caption decoder and self-distillation" in message
+    assert message.count("--config.init_skip=") == 1
+    assert """--config.init_skip='("dec/.*", "distill/.*", "img/mask_token")'""" in message
+    with pytest.raises(checkpoint.CheckpointMismatchError) as refused:
+        checkpoint._check_same_model(recipe, plain, where)
+    message = str(refused.value)
+    assert "drops the caption decoder and self-distillation" in message and "model.decoder and model.distill" in message
+    assert message.count("--config.init_towers=") == 1 and "--config.init_from=/runs/plain " in message

@@ -16,6 +16,7 @@ run can save that step again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -389,46 +390,59 @@ def _check_same_model(saved: dict[str, Any], current: dict[str, Any], where: str
     if differences:
         raise CheckpointMismatchError(
             f"The checkpoint {where} was made with a different model config:\n  " + "\n  ".join(differences)
-            + _decoder_change_fix(saved, current, where) + _distill_change_fix(saved, current, where)
+            + _optional_part_fixes(saved, current, where)
             + "\nResume with the checkpoint's model settings, or to start from its weights with another config, "
             "use a new workdir and set init_from to this workdir."
         )
 
 
-def _decoder_change_fix(saved: dict[str, Any], current: dict[str, Any], where: str) -> str:
-    """What to do when a recipe adds or drops SigLIP 2's caption decoder (the dec/ arrays) over a checkpoint."""
-    had, has = (bool(config["model"]["decoder"]["weight"]) for config in (saved, current))
+@dataclasses.dataclass(frozen=True)
+class _OptionalPart:
+    """A part of SigLIP 2's recipe that a config can add to or drop from a checkpoint's model."""
+
+    key: str  # model.<key>
+    what: str  # its name in a sentence
+    lacks: str  # what a checkpoint without it lacks
+    init_skip: tuple[str, ...]  # init_skip patterns that start it fresh
+    starts_as: str  # what starting fresh means
+    holds: str  # what a checkpoint with it holds
+
+    def present(self, config: dict[str, Any]) -> bool:
+        part = config["model"].get(self.key, {})
+        return bool(part.get("weight") or part.get("masked_weight"))
+
+
+_OPTIONAL_PARTS = (
+    _OptionalPart("decoder", "the caption decoder", "has none of its dec/... arrays", ("dec/.*",),
+                  "the decoder starts fresh", "its dec/... arrays"),
+    _OptionalPart("distill", "self-distillation (model.distill)", "has no distill/... head, mask token, teacher or centres",
+                  ("distill/.*", "img/mask_token"), "the head and mask token start fresh, the teacher from the loaded "
+                  "image tower", "its distill/... head, mask token and teacher"),
+)
+
+
+def _optional_part_fixes(saved: dict[str, Any], current: dict[str, Any], where: str) -> str:
+    """What to do when a recipe adds or drops SigLIP 2's caption decoder or self-distillation over a checkpoint:
+    one command for all the parts added, one for all dropped."""
     workdir = where.rsplit(f"/{CHECKPOINTS_SUBDIR}/", 1)[0]
-    if has and not had:
-        return (f"\nThe config adds the caption decoder: the checkpoint has none of its dec/... arrays. To train it "
-                f"beside the checkpoint's towers, start a new workdir with --config.init_from={workdir} and "
-                "--config.init_skip='(\"dec/.*\",)' (the decoder starts fresh, the rest is loaded).")
-    if had and not has:
-        return (f"\nThe config drops the caption decoder the checkpoint trained (its dec/... arrays). Keep "
-                f"model.decoder as saved to resume, or start a new workdir with --config.init_from={workdir} "
-                "--config.init_towers='(\"img\", \"txt\", \"t\", \"b\")' to continue without it.")
-    return ""
-
-
-def _distill_change_fix(saved: dict[str, Any], current: dict[str, Any], where: str) -> str:
-    """What to do when a recipe adds or drops SigLIP 2's self-distillation (the distill/... head, the image tower's
-    mask token, the teacher and centres) over a checkpoint."""
-    def distills(config: dict[str, Any]) -> bool:
-        distill = config["model"].get("distill", {})
-        return bool(distill.get("weight") or distill.get("masked_weight"))
-
-    had, has = distills(saved), distills(current)
-    workdir = where.rsplit(f"/{CHECKPOINTS_SUBDIR}/", 1)[0]
-    if has and not had:
-        return (f"\nThe config adds self-distillation (model.distill): the checkpoint has no distill/... head, mask "
-                f"token, teacher or centres. To add it to the checkpoint's towers, start a new workdir with "
-                f"--config.init_from={workdir} and --config.init_skip='(\"distill/.*\", \"img/mask_token\")' (the head "
-                "and mask token start fresh, the teacher from the loaded image tower).")
-    if had and not has:
-        return (f"\nThe config drops the self-distillation the checkpoint trained (its distill/... head, mask token and "
-                f"teacher). Keep model.distill as saved to resume, or start a new workdir with --config.init_from="
-                f"{workdir} --config.init_towers='(\"img\", \"txt\", \"t\", \"b\")' to continue without it.")
-    return ""
+    added = [part for part in _OPTIONAL_PARTS if part.present(current) and not part.present(saved)]
+    dropped = [part for part in _OPTIONAL_PARTS if part.present(saved) and not part.present(current)]
+    fixes = ""
+    if added:
+        patterns = [pattern for part in added for pattern in part.init_skip]
+        skip = "(" + ", ".join(f'"{pattern}"' for pattern in patterns) + ("," if len(patterns) == 1 else "") + ")"
+        fixes += (f"\nThe config adds {' and '.join(part.what for part in added)}: the checkpoint "
+                  f"{'; it '.join(part.lacks for part in added)}. To train "
+                  f"{'them' if len(added) > 1 else 'it'} beside the checkpoint's towers, start a new workdir with "
+                  f"--config.init_from={workdir} and --config.init_skip='{skip}' "
+                  f"({'; '.join(part.starts_as for part in added)}; the rest is loaded).")
+    if dropped:
+        fixes += (f"\nThe config drops {' and '.join(part.what for part in dropped)} that the checkpoint trained "
+                  f"({'; '.join(part.holds for part in dropped)}). Keep "
+                  f"{' and '.join('model.' + part.key for part in dropped)} as saved to resume, or start a new workdir "
+                  f"with --config.init_from={workdir} --config.init_towers='(\"img\", \"txt\", \"t\", \"b\")' to "
+                  f"continue without {'them' if len(dropped) > 1 else 'it'}.")
+    return fixes
 
 
 # ---- The data stream's position ------------------------------------------------------------------
