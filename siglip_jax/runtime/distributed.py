@@ -177,7 +177,9 @@ def initialize(
         jax.config.update("jax_num_cpu_devices", launch.local_device_count)
     elif launch.how == "single process" and default_cpu_devices and not _cpu_devices_chosen():
         jax.config.update("jax_num_cpu_devices", default_cpu_devices)
-        if default_cpu_devices > 1:
+        # Said only where JAX trains on the CPU: a GPU or TPU machine ignores the CPU device count. Asking the
+        # backend starts JAX, which is fine here: a single process has nothing left to configure.
+        if default_cpu_devices > 1 and jax.default_backend() == "cpu":
             logger.warning("On CPU: %d devices, one per core, each training on its share of the batch "
                            "(--local_device_count=1 for one).", default_cpu_devices)
     if launch.how == "single process":
