@@ -496,6 +496,7 @@ class Training:
     init_state: Any
     # (state, batch) -> (new state, scalar metrics); donates the state. Call inside `jax.set_mesh(mesh)`.
     step: Any
+    distillation: Distillation | None = None  # SigLIP 2's SILC / TIPS in the step (its start step), or None
 
 
 def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, eos_id: int | None = None) -> Training:
@@ -541,5 +542,5 @@ def build_training(config: ml_collections.ConfigDict, mesh: Mesh, *, eos_id: int
         model=model, optimizer=optimizer, schedule=schedule, mesh=mesh, axis_rules=axis_rules,
         batch_axes=batch_axes, state_shardings=state_shardings,
         abstract_state=checkpoint.abstract_like(state_shapes, state_shardings),
-        batch_sharding=batch_sharding, init_state=init_state, step=step,
+        batch_sharding=batch_sharding, init_state=init_state, step=step, distillation=distillation,
     )

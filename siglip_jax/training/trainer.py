@@ -22,7 +22,7 @@ from siglip_jax.io import checkpoint, loading
 from siglip_jax.models import flops, two_towers
 from siglip_jax.runtime import sharding, storage
 from siglip_jax.training import hooks, metrics as metrics_lib, preemption, safeguards, workdir as workdir_lib
-from siglip_jax.training.train_step import build_training, distillation_task
+from siglip_jax.training.train_step import build_training
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, watch: preemption.Pr
     resuming = checkpointer.latest_step() is not None
     tokenizer = build_tokenizer(config)  # its EOS id ends the captions a decoder predicts
     training = build_training(config, mesh, eos_id=tokenizer.eos_id)
-    distillation = distillation_task(config)  # SigLIP 2's SILC / TIPS, or None
+    distillation = training.distillation  # SigLIP 2's SILC / TIPS, or None
 
     # ---- Input -----------------------------------------------------------------------------------
     try:
