@@ -163,6 +163,7 @@ def default_config() -> ml_collections.ConfigDict:
                 dtype="float32",  # compute dtype: "bfloat16" on accelerators; parameters stay float32
                 remat_policy="none",  # "none", "full" or "dots_saveable"
                 scan_layers=False,  # nn.scan over blocks: compile time independent of depth; stacked params
+                scan_unroll=1,  # with scan_layers: blocks per loop iteration; the depth unrolls (the fastest CPU start, docs/speed.md)
                 attention="auto",  # "auto" (cuDNN fused attention on GPU where it applies, else XLA), "xla", "cudnn"
                 temperature_init=10.0,  # t = log(temperature_init)
                 bias_init=-10.0,
@@ -320,6 +321,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError(f"optim.{key} must be a finite number >= 0, got {config.optim[key]!r}"
                              + ("; a negative learning rate climbs the loss instead of descending it."
                                 if key == "learning_rate" else "; 0 turns it off."))
+    if config.model.scan_unroll < 1:
+        raise ValueError(f"model.scan_unroll must be >= 1 (blocks per scan iteration; the depth or more unrolls the "
+                         f"scan), got {config.model.scan_unroll}.")
     _check_decoder(config)
     _check_distill(config)
     if not 0.0 <= config.optim.ema_decay < 1.0:

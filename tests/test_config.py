@@ -176,6 +176,13 @@ def test_negative_or_non_finite_optimizer_numbers_are_refused(key, value, messag
         config_lib.validate(config)
 
 
+def test_scan_unroll_below_one_is_refused():
+    config = config_lib.default_config()
+    config.model.scan_unroll = 0
+    with pytest.raises(ValueError, match=re.escape("model.scan_unroll must be >= 1 (blocks per scan iteration")):
+        config_lib.validate(config)
+
+
 def test_the_demo_recipe_refuses_an_argument_it_would_ignore():
     with pytest.raises(ValueError, match=r"configs/demo.py takes no argument or 'naflex', got 'bogus'"):
         _load_recipe_with_arg(os.path.join(REPO, "configs", "demo.py"), "bogus")

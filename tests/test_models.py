@@ -144,17 +144,20 @@ def _stack_blocks(tower_params, encoder_name, depth):
     return {**tower_params, encoder_name: encoder}
 
 
-@pytest.mark.parametrize("remat_policy", ["none", "full"])
-def test_scanned_layers_compute_the_same_function(remat_policy):
-    plain = tiny_config(2, **{"model.remat_policy": remat_policy})
-    scanned = tiny_config(2, **{"model.scan_layers": True, "model.remat_policy": remat_policy})
+@pytest.mark.parametrize("remat_policy,depth,unroll", [("none", 2, 1), ("full", 2, 1), ("none", 3, 2), ("none", 2, 5)])
+def test_scanned_layers_compute_the_same_function(remat_policy, depth, unroll):
+    """A loop (unroll 1), a loop of two blocks with one left over (3 blocks, unroll 2), and straight-line code
+    (unroll past the depth) over stacked blocks all compute the per-layer model's function."""
+    plain = tiny_config(2, **{"model.remat_policy": remat_policy, "model.image.depth": depth, "model.text.depth": depth})
+    scanned = tiny_config(2, **{"model.scan_layers": True, "model.scan_unroll": unroll, "model.remat_policy": remat_policy,
+                                "model.image.depth": depth, "model.text.depth": depth})
     images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
     tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 259)
     plain_model, scanned_model = two_towers.build_model(plain.model), two_towers.build_model(scanned.model)
     params = nn.unbox(plain_model.init(jax.random.key(0), images, tokens))["params"]
     stacked = dict(params)
-    stacked["img"] = _stack_blocks(params["img"], "Transformer", 2)
-    stacked["txt"] = _stack_blocks(params["txt"], "Encoder_0", 2)
+    stacked["img"] = _stack_blocks(params["img"], "Transformer", depth)
+    stacked["txt"] = _stack_blocks(params["txt"], "Encoder_0", depth)
     scanned_shapes = nn.unbox(jax.eval_shape(scanned_model.init, jax.random.key(0), images, tokens))["params"]
     assert jax.tree.map(lambda x: x.shape, stacked) == jax.tree.map(lambda x: x.shape, scanned_shapes)
     expected = jax.jit(plain_model.apply)({"params": params}, images, tokens)  # one compile, not one per op

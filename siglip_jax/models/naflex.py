@@ -77,6 +77,7 @@ class NaFlexVisionTransformer(nn.Module):
     dtype: layers.Dtype = jnp.float32
     remat_policy: str = "none"
     scan_layers: bool = False
+    scan_unroll: int = 1  # blocks per scan iteration (layers.Encoder)
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
@@ -103,7 +104,7 @@ class NaFlexVisionTransformer(nn.Module):
         x = x + posemb.astype(self.dtype)
         x = layers.Encoder(
             self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, self.scan_layers,
-            attention=self.attention, name="Transformer",
+            attention=self.attention, scan_unroll=self.scan_unroll, name="Transformer",
         )(x, lengths)
         x = layers.MAPHead(self.mlp_dim, self.num_heads, self.dtype, name="MAPHead_0")(x, lengths)
         if self.head_dim is not None:

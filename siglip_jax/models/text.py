@@ -26,6 +26,7 @@ class TextTransformer(nn.Module):
     dtype: layers.Dtype = jnp.float32
     remat_policy: str = "none"
     scan_layers: bool = False
+    scan_unroll: int = 1  # blocks per scan iteration (layers.Encoder)
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
@@ -46,6 +47,6 @@ class TextTransformer(nn.Module):
         x = x + posemb.astype(self.dtype)
         x = layers.Encoder(
             self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, self.scan_layers,
-            attention=self.attention, name="Encoder_0",
+            attention=self.attention, scan_unroll=self.scan_unroll, name="Encoder_0",
         )(x)
         return layers.projection_head(self.head_dim, self.dtype)(x[:, -1, :])

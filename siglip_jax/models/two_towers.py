@@ -64,6 +64,7 @@ def build_vit(model_config: ml_collections.ConfigDict) -> nn.Module:
         dtype=DTYPES[model_config.dtype],
         remat_policy=model_config.remat_policy,
         scan_layers=model_config.scan_layers,
+        scan_unroll=model_config.scan_unroll,
         attention=model_config.attention,
         # SILC's local crops are smaller than the image: the stored grid is the image's, resampled for them
         posemb_grid=model_config.image.image_size // patch if model_config.distill.weight else 0,
@@ -93,7 +94,7 @@ def build_naflex_vit(model_config: ml_collections.ConfigDict) -> nn.Module:
     return NaFlexVisionTransformer(
         patch_size=vit.patch_size, width=vit.width, depth=vit.depth, mlp_dim=vit.mlp_dim, num_heads=vit.num_heads,
         posemb_grid=naflex_posemb_grid(model_config.image), head_dim=vit.head_dim, dtype=vit.dtype,
-        remat_policy=vit.remat_policy, scan_layers=vit.scan_layers, attention=vit.attention,
+        remat_policy=vit.remat_policy, scan_layers=vit.scan_layers, scan_unroll=vit.scan_unroll, attention=vit.attention,
     )
 
 
@@ -147,6 +148,7 @@ def build_text_transformer(model_config: ml_collections.ConfigDict) -> nn.Module
         dtype=DTYPES[model_config.dtype],
         remat_policy=model_config.remat_policy,
         scan_layers=model_config.scan_layers,
+        scan_unroll=model_config.scan_unroll,
         attention=model_config.attention,
     )
 

@@ -28,6 +28,7 @@ class VisionTransformer(nn.Module):
     dtype: layers.Dtype = jnp.float32
     remat_policy: str = "none"
     scan_layers: bool = False
+    scan_unroll: int = 1  # blocks per scan iteration (layers.Encoder)
     attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
     # The side of the stored position-embedding grid; images on another grid (SigLIP 2's smaller local crops) get
     # it resampled bilinearly. 0: the grid of the images the tower is initialised with (then every call's).
@@ -84,7 +85,7 @@ class VisionTransformer(nn.Module):
 
         x = layers.Encoder(
             self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat_policy, self.scan_layers,
-            attention=self.attention, name="Transformer",
+            attention=self.attention, scan_unroll=self.scan_unroll, name="Transformer",
         )(x)
 
         patch_tokens = x[:, 1:] if self.pooling == "tok" else x
