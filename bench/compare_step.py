@@ -3,13 +3,16 @@ and against the machine's float32 matmul peak:
 
   ours     this project's compiled train step (the trainer's own, through bench/common.py) on one CPU device,
            XLA spreading each operation over the cores (train.py's default)
+  stacked  the same model with its blocks stacked and unrolled (model.scan_layers, model.scan_unroll = depth):
+           the same computation with a tenth of the parameter arrays, which compiles ~10x faster on XLA:CPU
   per_core the same step on one CPU device per core, data-parallel (mesh.cpu_devices_per_core, which the small
-           CPU recipes set; runtime.distributed.cpu_devices_per_core)
+           CPU recipes set; runtime.distributed.cpu_devices_per_core); not run unless named in --implementations
   pytorch  HF transformers' SiglipModel (its own sigmoid loss, return_loss=True) + torch.optim.AdamW
   peak     a large float32 matmul in JAX: the most FLOP/s this machine gives a program like ours
 
     python bench/compare_step.py [--rounds 2] [--steps 3] [--batch 32] [--variant S/16] [--image-size 128]
                                  [--depth N]   (N blocks per tower instead of the variant's: dry runs)
+                                 [--implementations ours,stacked,pytorch,peak]
 
 Every round starts one process per implementation, in an order rotated each round, so no implementation
 inherits another's thread pools, caches or heap, and none always runs right after the same other. Each
@@ -17,7 +20,8 @@ process builds its step, runs two untimed steps, then times `--steps` steps. The
 before each process starts and printed beside its time: a figure is quiet when that load is under 1.5 (on 2
 cores, a load of 2 already means another job shares the CPU). Per round: ours / pytorch, and ours's FLOP/s
 (FLOPs of its compiled step from XLA's cost analysis over its step time) as a share of the peak measured in
-the same round; then the medians over rounds.
+the same round, the same for the other JAX steps, and each process's whole time (build and compile included);
+then the medians over rounds.
 
 Defaults are issue 31's shapes at full depth: S/16 image and S text towers (12 blocks each), 128 px, 32
 tokens, vocabulary 32k, batch 32, AdamW, float32.
@@ -37,7 +41,9 @@ import common  # noqa: F401  (puts the repo on the path)
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4
 LAYER_NORM_EPSILON = 1e-6
-IMPLEMENTATIONS = ("ours", "per_core", "pytorch", "peak")
+IMPLEMENTATIONS = ("ours", "stacked", "per_core", "pytorch", "peak")
+DEFAULT_IMPLEMENTATIONS = "ours,stacked,pytorch,peak"
+JAX_STEPS = ("ours", "stacked", "per_core")
 QUIET_LOAD = 1.5
 PEAK_MATMUL_SIZE = 2048
 
@@ -51,7 +57,7 @@ def _time_steps(step, steps: int) -> tuple[float, list[float]]:
     return (time.perf_counter() - start) / steps, warmup
 
 
-def run_ours(args: argparse.Namespace, per_core: bool = False) -> dict:
+def run_ours(args: argparse.Namespace, per_core: bool = False, stacked: bool = False) -> dict:
     from siglip_jax.runtime import distributed
 
     devices = distributed.cpu_devices_per_core((args.batch,), (-1, 1, 1)) if per_core else 1
@@ -69,6 +75,9 @@ def run_ours(args: argparse.Namespace, per_core: bool = False) -> dict:
     config.model.dtype = "float32"
     config.data.batch_size = args.batch
     config.model.image.depth = config.model.text.depth = args.depth
+    if stacked:
+        config.model.scan_layers = True
+        config.model.scan_unroll = args.depth or 1_000  # past the depth: every block unrolled
     config.optim.learning_rate = LEARNING_RATE
     config.optim.schedule, config.optim.warmup_steps = "constant", 0
     compiled, state, batch, _ = common.compiled_train_step(config, mesh_shape=(devices, 1, 1))
@@ -140,8 +149,8 @@ def run_peak(args: argparse.Namespace) -> dict:
     return {"seconds_per_step": seconds, "flops_per_second": 2 * n**3 / seconds}
 
 
-WORKERS = {"ours": run_ours, "per_core": lambda args: run_ours(args, per_core=True), "pytorch": run_pytorch,
-           "peak": run_peak}
+WORKERS = {"ours": run_ours, "stacked": lambda args: run_ours(args, stacked=True),
+           "per_core": lambda args: run_ours(args, per_core=True), "pytorch": run_pytorch, "peak": run_peak}
 
 
 def _worker_command(args: argparse.Namespace, name: str) -> list[str]:
@@ -171,53 +180,64 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation per round")
     parser.add_argument("--depth", type=int, default=0, help="blocks per tower (0: the variant's, 12 for S); dry runs")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one process may take")
+    parser.add_argument("--implementations", default=DEFAULT_IMPLEMENTATIONS,
+                        help=f"comma-separated, from {', '.join(IMPLEMENTATIONS)} (pytorch and peak are required)")
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one implementation, in this fresh process: a JSON line for the parent
         print(json.dumps(WORKERS[args.worker](args)), flush=True)
         return
 
-    results: dict[str, list[dict]] = {name: [] for name in IMPLEMENTATIONS}
+    names = tuple(name.strip() for name in args.implementations.split(",") if name.strip())
+    unknown = sorted(set(names) - set(IMPLEMENTATIONS))
+    if unknown or "pytorch" not in names or "peak" not in names or not set(names) & set(JAX_STEPS):
+        raise SystemExit(f"--implementations {args.implementations!r}: name pytorch, peak and at least one of "
+                         f"{', '.join(JAX_STEPS)}, from {', '.join(IMPLEMENTATIONS)}" + (f"; unknown: {unknown}" if unknown else ""))
+    jax_steps = [name for name in names if name in JAX_STEPS]
+    results: dict[str, list[dict]] = {name: [] for name in names}
     for round_index in range(args.rounds):
-        shift = round_index % len(IMPLEMENTATIONS)
-        for name in IMPLEMENTATIONS[shift:] + IMPLEMENTATIONS[:shift]:
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             results[name].append(_run_worker(args, name))
-        ours, per_core, pytorch, peak = (results[name][-1] for name in IMPLEMENTATIONS)
-        achieved = ours["flops_per_step"] / ours["seconds_per_step"]
-        print(f"round {round_index + 1}: ours {ours['seconds_per_step']:.3f} s (load {ours['load_before']:.2f}), "
-              f"per_core {per_core['seconds_per_step']:.3f} s on {per_core['devices']} devices (load "
-              f"{per_core['load_before']:.2f}), pytorch {pytorch['seconds_per_step']:.3f} s (load {pytorch['load_before']:.2f}), peak "
-              f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s (load {peak['load_before']:.2f}); ours / pytorch "
-              f"{ours['seconds_per_step'] / pytorch['seconds_per_step']:.2f}x, ours at {achieved / 1e9:.1f} GFLOP/s = "
-              f"{achieved / peak['flops_per_second']:.0%} of peak", flush=True)
+        pytorch, peak = results["pytorch"][-1], results["peak"][-1]
+        parts = [f"{name} {results[name][-1]['seconds_per_step']:.3f} s (load {results[name][-1]['load_before']:.2f}, "
+                 f"process {results[name][-1]['process_seconds']:.0f} s)" for name in jax_steps]
+        print(f"round {round_index + 1}: " + ", ".join(parts) + f", pytorch {pytorch['seconds_per_step']:.3f} s (load "
+              f"{pytorch['load_before']:.2f}), peak {peak['flops_per_second'] / 1e9:.1f} GFLOP/s (load "
+              f"{peak['load_before']:.2f}); " + ", ".join(
+                  f"{name} / pytorch {results[name][-1]['seconds_per_step'] / pytorch['seconds_per_step']:.2f}x at "
+                  f"{_share(results[name][-1], peak):.0%} of peak" for name in jax_steps), flush=True)
 
-    ratios = [o["seconds_per_step"] / p["seconds_per_step"] for o, p in zip(results["ours"], results["pytorch"])]
-    per_core = [c["seconds_per_step"] / o["seconds_per_step"] for o, c in zip(results["ours"], results["per_core"])]
-    shares = [o["flops_per_step"] / o["seconds_per_step"] / k["flops_per_second"]
-              for o, k in zip(results["ours"], results["peak"])]
-    loads = [result["load_before"] for name in IMPLEMENTATIONS for result in results[name]]
-    first = results["ours"][0]
+    loads = [result["load_before"] for name in names for result in results[name]]
+    first = results[jax_steps[0]][0]
     print(f"\n{args.variant} image + {args.variant.split('/')[0]} text ({args.depth or 'all'} blocks each), "
           f"{args.image_size} px, {args.tokens} tokens, vocab {args.vocab}, batch {args.batch}, float32 on "
-          f"{first['device']}, {os.cpu_count()} CPUs, per_core on {results['per_core'][0]['devices']} CPU devices; parameters: ours {first['parameters']:,}, pytorch "
+          f"{first['device']}, {os.cpu_count()} CPUs; parameters: ours {first['parameters']:,}, pytorch "
           f"{results['pytorch'][0]['parameters']:,} ({results['pytorch'][0]['threads']} torch threads); "
-          f"ours {first['flops_per_step']:.3e} FLOPs a step (XLA cost analysis); load before each process "
+          f"{first['flops_per_step']:.3e} FLOPs a step (XLA cost analysis); load before each process "
           f"{min(loads):.2f}-{max(loads):.2f}" + ("" if max(loads) < QUIET_LOAD else
                                                   f" (not quiet: over {QUIET_LOAD} before some processes)"))
-    print("| round | ours s/step | per_core s/step | per_core / ours | pytorch s/step | ours / pytorch | "
-          "peak GFLOP/s | ours share of peak |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for index, (ratio, share) in enumerate(zip(ratios, shares)):
-        print(f"| {index + 1} | {results['ours'][index]['seconds_per_step']:.3f} | "
-              f"{results['per_core'][index]['seconds_per_step']:.3f} | {per_core[index]:.2f}x | "
-              f"{results['pytorch'][index]['seconds_per_step']:.3f} | {ratio:.2f}x | "
-              f"{results['peak'][index]['flops_per_second'] / 1e9:.1f} | {share:.0%} |")
-    print(f"| median | {statistics.median(r['seconds_per_step'] for r in results['ours']):.3f} | "
-          f"{statistics.median(r['seconds_per_step'] for r in results['per_core']):.3f} | "
-          f"{statistics.median(per_core):.2f}x | {statistics.median(r['seconds_per_step'] for r in results['pytorch']):.3f} | "
-          f"{statistics.median(ratios):.2f}x | "
-          f"{statistics.median(r['flops_per_second'] for r in results['peak']) / 1e9:.1f} | "
-          f"{statistics.median(shares):.0%} |")
+    print("| round | " + " | ".join(f"{name} s/step | {name} / pytorch | {name} share of peak | {name} process s"
+                                     for name in jax_steps) + " | pytorch s/step | peak GFLOP/s |")
+    print("| --- |" + " ---: |" * (4 * len(jax_steps) + 2))
+    rows = []
+    for index in range(args.rounds):
+        pytorch, peak = results["pytorch"][index], results["peak"][index]
+        row = []
+        for name in jax_steps:
+            result = results[name][index]
+            row += [result["seconds_per_step"], result["seconds_per_step"] / pytorch["seconds_per_step"],
+                    _share(result, peak), result["process_seconds"]]
+        rows.append(row + [pytorch["seconds_per_step"], peak["flops_per_second"] / 1e9])
+    formats = ["{:.3f}", "{:.2f}x", "{:.0%}", "{:.0f}"] * len(jax_steps) + ["{:.3f}", "{:.1f}"]
+    for label, row in [*((str(i + 1), row) for i, row in enumerate(rows)),
+                       ("median", [statistics.median(column) for column in zip(*rows)])]:
+        print(f"| {label} | " + " | ".join(form.format(value) for form, value in zip(formats, row)) + " |")
+
+
+def _share(result: dict, peak: dict) -> float:
+    """A JAX step's FLOP/s (XLA's cost analysis over its step time) as a share of the round's matmul peak."""
+    return result["flops_per_step"] / result["seconds_per_step"] / peak["flops_per_second"]
 
 
 if __name__ == "__main__":
