@@ -1,5 +1,8 @@
 """FLOPs accounting, MFU, TensorBoard files and the plot tool."""
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,8 @@ from siglip_jax.runtime import sharding
 from siglip_jax.training import metrics
 from siglip_jax.training.train_step import build_training
 from tests.helpers import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 DISTILLATION = {"model.distill.weight": 1.0, "model.distill.masked_weight": 0.25, "model.distill.start_fraction": 0.0,
@@ -78,6 +83,16 @@ def test_tensorboard_writer_writes_event_files(tmp_path):
     content = files[0].read_bytes() if files else b""
     # TensorBoard tags allow no "@": recall@1 is written as recall_at_1; 0.25 is the float32 bytes 00 00 80 3e.
     assert b"eval/recall_at_1" in content and b"loss" in content and b"\x00\x00\x80>" in content
+
+
+def test_tensorboard_writer_does_not_import_pytorch(tmp_path):
+    """tensorboardX imports torch whenever it is installed (it is, for the interop tests); training must not."""
+    script = (f"import sys; from siglip_jax.training import metrics; w = metrics.TensorBoardWriter({str(tmp_path)!r}); "
+              "w.write(1, {'loss': 1.0}); w.close(); print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"
+    assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
 def test_plot_tool_draws_every_panel(tmp_path):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from siglip_jax.data import pipeline, preprocess, streaming
+from siglip_jax.data import demo, pipeline, preprocess, streaming
 from siglip_jax.data.demo import COLOURS, DemoSource, POSITIONS, SHAPES
 from siglip_jax.data.tokenizers import ByteTokenizer
 
@@ -30,7 +30,7 @@ def test_demo_captions_describe_the_picture():
 
 
 def test_demo_eval_split_has_one_image_per_description():
-    source = DemoSource("eval", 512, 16)  # one source: each new one renders its whole split on first access
+    source = DemoSource("eval", 512, 16)  # one source: each new one renders its records again
     captions = [source[i]["captions"][0] for i in range(512)]
     assert len(set(captions)) == 512
 
@@ -51,6 +51,19 @@ def test_demo_pictures_at_two_aspect_ratios_keep_their_positions():
         row, column = POSITIONS[position]
         centre = shape_pixels.mean(axis=0) / image.shape[:2] * 3
         assert int(centre[0]) == row and int(centre[1]) == column, (index, attributes, centre)
+
+
+@pytest.mark.parametrize("aspect_ratios", [(1.0,), (2.0, 0.5)])
+def test_demo_renders_on_first_access_only_the_touched_blocks_and_each_record_as_if_alone(aspect_ratios):
+    size = 3 * demo.RENDER_BLOCK + 5  # the last block is partial
+    source = DemoSource("train", size, 16, aspect_ratios=aspect_ratios)
+    first = source[demo.RENDER_BLOCK + 3]["image"]
+    assert source._rendered.tolist() == [False, True, False, False]  # the first batch waits for its blocks only
+    for index in np.random.default_rng(0).permutation(size):
+        alone = source._render(np.array([index]))[0]  # the uncached path a split over CACHE_BYTES takes
+        np.testing.assert_array_equal(source[int(index)]["image"], alone)
+    np.testing.assert_array_equal(first, source[demo.RENDER_BLOCK + 3]["image"])
+    assert source._rendered.all()
 
 
 def test_demo_refuses_bad_aspect_ratios():

@@ -20,6 +20,10 @@ from siglip_jax.runtime import storage
 logger = logging.getLogger(__name__)
 
 OFF = "off"
+# JAX caches only programs that took a second to compile; an eval's dozen smaller programs (0.05-0.5 s each) then
+# compile again on every rerun. Measured on the demo (bench/compile_cache.py, docs/speed.md).
+MIN_COMPILE_SECONDS = 0.0
+MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 ENV = "SIGLIP_COMPILATION_CACHE"
 WORKDIR_SUBDIR = "compilation_cache"
 FLAG_HELP = ("Folder (or gs:// path) for JAX's persistent compilation cache, or 'off' (default: $SIGLIP_COMPILATION_CACHE, "
@@ -52,5 +56,7 @@ def enable(flag_value: str | None, workdir: str | None = None) -> str | None:
         os.makedirs(location, exist_ok=True)
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", location)
+    if MIN_COMPILE_ENV not in os.environ:  # JAX's own variable, when set, still decides
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     logger.info("Compiled programs are cached in %s (--compilation_cache=off turns this off).", location)
     return location

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -143,12 +144,25 @@ class ConsoleWriter:
         self.bar.close()
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch when it can (1.1 s of a
+    2-core machine's start-up, for tensor types we never pass), and no PyTorch runs here."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX catches
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoardWriter:
     """Scalars as TensorBoard event files (tensorboardX: no TensorFlow needed)."""
 
     def __init__(self, logdir: str):
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         self.mirror = storage.LocalMirror(logdir)  # tensorboardX writes local files only; a bucket gets copies
         self.writer = SummaryWriter(self.mirror.local)
 
