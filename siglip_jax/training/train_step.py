@@ -44,11 +44,26 @@ class TrainState:
         stay as they were and only the step counter advances, as the batch was consumed. The new parameters
         are checked too: a finite gradient times a huge learning rate (or a damaged parameter) can still
         overflow, and a NaN parameter would poison every later step."""
-        updates, opt_state = optimizer.update(grads, self.opt_state, self.params)
-        updated = self._updated(optax.apply_updates(self.params, updates), opt_state)._distilled(centers)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)) & _all_finite(updated.params)
-        skipped = self.replace(step=self.step + 1)
-        return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, skipped), finite
+        # Decided before anything is written: the check recomputes the new parameters from inputs passed through
+        # an optimisation barrier (so XLA cannot share them with the update) in reductions that write nothing,
+        # and the cond then writes the state once. Selecting between the updated and the old state instead
+        # materialised every new parameter and copied every old one: the S/16 tail took 244 ms, now 138 ms, in
+        # 40% fewer thunks (docs/speed.md).
+        check_grads, check_opt_state, check_params = jax.lax.optimization_barrier((grads, self.opt_state, self.params))
+        check_updates, _ = optimizer.update(check_grads, check_opt_state, check_params)
+        finite = (jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+                  & _all_finite(optax.apply_updates(check_params, check_updates)))
+
+        def updated(state_and_grads: tuple["TrainState", Any]) -> "TrainState":
+            state, grads = state_and_grads
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return state._updated(optax.apply_updates(state.params, updates), opt_state)._distilled(centers)
+
+        def skipped(state_and_grads: tuple["TrainState", Any]) -> "TrainState":
+            state, _ = state_and_grads
+            return state.replace(step=state.step + 1)
+
+        return jax.lax.cond(finite, updated, skipped, (self, grads)), finite
 
     def _updated(self, params: Any, opt_state: Any) -> "TrainState":
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
