@@ -4,7 +4,7 @@ and against the machine's float32 matmul peak:
   ours     this project's compiled train step (the trainer's own, through bench/common.py) on one CPU device,
            XLA spreading each operation over the cores (train.py's default)
   stacked  the same model with its blocks stacked and unrolled (model.scan_layers, model.scan_unroll = depth):
-           the same computation with a tenth of the parameter arrays, which compiles ~10x faster on XLA:CPU
+           the same computation with a seventh of the parameter arrays (60 instead of 412 at S/16)
   per_core the same step on one CPU device per core, data-parallel (mesh.cpu_devices_per_core, which the small
            CPU recipes set; runtime.distributed.cpu_devices_per_core); not run unless named in --implementations
   pytorch  HF transformers' SiglipModel (its own sigmoid loss, return_loss=True) + torch.optim.AdamW

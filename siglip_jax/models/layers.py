@@ -222,8 +222,8 @@ class Encoder(nn.Module):
     With `scan_layers`, one block is compiled and scanned over the depth (compile time independent of
     depth); its parameters are stacked on a leading "layers" axis under the single name `encoderblock`,
     big_vision's scanned layout. `scan_unroll` blocks run per loop iteration: 1 is a loop, `depth` (or more)
-    straight-line code. The unrolled stacked layout keeps the per-layer model's step time with a tenth of
-    its optimizer arrays, which on XLA:CPU cuts compile and cache-load time tenfold (docs/speed.md).
+    straight-line code. The unrolled stacked layout keeps the per-layer model's step time with a seventh of
+    its parameter arrays, so XLA:CPU compiles and loads it from the cache fastest (docs/speed.md).
     """
 
     depth: int
