@@ -217,7 +217,7 @@ def distillation_terms(params: Any, distill_state: dict[str, Any], batch: dict[s
     """(weighted sum of the SILC and TIPS losses, their named values, the updated centres) of a step at or after
     `distillation.start_step` (loss_and_grads switches them on). The teacher (`distill_state["teacher"]`) is
     applied with no gradient."""
-    centers = {"center": distill_state["center"], "patch_center": distill_state["patch_center"]}
+    centers = _centers(distill_state)
     teacher = jax.lax.stop_gradient({**params, **distill_state["teacher"]})  # t, b, txt unused by these methods
     teacher_pooled, teacher_patches = model.apply({"params": teacher}, batch["images"], method=model.distill_logits)
     values, new_centers = {}, dict(centers)
@@ -247,8 +247,11 @@ def waiting_distillation_terms(distill_state: dict[str, Any],
     """distillation_terms' outputs for a step before `distillation.start_step`: zero losses, the centres unchanged."""
     names = [name for name, weight in (("self_distillation_loss", distillation.weight),
                                        ("masked_prediction_loss", distillation.masked_weight)) if weight]
-    centers = {"center": distill_state["center"], "patch_center": distill_state["patch_center"]}
-    return jnp.zeros((), jnp.float32), {name: jnp.zeros((), jnp.float32) for name in names}, centers
+    return jnp.zeros((), jnp.float32), {name: jnp.zeros((), jnp.float32) for name in names}, _centers(distill_state)
+
+
+def _centers(distill_state: dict[str, Any]) -> dict[str, jax.Array]:
+    return {"center": distill_state["center"], "patch_center": distill_state["patch_center"]}
 
 
 def embedding_loss(
