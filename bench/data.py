@@ -3,7 +3,7 @@ demo's training time spent waiting for data; then streamed shards: start-up to t
 and 10,000 shards, the raw decode + random-resized-crop rate in a tight loop (the host's limit), and the
 stream's images/s from local shards and from an emulated GCS bucket with 0, 1 and 2 workers.
 
-    python bench/data.py [--batches 20] [--demo_steps 60] [--shard_images 256] [--skip_flickr_pipeline]
+    python bench/data.py [--batches 20] [--demo_steps 60] [--shard_images 256] [--only_shards]
 
 Reads ../shared/data/flickr8k in place; skips that part with a message where it is absent.
 """
