@@ -55,7 +55,7 @@ class TrainState:
         # materialised every new parameter and copied every old one: the S/16 tail took 244 ms, now 138 ms, in
         # 40% fewer thunks (docs/speed.md).
         # One jitted update called twice: its second call reuses the first's trace (S/16: 0.4 s less tracing at
-        # every start, the compiled program unchanged).
+        # every start; losses and parameters bitwise as before).
         update = jax.jit(functools.partial(_updated_params, optimizer))
         check_grads, check_opt_state, check_params = jax.lax.optimization_barrier((grads, self.opt_state, self.params))
         finite = (jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
