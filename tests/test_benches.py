@@ -1,7 +1,8 @@
-"""The benches that build their towers from tests.helpers.tiny_config still run as written: bench/naflex_compile.py
-stopped running when tiny_config's one block moved to mean pooling, which the NaFlex tower refuses, and nothing
-noticed. Exit 0 and the result line only; times are not asserted (figures come from the benches on a quiet
-machine, never from tests)."""
+"""Benches kept runnable by the suite: those built on tests.helpers.tiny_config (bench/naflex_compile.py stopped
+running when tiny_config's one block moved to mean pooling, which the NaFlex tower refuses, and nothing noticed),
+and the accelerator check of issue 31, whose dry run goes through the same Python path (bench/train_step.py's
+step, MFU line and attention check) on the CPU at tiny shapes. Exit codes and result lines only; times are not
+asserted (figures come from the benches on a quiet machine, never from tests)."""
 import os
 import re
 import subprocess
@@ -23,3 +24,13 @@ def test_bench_built_on_the_test_towers_runs(command, result_line):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert re.search(result_line, done.stdout), done.stdout[-3000:]
+
+
+def test_the_device_check_dry_run_passes_on_a_cpu():
+    environment = child_environment(None, SIGLIP_DEVICE_DRY_RUN="1", PYTHON=sys.executable)
+    done = subprocess.run(["bash", os.path.join(REPO, "bench", "device_check.sh")], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    # On a CPU, float32: XLA's attention is the expected kernel and the check says so.
+    assert "attention check: ok (cuDNN expected: False)" in done.stdout, done.stdout[-3000:]
+    assert "device check:" in done.stdout and "s in all" in done.stdout

@@ -43,7 +43,6 @@ def test_step_whose_update_overflows_is_skipped_though_loss_and_gradient_are_fin
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.params), before)
 
 
-
 def test_guarded_update_traces_the_optimizer_once_and_applies_or_skips_it():
     # The guard's check and the applied update share one trace of the optimizer (docs/speed.md: 0.4 s of every
     # S/16 start); the state is still the plain optax update when finite, and unchanged when not.
